@@ -1,0 +1,75 @@
+"""The core's default hook implementations, registered as plugin ``builtin``.
+
+Every implementation is ``trylast``: a family plugin's own implementation of
+the same hook runs first and wins by returning a value.  Nothing heavy is
+imported at module level (this module loads with ``trtlm --help``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trtlm import PLUGIN_API_VERSION, hookimpl
+
+TRTLM_PLUGIN_API = PLUGIN_API_VERSION
+
+
+@hookimpl(trylast=True)
+def trtlm_load_weights(family, model_dir: Path, options):
+    """Hugging Face directory: config.json + safetensors (pickle only when allowed)."""
+    from trtlm.convert.pipeline import read_json
+    from trtlm.errors import UserError
+    from trtlm.sources import DummySource, SafetensorsSource, load_pickle_dir
+    from trtlm.weights import LoadedModel
+
+    hf_config = read_json(model_dir / "config.json")
+    if options.dummy_weights:
+        return LoadedModel(hf_config, DummySource({}), origin=f"{model_dir} (dummy weights)")
+    if list(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").exists():
+        return LoadedModel(hf_config, SafetensorsSource.from_dir(model_dir), origin=str(model_dir))
+    pickles = sorted(model_dir.glob("pytorch_model*.bin"))
+    if pickles:
+        if not options.allow_pickle:
+            raise UserError(f"{pickles[0]}: pickle checkpoint refused (it can run code when loaded); "
+                            f"convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
+        return LoadedModel(hf_config, load_pickle_dir(model_dir), origin=str(model_dir))
+    raise UserError(f"{model_dir}: no *.safetensors files (for a config-only directory pass --dummy-weights)")
+
+
+@hookimpl(trylast=True)
+def trtlm_map_layers(family, hf_config: dict[str, Any], options):
+    """Llama-style decoders (the layout most HF causal LMs share)."""
+    from trtlm.llama import llama_plan
+
+    return llama_plan(hf_config, options, architecture=family.trtllm_architecture)
+
+
+@hookimpl(trylast=True)
+def trtlm_quantize(family, plan, loaded, options):
+    if not options.quant and not options.kv_cache_dtype:
+        return plan
+    from trtlm.quant.plan import quantize_plan
+
+    return quantize_plan(plan, loaded, options)
+
+
+@hookimpl(trylast=True)
+def trtlm_shard(family, plan, mapping):
+    from trtlm.convert.plan import default_shard
+
+    return default_shard(plan, mapping)
+
+
+@hookimpl(trylast=True)
+def trtlm_build_network(family, config: dict[str, Any], backend: str, options):
+    if backend == "torch":
+        from functools import partial
+
+        from trtlm.runtime.model import Transformer
+
+        return partial(Transformer, config)
+    if backend == "tensorrt-llm":
+        from trtlm.runtime.trtllm_backend import TensorRTLLMNetwork
+
+        return TensorRTLLMNetwork(config, options)
+    return None

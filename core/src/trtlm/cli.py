@@ -1,0 +1,69 @@
+"""The ``trtlm`` command line.
+
+Commands live in :mod:`trtlm.commands` modules that import only click at
+module level; each command imports torch and the rest of trtlm inside its
+body, so ``trtlm --help``, ``--version`` and ``plugins`` start fast.  A
+:class:`~trtlm.errors.UserError` prints as one ``error:`` line and exits 1.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from trtlm import __version__
+
+#: command name -> "module:attribute"; a command module per job.
+COMMANDS = {
+    "plugins": "trtlm.commands.plugins:plugins",
+    "inspect": "trtlm.commands.inspect:inspect_cmd",
+    "convert": "trtlm.commands.convert:convert_cmd",
+    "build": "trtlm.commands.build:build_cmd",
+    "run": "trtlm.commands.run:run_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="trtlm")
+def cli() -> None:
+    """Convert Hugging Face LLM checkpoints to TensorRT-LLM checkpoints, build and run them.
+
+    Model families come from plugins (`trtlm plugins` lists them).
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    from trtlm.errors import UserError
+
+    try:
+        cli.main(args=argv, prog_name="trtlm", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

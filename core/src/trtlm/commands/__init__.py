@@ -1,0 +1,1 @@
+"""One module per ``trtlm`` command; each imports only click at module level."""

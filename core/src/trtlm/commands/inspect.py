@@ -1,0 +1,24 @@
+"""``trtlm inspect``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Identify a HF / TensorRT-LLM checkpoint / engine / FT directory and its family."""
+    from trtlm.inspect import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        click.echo(f"{key:<22} {value}")

@@ -1,0 +1,1 @@
+"""HF checkpoint -> TensorRT-LLM checkpoint conversion (see :func:`trtlm.convert.pipeline.convert`)."""

@@ -1,0 +1,290 @@
+"""The conversion driver: load -> map -> quantize -> shard -> write, through the hooks."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trtlm.convert.mapping import Mapping
+from trtlm.convert.options import DTYPES, ConvertOptions
+from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, rank_part
+from trtlm.convert.writer import RankFileWriter
+from trtlm.errors import UserError
+from trtlm.fsutil import atomic_dir
+from trtlm.hf_config import torch_dtype_name
+from trtlm.plugins import FamilyEntry, FamilyHooks, get_registry
+from trtlm.sources import DummySource
+from trtlm.weights import LoadedModel
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ConvertResult:
+    output_dir: Path
+    family: str
+    config: dict[str, Any]
+    num_tensors: int
+    bytes_written: int
+
+
+def detect_format(path: Path) -> str:
+    """``hf`` | ``trtllm`` | ``engine`` | ``ft`` for a directory, by its marker files."""
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory")
+    cfg = path / "config.json"
+    if cfg.exists():
+        try:
+            data = json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{cfg}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if "build_config" in data and "pretrained_config" in data:
+            return "engine"
+        if "architecture" in data and ("mapping" in data or list(path.glob("rank*.safetensors"))):
+            return "trtllm"
+        return "hf"
+    if (path / "config.ini").exists() or list(path.glob("*-gpu/config.ini")):
+        return "ft"
+    raise UserError(f"{path}: no config.json (Hugging Face, TensorRT-LLM or engine) or config.ini (FasterTransformer)")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def resolve_model(model_dir: Path | None, family: str | None) -> tuple[FamilyEntry, str]:
+    """The family handling ``model_dir`` (or named ``family``) and the directory format."""
+    registry = get_registry()
+    if model_dir is None:
+        if family is None:
+            raise UserError("give --model-dir, or --family with --preset and --dummy-weights")
+        return registry.family(family), "preset"
+    fmt = detect_format(model_dir)
+    if fmt == "hf":
+        entry = registry.resolve_hf(read_json(model_dir / "config.json"), where=str(model_dir / "config.json"))
+    elif fmt == "ft":
+        readers = registry.families_reading("ft")
+        if family:
+            readers = [e for e in readers if e.family.name == family]
+        if len(readers) != 1:
+            names = ", ".join(e.family.name for e in readers) or "none installed"
+            raise UserError(f"{model_dir}: FasterTransformer directory; families reading FT: {names} "
+                            f"(pass --family, or pip install trtlm-plugin-mpt)")
+        entry = readers[0]
+    else:
+        raise UserError(f"{model_dir}: is a {fmt} directory, not a model checkpoint to convert")
+    if family and entry.family.name != family:
+        raise UserError(f"{model_dir}: is a {entry.family.name} model, not --family {family}")
+    return entry, fmt
+
+
+def resolve_dtype(options: ConvertOptions, hf_config: dict[str, Any], entry: FamilyEntry) -> str:
+    if options.dtype not in DTYPES:
+        raise UserError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    name = options.dtype
+    if name == "auto":
+        name = torch_dtype_name(hf_config) or "float32"
+        if name not in TORCH_DTYPES:
+            name = "float32"
+    if name not in entry.family.capabilities.dtypes:
+        raise UserError(f"--dtype {name} is not supported by family {entry.family.name} "
+                        f"(supported: {', '.join(entry.family.capabilities.dtypes)})")
+    return name
+
+
+def check_capabilities(entry: FamilyEntry, options: ConvertOptions) -> None:
+    caps = entry.family.capabilities
+    if options.pp_size > 1 and "pp" not in caps.parallel:
+        raise UserError(f"family {entry.family.name} does not support --pp-size")
+    if options.tp_size > 1 and "tp" not in caps.parallel:
+        raise UserError(f"family {entry.family.name} does not support --tp-size")
+    if (options.moe_ep_size or 1) > 1 and "ep" not in caps.parallel:
+        raise UserError(f"family {entry.family.name} has no experts: --moe-ep-size does not apply")
+    if options.quant and options.quant not in caps.quantization:
+        raise UserError(f"--quant {options.quant} is not supported by family {entry.family.name} "
+                        f"(supported: {', '.join(caps.quantization) or 'none'})")
+    if options.kv_cache_dtype and options.kv_cache_dtype not in caps.kv_cache_quantization:
+        raise UserError(f"--kv-cache-dtype {options.kv_cache_dtype} is not supported by family {entry.family.name}")
+    if options.to not in caps.formats_out:
+        raise UserError(f"--to {options.to} is not supported by family {entry.family.name} "
+                        f"(supported: {', '.join(caps.formats_out)})")
+
+
+def load(hooks: FamilyHooks, model_dir: Path | None, preset: str | None, options: ConvertOptions) -> LoadedModel:
+    if model_dir is None:
+        presets = hooks.family.presets
+        if preset not in presets:
+            raise UserError(f"--preset {preset!r} is not a preset of family {hooks.family.name} "
+                            f"(presets: {', '.join(sorted(presets)) or 'none'})")
+        if not options.dummy_weights:
+            raise UserError("--preset builds a model from a config only: add --dummy-weights")
+        return LoadedModel(dict(presets[preset]), DummySource({}), origin=f"{hooks.family.name}:{preset}:dummy")
+    loaded = hooks.trtlm_load_weights(model_dir=model_dir, options=options)
+    if loaded is None:
+        raise UserError(f"{model_dir}: no plugin could load it")
+    return loaded
+
+
+def validate_sources(plan: ConversionPlan, loaded: LoadedModel) -> None:
+    """Every tensor the plan needs is present with the shape config.json implies."""
+    have = set(loaded.source.keys())
+    for name, shape in plan.source_shapes().items():
+        if name not in have:
+            raise UserError(f"{loaded.origin}: tensor {name} is missing (needed for config.json's model)")
+        actual = tuple(loaded.source.shape(name))
+        if actual != tuple(shape):
+            raise UserError(f"{loaded.origin}: tensor {name} has shape {list(actual)} but config.json "
+                            f"implies {list(shape)}; the config and the weights do not match")
+
+
+class _SourceCache:
+    """Loaded source tensors shared by specs built from the same sources
+    (a quantized weight and its scales), dropped once the last user is done."""
+
+    def __init__(self, loaded: LoadedModel, specs: list[TensorSpec], check_finite: bool) -> None:
+        self._loaded = loaded
+        self._check = check_finite
+        self._users: dict[tuple[str, ...], int] = defaultdict(int)
+        for s in specs:
+            self._users[s.sources] += 1
+        self._cache: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, ...], threading.Lock] = defaultdict(threading.Lock)
+
+    def acquire(self, key: tuple[str, ...]) -> list[torch.Tensor]:
+        with self._lock:
+            klock = self._key_locks[key]
+        with klock:
+            with self._lock:
+                if key in self._cache:
+                    return self._cache[key]
+            tensors = []
+            for name in key:
+                t = self._loaded.source.get(name)
+                if self._check and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise UserError(f"{self._loaded.origin}: tensor {name} contains NaN or Inf values")
+                tensors.append(t)
+            with self._lock:
+                if self._users[key] > 1:
+                    self._cache[key] = tensors
+            return tensors
+
+    def release(self, key: tuple[str, ...]) -> None:
+        with self._lock:
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                self._cache.pop(key, None)
+
+
+def final_config(plan: ConversionPlan, mapping: Mapping, dtype: str) -> dict[str, Any]:
+    config = dict(plan.config)
+    config["dtype"] = dtype
+    config["mapping"] = mapping.to_config(moe=bool(config.get("moe")))
+    return config
+
+
+def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mapping, loaded: LoadedModel,
+                     dtype: str, out: Path, workers: int = 1, progress: bool = False) -> tuple[int, int]:
+    """Execute rank plans into ``out`` (an empty directory). Returns (tensors, bytes)."""
+    tdtype = TORCH_DTYPES[dtype]
+    by_spec: dict[str, list[tuple[RankFileWriter, RankPlan, Any]]] = defaultdict(list)
+    writers = []
+    meta_full: dict[str, torch.Tensor] = {}
+    for spec in plan.tensors:
+        metas = [torch.empty(s, dtype=loaded.source.dtype(n), device="meta") for n, s in zip(spec.sources, spec.shapes)]
+        meta_full[spec.name] = build_full(spec, metas, tdtype)
+    total = 0
+    for rp in rank_plans:
+        layout = {}
+        for rt in rp.tensors:
+            part = rank_part(rt, meta_full[rt.spec.name], mapping, rp.tp_rank)
+            layout[rt.name] = (tuple(part.shape), part.dtype)
+            total += part.numel() * part.dtype.itemsize
+        writer = RankFileWriter(out / f"rank{rp.rank}.safetensors", layout, metadata={"format": "pt"})
+        writers.append(writer)
+        for rt in rp.tensors:
+            by_spec[rt.spec.name].append((writer, rp, rt))
+    specs = [s for s in plan.tensors if s.name in by_spec]
+    cache = _SourceCache(loaded, specs, check_finite=True)
+
+    def convert_one(spec: TensorSpec) -> None:
+        sources = cache.acquire(spec.sources)
+        try:
+            full = build_full(spec, sources, tdtype)
+        finally:
+            cache.release(spec.sources)
+        for writer, rp, rt in by_spec[spec.name]:
+            writer.write(rt.name, rank_part(rt, full, mapping, rp.tp_rank))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), unit="tensor", desc="convert", file=sys.stderr)
+    try:
+        if workers <= 1:
+            for spec in specs:
+                convert_one(spec)
+                if bar:
+                    bar.update()
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                # Bounded in-flight work keeps memory at ~2 tensors per worker.
+                pending = []
+                for spec in specs:
+                    pending.append(pool.submit(convert_one, spec))
+                    if len(pending) >= 2 * workers:
+                        pending.pop(0).result()
+                        if bar:
+                            bar.update()
+                for f in pending:
+                    f.result()
+                    if bar:
+                        bar.update()
+        for w in writers:
+            w.close()
+    finally:
+        if bar:
+            bar.close()
+    return sum(len(rp.tensors) for rp in rank_plans), total
+
+
+def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
+            family: str | None = None, preset: str | None = None) -> ConvertResult:
+    """Convert a model into a TensorRT-LLM checkpoint (or another ``options.to`` format)."""
+    entry, _fmt = resolve_model(model_dir, family)
+    check_capabilities(entry, options)
+    registry = get_registry()
+    hooks = registry.hooks(entry)
+    loaded = load(hooks, model_dir, preset, options)
+    if options.to != "trtllm":
+        with atomic_dir(output_dir, options.force) as tmp:
+            written = hooks.trtlm_export(fmt=options.to, loaded=loaded, options=options, output_dir=tmp)
+            if written is None:
+                raise UserError(f"no plugin writes --to {options.to} for family {entry.family.name}")
+        return ConvertResult(output_dir, entry.family.name, {}, 0, 0)
+    dtype = resolve_dtype(options, loaded.hf_config, entry)
+    plan = hooks.trtlm_map_layers(hf_config=loaded.hf_config, options=options)
+    if options.dummy_weights:
+        loaded.source = DummySource(plan.source_shapes(), seed=options.seed)
+    validate_sources(plan, loaded)
+    plan = hooks.trtlm_quantize(plan=plan, loaded=loaded, options=options) or plan
+    mapping = Mapping(options.tp_size, options.pp_size, options.moe_tp_size or 0, options.moe_ep_size or 0)
+    rank_plans = hooks.trtlm_shard(plan=plan, mapping=mapping)
+    config = final_config(plan, mapping, dtype)
+    with atomic_dir(output_dir, options.force) as tmp:
+        n, nbytes = write_checkpoint(plan, rank_plans, mapping, loaded, dtype, tmp, options.workers, options.progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    return ConvertResult(output_dir, entry.family.name, config, n, nbytes)

@@ -1,0 +1,179 @@
+"""A conversion plan: every output tensor described before any weight is read.
+
+``map_layers`` returns a :class:`ConversionPlan`; ``quantize`` rewrites it;
+``shard`` turns it into one :class:`RankPlan` per rank; the writer executes
+the rank plans, streaming one tensor at a time.  Describing tensors rather
+than computing them is what lets one plan validate shapes, synthesise dummy
+weights, precompute the safetensors headers (so ranks are written in
+parallel at fixed offsets) and keep memory bounded by a few tensors.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from trtlm.convert.mapping import Mapping
+from trtlm.errors import UserError
+from trtlm.layout import SplitRule, split_rule
+
+Combine = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+def take_first(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Combine for a one-to-one tensor (the common case)."""
+    return tensors[0]
+
+
+def concat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Combine for fused projections (qkv = cat(q, k, v))."""
+    return torch.cat(list(tensors), dim=0)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One TensorRT-LLM tensor of the *unsharded* checkpoint.
+
+    :param name: TensorRT-LLM name with the global layer index.
+    :param sources: Hugging Face tensor names it is built from.
+    :param shapes: the shape each source must have (checked on load; used
+        to synthesise dummy weights).
+    :param combine: builds the full tensor from the loaded sources.
+    :param layer: the decoder layer it belongs to (``None`` for global ones).
+    :param stage: ``"first"`` (embedding) or ``"last"`` (ln_f, lm_head)
+        pipeline stage for global tensors.
+    :param dtype: fixed output dtype (e.g. ``torch.float32`` for an MoE
+        router); ``None`` means the checkpoint dtype.
+    :param quantizable: a linear weight ``[out, in]`` (or ``[E, out, in]``)
+        the ``quantize`` step may replace.
+    :param transform: applied to the combined, dtype-cast full tensor
+        (quantization rewrites plug in here).
+    :param finalize: applied to each rank's part after splitting (e.g.
+        packing int4 pairs into bytes).
+    :param split: overrides the split rule derived from the name.
+    """
+
+    name: str
+    sources: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    combine: Combine = take_first
+    layer: int | None = None
+    stage: str | None = None
+    dtype: torch.dtype | None = None
+    quantizable: bool = False
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    finalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    split: SplitRule | None = None
+
+    def with_(self, **changes: Any) -> "TensorSpec":
+        return replace(self, **changes)
+
+
+@dataclass
+class ConversionPlan:
+    """TensorRT-LLM ``config.json`` (without ``mapping``) plus the tensor specs."""
+
+    config: dict[str, Any]
+    tensors: list[TensorSpec]
+
+    def spec(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def source_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor the plan reads, with its expected shape."""
+        out: dict[str, tuple[int, ...]] = {}
+        for spec in self.tensors:
+            for src, shape in zip(spec.sources, spec.shapes):
+                out.setdefault(src, shape)
+        return out
+
+
+@dataclass(frozen=True)
+class RankTensor:
+    """A tensor of one rank file: its local name and the spec it comes from."""
+
+    name: str
+    spec: TensorSpec
+    split: SplitRule
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    tensors: list[RankTensor] = field(default_factory=list)
+
+
+_LAYER_PREFIX = re.compile(r"^transformer\.layers\.(\d+)\.")
+
+
+def local_name(name: str, local_layer: int) -> str:
+    """Renumber a layer tensor for its pipeline stage."""
+    return _LAYER_PREFIX.sub(f"transformer.layers.{local_layer}.", name, count=1)
+
+
+def default_shard(plan: ConversionPlan, mapping: Mapping) -> list[RankPlan]:
+    """Pipeline placement with ``tensor_split`` semantics plus per-tensor split rules."""
+    num_layers = int(plan.config["num_hidden_layers"])
+    if mapping.pp_size > num_layers:
+        raise UserError(f"--pp-size {mapping.pp_size} is larger than the model's {num_layers} layers")
+    config = dict(plan.config, mapping=mapping.to_config(moe=bool(plan.config.get("moe"))))
+    shapes = spec_shapes(plan)
+    ranks = []
+    for rank in range(mapping.world_size):
+        tp_rank, pp_rank = mapping.tp_rank(rank), mapping.pp_rank(rank)
+        layers = mapping.stage_layers(pp_rank, num_layers)
+        rp = RankPlan(rank, tp_rank, pp_rank)
+        for spec in plan.tensors:
+            if spec.layer is not None:
+                if spec.layer not in layers:
+                    continue
+                name = local_name(spec.name, spec.layer - layers.start)
+            elif spec.stage == "first" and pp_rank != 0:
+                continue
+            elif spec.stage == "last" and pp_rank != mapping.pp_size - 1:
+                continue
+            else:
+                name = spec.name
+            rule = spec.split or split_rule(spec.name, config, shapes[spec.name][0])
+            rp.tensors.append(RankTensor(name, spec, rule))
+        ranks.append(rp)
+    return ranks
+
+
+def build_full(spec: TensorSpec, sources: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Combine, cast and transform: the full (unsharded) tensor of ``spec``."""
+    t = spec.combine(sources)
+    target = spec.dtype or dtype
+    if t.dtype != target and t.is_floating_point():
+        t = t.to(target)
+    if spec.transform is not None:
+        t = spec.transform(t)
+    return t
+
+
+def spec_shapes(plan: ConversionPlan, dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Full shape and dtype of every spec, computed on the meta device (no data)."""
+    out = {}
+    for spec in plan.tensors:
+        metas = [torch.empty(s, dtype=torch.float32, device="meta") for s in spec.shapes]
+        t = build_full(spec, metas, dtype)
+        out[spec.name] = (tuple(t.shape), t.dtype)
+    return out
+
+
+def rank_part(rt: RankTensor, full: torch.Tensor, mapping: Mapping, tp_rank: int) -> torch.Tensor:
+    """One rank's part of a full tensor, finalized and contiguous."""
+    try:
+        part = rt.split.take(full, mapping, tp_rank)
+    except ValueError as exc:
+        raise UserError(f"cannot split {rt.spec.name} {tuple(full.shape)} for tp={mapping.tp_size}: {exc}") from None
+    if rt.spec.finalize is not None:
+        part = rt.spec.finalize(part)
+    return part.contiguous()

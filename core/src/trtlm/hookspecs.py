@@ -1,0 +1,185 @@
+"""Hook specifications: the contract between the trtlm core and family plugins.
+
+A conversion runs these hooks in order::
+
+    trtlm_load_weights -> trtlm_map_layers -> trtlm_quantize -> trtlm_shard -> (write)
+    trtlm build:  trtlm_build_network
+
+Every hook but :func:`trtlm_families` is called *for one family*: the core
+resolves the model to its family first and then calls the hook with only
+that family's plugin and the built-in defaults (``trtlm.builtin``, registered
+with ``trylast``) taking part.  A family therefore implements only the hooks
+where it differs from the defaults, and never checks whether the model is its
+own.  All per-family hooks are ``firstresult``: the first non-``None`` return
+value wins, so returning ``None`` means "use the default".
+
+Type names in the signatures refer to :mod:`trtlm.convert.plan`
+(``ConversionPlan``, ``TensorSpec``, ``RankPlan``, ``Mapping``),
+:mod:`trtlm.convert.options` (``ConvertOptions``), :mod:`trtlm.weights`
+(``TensorSource``, ``LoadedModel``) and :mod:`trtlm.runtime.engine`
+(``BuildOptions``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - type names only, nothing heavy at import
+    from trtlm.convert.options import ConvertOptions
+    from trtlm.convert.plan import ConversionPlan, Mapping, RankPlan
+    from trtlm.family import Family
+    from trtlm.runtime.engine import BuildOptions
+    from trtlm.weights import LoadedModel
+
+hookspec = pluggy.HookspecMarker("trtlm")
+
+
+@hookspec
+def trtlm_families() -> list[Family]:
+    """Declare the model families this plugin provides.
+
+    Called once per process when plugins load.  The registry routes HF
+    architectures, HF model types and TensorRT-LLM architecture strings to
+    the declaring plugin; two plugins claiming the same architecture is a
+    conflict and the later one (in load order) is rejected.
+
+    :return: a list of :class:`trtlm.family.Family` (may be empty).
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_load_weights(family: Family, model_dir: Path, options: ConvertOptions) -> LoadedModel | None:
+    """Open a model directory as a config plus a *lazy* tensor source.
+
+    The default reads ``config.json`` and safetensors files (single or
+    sharded through ``model.safetensors.index.json``; ``pytorch_model*.bin``
+    only with ``options.allow_pickle``), and produces random weights when
+    ``options.dummy_weights`` is set.  Implement it to read another on-disk
+    format (the MPT plugin reads FasterTransformer directories).
+
+    :param family: the family the directory was resolved to.
+    :param model_dir: the directory given as ``--model-dir``.
+    :param options: all conversion options.
+    :return: a :class:`trtlm.weights.LoadedModel` whose ``hf_config`` is a
+        Hugging Face style ``config.json`` dict and whose ``source`` reads
+        tensors by Hugging Face name, one at a time; ``None`` to defer.
+    :raises trtlm.errors.UserError: for unreadable or inconsistent input.
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_map_layers(family: Family, hf_config: dict[str, Any], options: ConvertOptions) -> ConversionPlan | None:
+    """Describe the TensorRT-LLM checkpoint to write, tensor by tensor.
+
+    Called with the config only, before any weight is read: the plan names
+    every output tensor, the Hugging Face tensors (and shapes) it is built
+    from, how they combine (fused qkv, TensorRT-LLM's inverted MLP naming,
+    stacked experts), how it splits under tensor parallelism and which
+    pipeline stage owns it.  Because the plan carries source shapes, the
+    same plan validates a real checkpoint and synthesises dummy weights.
+
+    The default maps Llama-style decoders (RMSNorm, RoPE, GQA, SwiGLU) via
+    :func:`trtlm.llama.llama_plan`; families with other layouts implement it.
+
+    :param family: the resolved family.
+    :param hf_config: the model's ``config.json`` as a dict.
+    :param options: all conversion options (dtype, parallelism, ...).
+    :return: a :class:`trtlm.convert.plan.ConversionPlan` (TensorRT-LLM
+        ``config.json`` without ``mapping``, and the tensor specs).
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_quantize(family: Family, plan: ConversionPlan, loaded: LoadedModel, options: ConvertOptions) -> ConversionPlan | None:
+    """Rewrite a plan for ``options.quant`` / ``options.kv_cache_dtype``.
+
+    Runs *before* :func:`trtlm_shard` on the unsharded tensors, so every
+    scale is computed once and agrees across ranks.  The default handles
+    per-tensor linear weights generically (using ``TensorSpec.quant`` to
+    know which tensors are linear weights and how they may be quantized)
+    and calibrates activation/KV scales by running the unquantized model
+    in trtlm's own runtime.  Families with special tensors (MoE experts
+    sharing scales, routers that must stay float32) mark them in
+    ``map_layers`` or implement this hook.
+
+    :param plan: the plan from :func:`trtlm_map_layers`.
+    :param loaded: the weights, for scales that depend on data.
+    :param options: ``options.quant`` is ``None`` when no quantization was asked.
+    :return: the rewritten plan (``quantization`` filled in the config).
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_shard(family: Family, plan: ConversionPlan, mapping: Mapping) -> list[RankPlan] | None:
+    """Assign every tensor of the plan to ranks.
+
+    The default places layers on pipeline stages with ``torch.tensor_split``
+    semantics (renumbering them from 0 on each stage), puts the embedding on
+    the first stage and ``ln_f``/``lm_head`` on the last, and splits each
+    tensor across tensor-parallel ranks with the split rule its
+    :class:`~trtlm.convert.plan.TensorSpec` carries.  Implement it only for
+    a placement that rules cannot express.
+
+    :param mapping: world, tensor, pipeline and expert parallel sizes.
+    :return: one :class:`~trtlm.convert.plan.RankPlan` per rank, rank order.
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_export(family: Family, fmt: str, loaded: LoadedModel, options: ConvertOptions, output_dir: Path) -> Path | None:
+    """Write a format other than a TensorRT-LLM checkpoint (``trtlm convert --to FMT``).
+
+    The MPT plugin writes FasterTransformer directories through it.  Write
+    into ``output_dir`` (a temporary directory the core renames into place
+    when the hook returns).
+
+    :param fmt: the requested format, one of the family's
+        ``capabilities.formats_out`` other than ``"trtllm"``.
+    :return: the directory written, or ``None`` if this plugin cannot.
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_build_network(family: Family, config: dict[str, Any], backend: str, options: BuildOptions) -> Any | None:
+    """Create the executable network for a TensorRT-LLM checkpoint config.
+
+    For ``backend == "torch"`` the result is a *factory*: called as
+    ``factory(comm=, mapping=, layers=, first=, last=, device=, dtype=)`` it
+    returns the ``torch.nn.Module`` of one rank (its tensor-parallel shapes,
+    its pipeline stage's layers).  The default is
+    ``functools.partial(trtlm.runtime.model.Transformer, config)``, a decoder
+    assembled from the config (RoPE or ALiBi, gated or plain MLP, MoE); a
+    family passes options (MPT: ``norm="layer"``) or its own module class.
+    For ``"tensorrt-llm"`` it returns an object whose ``build(checkpoint_dir,
+    engine_dir)`` runs TensorRT-LLM's builder.
+
+    :param config: the checkpoint's ``config.json`` (with ``mapping``).
+    :param backend: ``"torch"`` or ``"tensorrt-llm"``.
+    :param options: build options (max batch size, sequence lengths, ...).
+    :return: the network factory (torch) or builder (tensorrt-llm).
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+#: Hooks that are dispatched per family (everything except registration).
+FAMILY_HOOKS = (
+    "trtlm_load_weights",
+    "trtlm_map_layers",
+    "trtlm_quantize",
+    "trtlm_shard",
+    "trtlm_export",
+    "trtlm_build_network",
+)

@@ -1,0 +1,1 @@
+"""trtlm's portable PyTorch runtime (the ``torch`` backend of ``build_network``)."""

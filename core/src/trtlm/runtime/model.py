@@ -1,0 +1,407 @@
+"""A whole decoder-only transformer in one file, assembled from a TensorRT-LLM config.
+
+Parameter names are TensorRT-LLM's checkpoint names (``transformer.layers.0.
+attention.qkv.weight``...), so a rank file loads with ``load_state_dict`` and
+the build step checks a checkpoint by comparing it with this module's own
+parameters, as TensorRT-LLM's loader does.
+
+What the config selects:
+
+* position embedding: ``rope_gpt_neox`` (RoPE, ``rotary_base``) or ``alibi``
+  (slopes from ``alibi_bias_max``), sliced per tensor-parallel rank;
+* normalisation: RMSNorm (Llama family) or LayerNorm without bias (MPT) —
+  chosen by the family through ``norm=`` (see ``build_network``);
+* feed-forward: gated SiLU (``fc`` is the SiLU branch, ``gate`` the linear
+  one, TensorRT-LLM's naming), plain GELU, or MoE when ``config["moe"]``;
+* attention: GQA with each rank's (possibly duplicated) KV heads,
+  ``clip_qkv``, a sliding window from ``runtime_defaults``.
+
+Numerics follow transformers' implementations (RMSNorm in float32, RoPE
+tables in float32 cast to the activation dtype, softmax through SDPA) so
+float32 logits match transformers' to ~1e-6.
+
+The KV cache is preallocated (:class:`KVCache`) and written in place; one
+``forward`` call handles prefill (many tokens) and decode (one token) alike,
+with no host synchronisation inside.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trtlm.runtime.comm import LocalComm
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Dims:
+    """Sizes of one tensor-parallel rank's share of the model."""
+
+    vocab: int
+    vocab_local: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_size: int
+    inter: int
+    tp: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tp: int) -> "Dims":
+        heads = int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        hidden = int(config["hidden_size"])
+        vocab = int(config["vocab_size"])
+        return cls(vocab=vocab, vocab_local=-(-vocab // tp), hidden=hidden,
+                   layers=int(config["num_hidden_layers"]), heads=heads // tp,
+                   kv_heads=max(kv // tp, 1), head_size=int(config.get("head_size") or hidden // heads),
+                   inter=int(config["intermediate_size"]) // tp, tp=tp)
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)`` with TensorRT-LLM's parameter names.  Quantized
+    checkpoints use the subclasses in :mod:`trtlm.quant.runtime`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class KVCache:
+    """Preallocated keys and values, ``[batch, kv_heads, max_seq, head_size]`` per layer."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_seq: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, kv_heads, max_seq, head_size)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.max_seq = max_seq
+
+
+@dataclass
+class Step:
+    """Where a forward call sits in the sequence (built by :meth:`Transformer.step`).
+
+    :param start: cache index of the first token of this call (same for the whole batch:
+        prompts are left-padded onto one timeline).
+    :param length: cache entries attended to (``start + tokens``, or the cache size
+        for a static-shape decode step).
+    :param positions: ``[B, T]`` token positions (timeline index minus left padding).
+    :param mask: ``[B, 1 or H, T, length]`` additive attention bias (0 / -inf, plus ALiBi).
+    """
+
+    start: int | torch.Tensor
+    length: int
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+def rope_tables(positions: torch.Tensor, head_size: int, base: float, dtype: torch.dtype):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=positions.device).float()
+                               / head_size))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: dict[str, Any], d: Dims, comm, dtype=None, device=None):
+        super().__init__()
+        bias = bool(config.get("bias", False))
+        self.d = d
+        self.comm = comm
+        qkv_out = (d.heads + 2 * d.kv_heads) * d.head_size
+        self.qkv = make_linear(config, d.hidden, qkv_out, bias, dtype, device)
+        self.dense = make_linear(config, d.heads * d.head_size, d.hidden, bias, dtype, device)
+        self.clip_qkv = config.get("clip_qkv")
+        self.rope_base = float(config.get("rotary_base", 10000.0))
+        self.use_rope = str(config.get("position_embedding_type", "rope_gpt_neox")).startswith("rope")
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache, layer: int, rope) -> torch.Tensor:
+        B, T, _ = x.shape
+        d = self.d
+        qkv = self.qkv(x)
+        if self.clip_qkv:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = qkv.split([d.heads * d.head_size, d.kv_heads * d.head_size, d.kv_heads * d.head_size], dim=-1)
+        q = q.view(B, T, d.heads, d.head_size).transpose(1, 2)
+        k = k.view(B, T, d.kv_heads, d.head_size).transpose(1, 2)
+        v = v.view(B, T, d.kv_heads, d.head_size).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kc, vc = cache.k[layer], cache.v[layer]
+        if isinstance(step.start, int):
+            kc[:, :, step.start:step.start + T] = k
+            vc[:, :, step.start:step.start + T] = v
+        else:  # static-shape decode: the index lives on the device
+            kc.index_copy_(2, step.start, k)
+            vc.index_copy_(2, step.start, v)
+        keys, values = kc[:, :, :step.length], vc[:, :, :step.length]
+        if d.kv_heads != d.heads:
+            rep = d.heads // d.kv_heads
+            keys = keys.repeat_interleave(rep, dim=1)
+            values = values.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask.to(q.dtype))
+        out = out.transpose(1, 2).reshape(B, T, d.heads * d.head_size)
+        return self.comm.all_reduce(self.dense(out))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: ``proj(silu(fc(x)) * gate(x))`` (TensorRT-LLM's names)."""
+
+    def __init__(self, config, d: Dims, comm, dtype=None, device=None):
+        super().__init__()
+        bias = bool(config.get("bias", False))
+        self.fc = make_linear(config, d.hidden, d.inter, bias, dtype, device)
+        self.gate = make_linear(config, d.hidden, d.inter, bias, dtype, device)
+        self.proj = make_linear(config, d.inter, d.hidden, bias, dtype, device)
+        self.comm = comm
+
+    def forward(self, x):
+        return self.comm.all_reduce(self.proj(F.silu(self.fc(x)) * self.gate(x)))
+
+
+class PlainMLP(nn.Module):
+    """``proj(gelu(fc(x)))`` with exact GELU, as transformers' MPT computes it."""
+
+    def __init__(self, config, d: Dims, comm, dtype=None, device=None):
+        super().__init__()
+        bias = bool(config.get("bias", False))
+        self.fc = make_linear(config, d.hidden, d.inter, bias, dtype, device)
+        self.proj = make_linear(config, d.inter, d.hidden, bias, dtype, device)
+        self.comm = comm
+
+    def forward(self, x):
+        return self.comm.all_reduce(self.proj(F.gelu(self.fc(x))))
+
+
+class MoE(nn.Module):
+    """Mixtral-style sparse MoE; the routing and grouped expert products live in
+    :mod:`trtlm.runtime.moe`."""
+
+    def __init__(self, config, d: Dims, comm, mapping=None, dtype=None, device=None):
+        super().__init__()
+        moe = config["moe"]
+        E = int(moe["num_experts"])
+        ep = mapping.moe_ep_size if mapping else 1
+        mtp = mapping.moe_tp_size if mapping else 1
+        tp_rank = comm.tp_rank
+        inter = int(config["intermediate_size"]) // mtp
+        self.top_k = int(moe["top_k"])
+        self.normalization_mode = int(moe.get("normalization_mode", 1))
+        self.expert_offset = (mapping.moe_ep_rank(tp_rank) if mapping else 0) * (E // ep)
+        self.router = Linear(d.hidden, E, False, torch.float32, device)
+        self.fc = nn.Parameter(torch.empty(E // ep, 2 * inter, d.hidden, dtype=dtype, device=device),
+                               requires_grad=False)
+        self.proj = nn.Parameter(torch.empty(E // ep, d.hidden, inter, dtype=dtype, device=device),
+                                 requires_grad=False)
+        self.comm = comm
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # TensorRT-LLM names the expert tensors mlp.fc.weight / mlp.proj.weight.
+        for name in ("fc", "proj"):
+            if prefix + name + ".weight" in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + name + ".weight")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):
+        from trtlm.runtime.moe import moe_forward
+
+        B, T, H = x.shape
+        out = moe_forward(x.reshape(B * T, H), self.router.weight, self.fc, self.proj, self.top_k,
+                          self.normalization_mode, expert_offset=self.expert_offset)
+        return self.comm.all_reduce(out.view(B, T, H))
+
+
+def make_linear(config, in_features, out_features, bias, dtype, device) -> nn.Module:
+    quant = (config.get("quantization") or {}).get("quant_algo")
+    if quant:
+        from trtlm.quant.runtime import quant_linear
+
+        return quant_linear(quant, config, in_features, out_features, bias, dtype, device)
+    return Linear(in_features, out_features, bias, dtype, device)
+
+
+class Block(nn.Module):
+    def __init__(self, config, d: Dims, comm, norm: str, mapping=None, dtype=None, device=None):
+        super().__init__()
+        eps = float(config.get("norm_epsilon", 1e-5))
+        Norm = (lambda: RMSNorm(d.hidden, eps, dtype, device)) if norm == "rms" else (
+            lambda: LayerNorm(d.hidden, eps, bool(config.get("bias", False)), dtype, device))
+        self.input_layernorm = Norm()
+        self.attention = Attention(config, d, comm, dtype, device)
+        self.post_layernorm = Norm()
+        if config.get("moe"):
+            self.mlp = MoE(config, d, comm, mapping, dtype, device)
+        elif str(config.get("hidden_act", "silu")) in ("silu", "swiglu"):
+            self.mlp = GatedMLP(config, d, comm, dtype, device)
+        else:
+            self.mlp = PlainMLP(config, d, comm, dtype, device)
+
+    def forward(self, x, step, cache, layer, rope):
+        x = x + self.attention(self.input_layernorm(x), step, cache, layer, rope)
+        return x + self.mlp(self.post_layernorm(x))
+
+
+class Embedding(nn.Module):
+    """Token embedding; vocabulary-parallel when the checkpoint splits it."""
+
+    def __init__(self, rows: int, hidden: int, comm, parallel: bool, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.comm = comm
+        self.parallel = parallel and comm.tp_size > 1
+
+    def forward(self, ids):
+        if not self.parallel:
+            return F.embedding(ids, self.weight)
+        rows = self.weight.shape[0]
+        local = ids - self.comm.tp_rank * rows
+        inside = (local >= 0) & (local < rows)
+        out = F.embedding(local.clamp(0, rows - 1), self.weight) * inside[..., None].to(self.weight.dtype)
+        return self.comm.all_reduce(out)
+
+
+class _Module(nn.Module):
+    pass
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM for one rank (or the whole model when tp = pp = 1).
+
+    :param config: TensorRT-LLM checkpoint config.
+    :param norm: ``"rms"`` (default) or ``"layer"``.
+    :param comm: collectives (default: single process).
+    :param layers: the global layer indices this pipeline stage holds (default all).
+    :param first, last: whether this stage holds the embedding / ln_f + lm_head.
+    """
+
+    def __init__(self, config: dict[str, Any], norm: str = "rms", comm=None, mapping=None,
+                 layers: range | None = None, first: bool = True, last: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        comm = comm or LocalComm()
+        self.config = config
+        self.comm = comm
+        self.norm_type = norm
+        self.dtype = dtype or TORCH_DTYPES[config.get("dtype", "float32")]
+        d = Dims.from_config(config, comm.tp_size)
+        self.d = d
+        self.layer_ids = layers if layers is not None else range(d.layers)
+        self.first, self.last = first, last
+        self.transformer = _Module()
+        if first:
+            parallel = bool(config.get("use_parallel_embedding")) and comm.tp_size > 1
+            rows = d.vocab_local if parallel else d.vocab
+            self.transformer.vocab_embedding = Embedding(rows, d.hidden, comm, parallel, self.dtype, device)
+        self.transformer.layers = nn.ModuleList(
+            Block(config, d, comm, norm, mapping, self.dtype, device) for _ in self.layer_ids)
+        if last:
+            eps = float(config.get("norm_epsilon", 1e-5))
+            self.transformer.ln_f = (RMSNorm(d.hidden, eps, self.dtype, device) if norm == "rms"
+                                     else LayerNorm(d.hidden, eps, bool(config.get("bias", False)), self.dtype, device))
+            self.lm_head = Linear(d.hidden, d.vocab_local if comm.tp_size > 1 else d.vocab, False, self.dtype, device)
+        self.window = sliding_window(config)
+        self.alibi = str(config.get("position_embedding_type")) == "alibi"
+        if self.alibi:
+            from trtlm.runtime.alibi import alibi_slopes
+
+            slopes = alibi_slopes(int(config["num_attention_heads"]), float(config.get("alibi_bias_max", 8)))
+            self.register_buffer("alibi_slopes",
+                                 slopes[comm.tp_rank * d.heads:(comm.tp_rank + 1) * d.heads].to(device),
+                                 persistent=False)
+
+    # -- the sequence bookkeeping --------------------------------------------------------
+    def new_cache(self, batch: int, max_seq: int, device=None) -> KVCache:
+        device = device or next(self.parameters()).device
+        return KVCache(len(self.layer_ids), batch, self.d.kv_heads, max_seq, self.d.head_size, self.dtype, device)
+
+    def step(self, start: int, num_tokens: int, pad: torch.Tensor, length: int | None = None,
+             start_tensor: torch.Tensor | None = None) -> Step:
+        """Positions and attention bias for tokens at timeline ``[start, start + num_tokens)``.
+
+        ``pad[b]`` is the number of left-padding slots of sequence ``b``; key ``j``
+        is visible to query ``i`` when ``pad <= j <= i`` and ``i - j < window``.
+        """
+        device = pad.device
+        length = length if length is not None else start + num_tokens
+        base = start_tensor if start_tensor is not None else torch.tensor(start, device=device)
+        q_idx = base + torch.arange(num_tokens, device=device)  # [T]
+        k_idx = torch.arange(length, device=device)  # [L]
+        rel = q_idx[:, None] - k_idx[None, :]  # [T, L] = i - j
+        ok = (rel >= 0) & (k_idx[None, None, :] >= pad[:, None, None])  # [B, T, L]
+        if self.window is not None:
+            ok = ok & (rel < self.window)
+        ok = ok | (rel == 0)  # a padding query sees itself: no all-masked rows
+        mask = torch.zeros(ok.shape, dtype=torch.float32, device=device).masked_fill(~ok, float("-inf"))[:, None]
+        if self.alibi:
+            mask = mask + self.alibi_slopes[None, :, None, None] * (-rel).float()[None, None]
+        positions = (q_idx[None, :] - pad[:, None]).clamp(min=0)
+        return Step(start if start_tensor is None else start_tensor, length, positions, mask)
+
+    def forward(self, tokens_or_hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        """Tokens ``[B, T]`` (first stage) or hidden states ``[B, T, H]`` (later
+        stages) -> logits ``[B, T, V]`` (last stage) or hidden states."""
+        x = self.transformer.vocab_embedding(tokens_or_hidden) if self.first else tokens_or_hidden
+        rope = None
+        if not self.alibi:
+            rope = rope_tables(step.positions, self.d.head_size, float(self.config.get("rotary_base", 10000.0)),
+                               x.dtype)
+        for i, block in enumerate(self.transformer.layers):
+            x = block(x, step, cache, i, rope)
+        if not self.last:
+            return x
+        x = self.transformer.ln_f(x)
+        logits = self.comm.all_gather_last(self.lm_head(x))
+        return logits[..., :self.d.vocab]
+
+
+def sliding_window(config: dict[str, Any]) -> int | None:
+    windows = (config.get("runtime_defaults") or {}).get("max_attention_window")
+    if windows:
+        return int(windows[0]) if isinstance(windows, list) else int(windows)
+    return None

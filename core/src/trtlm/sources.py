@@ -1,0 +1,165 @@
+"""Tensor sources for Hugging Face directories: safetensors, pickle, dummy."""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trtlm.errors import UserError
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header without reading tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes); re-download or re-save it")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise UserError(f"{path}: corrupt safetensors header (length {n}); re-download or re-save it")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt safetensors header; re-download or re-save it") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{path}: truncated ({size} bytes, header needs {8 + n + end}); re-download it")
+    return header
+
+
+class SafetensorsSource:
+    """Tensors from one or more safetensors files, read lazily one at a time."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        """:param files: tensor name -> file holding it."""
+        self._file_of = files
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for path in sorted(set(files.values())):
+            for name, info in read_safetensors_header(path).items():
+                if files.get(name) == path:
+                    dt = _ST_DTYPES.get(info["dtype"])
+                    if dt is None:
+                        raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+                    self._meta[name] = (tuple(info["shape"]), dt)
+        missing = sorted(set(files) - set(self._meta))
+        if missing:
+            raise UserError(f"{files[missing[0]]}: tensor {missing[0]} is listed in the index but not in the file")
+        self._local = threading.local()
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "SafetensorsSource":
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise UserError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            files = {name: model_dir / fname for name, fname in weight_map.items()}
+            for path in sorted(set(files.values())):
+                if not path.exists():
+                    raise UserError(f"{path}: shard listed in {index.name} is missing")
+            return cls(files)
+        single = sorted(model_dir.glob("*.safetensors"))
+        if not single:
+            raise UserError(f"{model_dir}: no *.safetensors files")
+        files: dict[str, Path] = {}
+        for path in single:
+            for name in read_safetensors_header(path):
+                files[name] = path
+        return cls(files)
+
+    def keys(self) -> list[str]:
+        return sorted(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        path = self._file_of[name]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        try:
+            return handles[path].get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            raise UserError(f"{path}: cannot read tensor {name} ({exc})") from None
+
+
+class StateDictSource:
+    """Tensors already in memory (pickle checkpoints, tests)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._t = tensors
+
+    def keys(self) -> list[str]:
+        return sorted(self._t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._t[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._t[name]
+
+
+def load_pickle_dir(model_dir: Path) -> StateDictSource:
+    """``pytorch_model*.bin`` with ``weights_only=True`` (no code runs)."""
+    files = sorted(model_dir.glob("pytorch_model*.bin"))
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:
+            raise UserError(f"{path}: cannot load with weights_only=True ({type(exc).__name__}: {exc})") from None
+    return StateDictSource(tensors)
+
+
+class DummySource:
+    """Random weights of the shapes a plan expects, as TensorRT-LLM builds
+    without a checkpoint.  Deterministic per tensor name and seed, generated on
+    demand, so a 7B dummy conversion still streams."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32):
+        self._shapes = shapes
+        self._seed = seed
+        self._dtype = dtype
+
+    def keys(self) -> list[str]:
+        return sorted(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = self._shapes[name]
+        if "norm" in name and len(shape) == 1:
+            return torch.ones(shape, dtype=self._dtype)
+        g = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=g) * 0.02).to(self._dtype)

@@ -1,0 +1,1 @@
+"""Test helpers for plugin authors (pytest plugin ``trtlm.testing.plugin``)."""

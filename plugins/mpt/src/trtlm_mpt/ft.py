@@ -1,0 +1,803 @@
+"""MPT in FasterTransformer (FT) format, as TensorRT-LLM's MPT example writes it.
+
+The layout follows TensorRT-LLM ``examples/mpt/convert_hf_mpt_to_ft.py``
+(``hf_mpt_converter``, ``transpose_weights``, ``mpt_to_trt_llm_name``) and
+``examples/mpt/convert.py`` (``split_and_save_weight``, ``save_split``,
+``write_zero_bias``):
+
+* ``<out_dir>/<tp>-gpu/config.ini`` with one ``[gpt]`` section (keys below);
+* one raw little-endian array per file, no header, storage dtype from
+  ``storage_dtype`` (bfloat16 as its raw 2-byte pattern);
+* the four GEMM weights transposed to ``[in, out]``; embeddings not transposed;
+* ``attention.query_key_value.weight.R.bin``: rank R's ``cat(q_R, k_R, v_R)``
+  along the last dim (for MHA that is exactly ``[hidden, 3, hidden/tp]``);
+  q, k and v are each split by heads, so MQA/GQA need ``kv_n_heads % tp == 0``;
+* ``attention.dense.weight.R.bin`` / ``mlp.dense_4h_to_h.weight.R.bin``: split
+  on dim 0; ``mlp.dense_h_to_4h.weight.R.bin``: split on the last dim;
+* LayerNorm weights once (no rank suffix) plus a ``.bias.bin`` of zeros when
+  the model has no LayerNorm bias (FT always expects one).
+
+``config.ini`` keys, in TensorRT-LLM's order: model_name, n_head, n_embd,
+n_inner, n_positions, n_layer, vocab_size, bos_token_id, eos_token_id,
+storage_dtype, tensor_parallelism, activation_function (gelu),
+calibrate_kv_cache (False), smoothquant (None), layer_norm_epsilon,
+position_embedding_type (alibi), then ``n_kv_head`` only for MQA/GQA models and
+``bias = False`` only for bias-free models (readers default ``bias`` to True).
+
+Deliberate differences from TensorRT-LLM's script (each one a case where the
+script would produce a broken or wrong directory):
+
+* MQA/GQA is decided from ``attn_type`` (llm-foundry semantics: a
+  ``multihead_attention`` model ignores a stray ``kv_n_heads``) and checked
+  against the Wqkv shape; TensorRT-LLM treats any ``kv_n_heads`` key as MQA.
+* ``kv_n_heads % tp != 0`` is refused; TensorRT-LLM would split inside a head.
+* A biased model writes the qkv bias per rank as ``cat(q_R, k_R, v_R)`` (the
+  ``[3, hidden/tp]`` layout of TensorRT-LLM's GPT FT writer); the MPT script
+  crashes on 1-D qkv biases.
+* ``layer_norm_epsilon`` is the model's value (TensorRT-LLM hard-codes 1e-05,
+  which is every MPT's value).
+
+Settings FT has no key for (``clip_qkv``, ``qk_ln``, ``alibi_bias_max != 8``,
+``alibi = false``, a non-default ``softmax_scale``, ``prefix_lm``,
+``logit_scale``, non-LayerNorm ``norm_type``, non-default ``ffn_config``, a
+learned ``wpe``) make :func:`write_ft` raise :class:`FTUnsupported` unless
+``force=True``; then they are dropped and each is logged as a warning on this
+module's logger (``ft_unsupported_settings`` returns the same list up front).
+"""
+from __future__ import annotations
+
+import configparser
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FTUnsupported",
+    "FTSource",
+    "write_ft",
+    "ft_hf_config",
+    "ft_unsupported_settings",
+    "is_ft_dir",
+    "resolve_ft_dir",
+]
+
+log = logging.getLogger(__name__)
+
+
+class FTUnsupported(ValueError):
+    """The model uses a setting the FT format cannot carry."""
+
+
+# --------------------------------------------------------------------------
+# dtypes
+
+_STORAGE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+_NAME_TO_TORCH = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+# numpy dtype of the on-disk element; bfloat16 travels as its raw bits.
+_NP_DTYPE = {
+    torch.float32: np.dtype("<f4"),
+    torch.float16: np.dtype("<f2"),
+    torch.bfloat16: np.dtype("<u2"),
+}
+
+
+def _as_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _STORAGE_NAMES:
+            raise ValueError(f"FT storage dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _NAME_TO_TORCH:
+        raise ValueError(f"FT storage dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return _NAME_TO_TORCH[key]
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Contiguous little-endian numpy view/copy of a CPU tensor (bf16 as uint16 bits)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        arr = t.view(torch.int16).numpy().view(np.uint16)
+    else:
+        arr = t.numpy()
+    return arr.astype(_NP_DTYPE[t.dtype], copy=False)
+
+
+def _from_numpy(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def _save(arr: np.ndarray, path: Path) -> None:
+    np.ascontiguousarray(arr).tofile(path)
+
+
+# --------------------------------------------------------------------------
+# config helpers
+
+def _plain_dict(obj: Any) -> dict:
+    if obj is None:
+        return {}
+    if isinstance(obj, dict):
+        return dict(obj)
+    if hasattr(obj, "to_dict"):
+        return dict(obj.to_dict())
+    return dict(vars(obj))
+
+
+def _attn(hf_config: dict) -> dict:
+    return _plain_dict(hf_config.get("attn_config"))
+
+
+def _config_kv_heads(hf_config: dict) -> int:
+    """KV head count the config implies (llm-foundry semantics)."""
+    n_heads = int(hf_config["n_heads"])
+    attn = _attn(hf_config)
+    attn_type = attn.get("attn_type")
+    kv = attn.get("kv_n_heads")
+    if attn_type is None:
+        # No attn_type: follow TensorRT-LLM, which treats a kv_n_heads key as MQA/GQA.
+        return int(kv) if kv is not None else n_heads
+    if attn_type == "multihead_attention":
+        return n_heads
+    if attn_type == "multiquery_attention":
+        return 1
+    if attn_type == "grouped_query_attention":
+        if kv is None:
+            raise ValueError("attn_config.attn_type is grouped_query_attention but kv_n_heads is missing")
+        return int(kv)
+    raise FTUnsupported(f"attn_config.attn_type={attn_type!r} is not an attention type FT supports")
+
+
+def _first_id(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
+def ft_unsupported_settings(hf_config: dict, source=None) -> list[str]:
+    """Settings of ``hf_config`` (and tensors of ``source``) FT cannot carry.
+
+    Each entry is a human-readable sentence naming the setting.  Empty list:
+    the model converts losslessly.
+    """
+    cfg = _plain_dict(hf_config)
+    attn = _attn(cfg)
+    out: list[str] = []
+    if attn.get("clip_qkv"):
+        out.append(f"attn_config.clip_qkv={attn['clip_qkv']} (FT has no key for clamping the qkv output)")
+    if attn.get("qk_ln"):
+        out.append("attn_config.qk_ln=true (FT has no query/key LayerNorm)")
+    if "alibi" in attn and not attn.get("alibi"):
+        out.append("attn_config.alibi=false (FT's MPT path only knows ALiBi positions)")
+    bias_max = attn.get("alibi_bias_max", 8)
+    if bias_max is not None and float(bias_max) != 8.0:
+        out.append(f"attn_config.alibi_bias_max={bias_max} (FT has no key for it; readers assume 8)")
+    n_heads, d_model = cfg.get("n_heads"), cfg.get("d_model")
+    scale = attn.get("softmax_scale")
+    if scale is not None and n_heads and d_model:
+        default = 1.0 / math.sqrt(int(d_model) / int(n_heads))
+        if not math.isclose(float(scale), default, rel_tol=1e-6):
+            out.append(f"attn_config.softmax_scale={scale} (FT always scales by 1/sqrt(head_dim)={default:g})")
+    if attn.get("prefix_lm"):
+        out.append("attn_config.prefix_lm=true (FT attention is causal only)")
+    if attn.get("rope"):
+        out.append("attn_config.rope=true (FT's MPT path has no rotary embeddings)")
+    if attn.get("sliding_window_size") not in (None, -1):
+        out.append(f"attn_config.sliding_window_size={attn['sliding_window_size']} (FT has no key for it)")
+    if cfg.get("logit_scale") not in (None, 1, 1.0):
+        out.append(f"logit_scale={cfg['logit_scale']} (FT has no key for scaling the logits)")
+    norm_type = cfg.get("norm_type", "low_precision_layernorm")
+    if norm_type not in ("low_precision_layernorm", "layernorm"):
+        out.append(f"norm_type={norm_type!r} (FT's MPT path uses LayerNorm)")
+    ffn = _plain_dict(cfg.get("ffn_config"))
+    if ffn.get("ffn_type") not in (None, "mptmlp"):
+        out.append(f"ffn_config.ffn_type={ffn['ffn_type']!r} (FT's MPT path has a plain GELU MLP)")
+    act_fn = ffn.get("ffn_act_fn")
+    act = act_fn.get("name") if isinstance(act_fn, dict) else None
+    if act not in (None, "gelu"):
+        out.append(f"ffn_config.ffn_act_fn={act!r} (FT's MPT path uses gelu)")
+    if source is not None:
+        keys = set(source.keys())
+        if "transformer.wpe.weight" in keys:
+            out.append("transformer.wpe.weight (learned position embeddings; FT's MPT path uses ALiBi)")
+        if any(".attn.q_ln." in k or ".attn.k_ln." in k for k in keys) and not attn.get("qk_ln"):
+            out.append("attn.q_ln / attn.k_ln tensors (query/key LayerNorm; FT has none)")
+    return out
+
+
+# --------------------------------------------------------------------------
+# writer
+
+_GLOBAL_OK = {"transformer.wte.weight", "transformer.norm_f.weight", "transformer.norm_f.bias",
+              "lm_head.weight"}
+_DROPPABLE = re.compile(r"^transformer\.(wpe\.weight|blocks\.\d+\.attn\.[qk]_ln\..*)$")
+
+
+def _layer_names(i: int) -> dict[str, str]:
+    p = f"transformer.blocks.{i}."
+    return {
+        "norm_1.weight": p + "norm_1.weight", "norm_1.bias": p + "norm_1.bias",
+        "Wqkv.weight": p + "attn.Wqkv.weight", "Wqkv.bias": p + "attn.Wqkv.bias",
+        "out_proj.weight": p + "attn.out_proj.weight", "out_proj.bias": p + "attn.out_proj.bias",
+        "norm_2.weight": p + "norm_2.weight", "norm_2.bias": p + "norm_2.bias",
+        "up_proj.weight": p + "ffn.up_proj.weight", "up_proj.bias": p + "ffn.up_proj.bias",
+        "down_proj.weight": p + "ffn.down_proj.weight", "down_proj.bias": p + "ffn.down_proj.bias",
+    }
+
+
+_BIAS_SUFFIXES = ("norm_1.bias", "Wqkv.bias", "out_proj.bias", "norm_2.bias", "up_proj.bias",
+                  "down_proj.bias")
+
+
+def _split_qkv(arr: np.ndarray, d: int, kv_dim: int, tp: int) -> list[np.ndarray]:
+    """arr: [..., d + 2*kv_dim] (transposed weight or bias) -> per-rank cat(q_r, k_r, v_r)."""
+    q, k, v = np.split(arr, [d, d + kv_dim], axis=-1)
+    qs, ks, vs = (np.split(x, tp, axis=-1) for x in (q, k, v))
+    return [np.concatenate((qs[r], ks[r], vs[r]), axis=-1) for r in range(tp)]
+
+
+def write_ft(
+    source,
+    hf_config: dict,
+    out_dir: Path,
+    tp: int,
+    dtype: torch.dtype | str,
+    force: bool = False,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> Path:
+    """Write an MPT ``source`` (transformers MptForCausalLM names) as FT files.
+
+    Writes ``out_dir/<tp>-gpu/`` one tensor at a time and returns that path.
+    ``bos_token_id`` / ``eos_token_id`` fill the config.ini ids when
+    ``hf_config`` has none (TensorRT-LLM falls back to the tokenizer's ids);
+    if neither knows them the string ``None`` is written.
+    Existing ``config.ini`` and ``model.*.bin`` files in the target directory
+    are removed first so no stale tensor survives; ``config.ini`` is written
+    last, so a directory without it is an interrupted conversion.
+
+    Raises :class:`FTUnsupported` for settings FT cannot carry (see
+    :func:`ft_unsupported_settings`) unless ``force``; forced conversions drop
+    them and log one warning per setting.  Raises ``ValueError`` for shapes
+    or parallelism that cannot be written (e.g. ``n_heads % tp``).
+    """
+    cfg = _plain_dict(hf_config)
+    storage = _as_torch_dtype(dtype)
+    tp = int(tp)
+    if tp < 1:
+        raise ValueError(f"tensor parallelism must be >= 1, got {tp}")
+
+    problems = ft_unsupported_settings(cfg, source)
+    if problems and not force:
+        raise FTUnsupported(
+            "this MPT model uses settings the FasterTransformer format cannot carry: "
+            + "; ".join(problems)
+            + ". Pass force=True to convert anyway (they are dropped, and the FT model will compute differently)."
+        )
+    for p in problems:
+        log.warning("FT conversion forced: dropping %s", p)
+
+    for req in ("d_model", "n_heads", "n_layers"):
+        if req not in cfg:
+            raise ValueError(f"MPT config has no {req!r}")
+    d = int(cfg["d_model"])
+    n_heads = int(cfg["n_heads"])
+    n_layers = int(cfg["n_layers"])
+    if d % n_heads:
+        raise ValueError(f"d_model={d} is not divisible by n_heads={n_heads}")
+    hd = d // n_heads
+    if n_heads % tp:
+        raise ValueError(f"n_heads={n_heads} is not divisible by tensor parallelism tp={tp}")
+
+    keys = list(source.keys())
+    keyset = set(keys)
+
+    def need(name: str) -> tuple[int, ...]:
+        if name not in keyset:
+            raise ValueError(f"MPT checkpoint has no tensor {name!r}")
+        return tuple(source.shape(name))
+
+    # ---- shapes, checked before anything is written
+    vocab_shape = need("transformer.wte.weight")
+    if len(vocab_shape) != 2 or vocab_shape[1] != d:
+        raise ValueError(f"transformer.wte.weight has shape {vocab_shape}, expected [vocab, {d}]")
+    vocab = vocab_shape[0]
+    if "vocab_size" in cfg and int(cfg["vocab_size"]) != vocab:
+        raise ValueError(f"config vocab_size={cfg['vocab_size']} but transformer.wte.weight has {vocab} rows")
+
+    qkv_rows = need("transformer.blocks.0.attn.Wqkv.weight")[0] if n_layers else 3 * d
+    if (qkv_rows - d) % (2 * hd) or qkv_rows <= d:
+        raise ValueError(f"attn.Wqkv.weight has {qkv_rows} rows, not d_model + 2*kv_heads*head_dim")
+    kv = (qkv_rows - d) // (2 * hd)
+    kv_cfg = _config_kv_heads(cfg)
+    if kv != kv_cfg:
+        raise ValueError(
+            f"attn_config implies {kv_cfg} KV heads (attn_type={_attn(cfg).get('attn_type')!r}, "
+            f"kv_n_heads={_attn(cfg).get('kv_n_heads')!r}) but attn.Wqkv.weight has {qkv_rows} rows, "
+            f"i.e. {kv} KV heads"
+        )
+    if n_heads % kv:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of kv_n_heads={kv}")
+    if kv % tp:
+        raise ValueError(
+            f"kv_n_heads={kv} is not divisible by tensor parallelism tp={tp}: TensorRT-LLM's MPT FT layout "
+            f"splits K and V by heads on every rank and MPT does not duplicate KV heads"
+        )
+    kv_dim = kv * hd
+
+    ratio = cfg.get("expansion_ratio", 4)
+    n_inner = d * ratio
+    if n_layers:
+        up_rows = need("transformer.blocks.0.ffn.up_proj.weight")[0]
+        if float(n_inner) != float(up_rows):
+            raise ValueError(
+                f"d_model*expansion_ratio={n_inner} but ffn.up_proj.weight has {up_rows} rows"
+            )
+        n_inner = up_rows
+    n_inner = int(n_inner)
+    if n_inner % tp:
+        raise ValueError(f"MLP width {n_inner} is not divisible by tp={tp}")
+
+    expected = {
+        "Wqkv.weight": (d + 2 * kv_dim, d), "Wqkv.bias": (d + 2 * kv_dim,),
+        "out_proj.weight": (d, d), "out_proj.bias": (d,),
+        "up_proj.weight": (n_inner, d), "up_proj.bias": (n_inner,),
+        "down_proj.weight": (d, n_inner), "down_proj.bias": (d,),
+        "norm_1.weight": (d,), "norm_1.bias": (d,), "norm_2.weight": (d,), "norm_2.bias": (d,),
+    }
+
+    # ---- biases: all or nothing
+    bias_names = [_layer_names(i)[s] for i in range(n_layers) for s in _BIAS_SUFFIXES]
+    bias_names.append("transformer.norm_f.bias")
+    present = [n for n in bias_names if n in keyset]
+    no_bias_cfg = bool(cfg.get("no_bias", True))
+    if no_bias_cfg and present:
+        raise ValueError(f"config has no_bias=true but the checkpoint holds bias tensors, e.g. {present[0]!r}")
+    if present and len(present) != len(bias_names):
+        missing = [n for n in bias_names if n not in keyset]
+        raise ValueError(f"checkpoint holds some bias tensors but lacks others, e.g. {missing[0]!r}")
+    has_bias = bool(present)
+    if not no_bias_cfg and not has_bias:
+        log.info("config has no_bias=false but the checkpoint holds no bias tensors; writing bias = False")
+
+    wanted: set[str] = {"transformer.wte.weight", "transformer.norm_f.weight"}
+    if has_bias:
+        wanted.add("transformer.norm_f.bias")
+    for i in range(n_layers):
+        names = _layer_names(i)
+        for suffix, name in names.items():
+            if suffix.endswith(".bias") and not has_bias:
+                continue
+            shp = need(name)
+            if shp != expected[suffix]:
+                raise ValueError(f"{name} has shape {shp}, expected {expected[suffix]}")
+            wanted.add(name)
+    shp = need("transformer.norm_f.weight")
+    if shp != (d,):
+        raise ValueError(f"transformer.norm_f.weight has shape {shp}, expected {(d,)}")
+
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    write_lm_head = (not tied) and "lm_head.weight" in keyset
+    if write_lm_head and tuple(source.shape("lm_head.weight")) != (vocab, d):
+        raise ValueError(f"lm_head.weight has shape {tuple(source.shape('lm_head.weight'))}, expected {(vocab, d)}")
+
+    unknown = [k for k in keys if k not in wanted and k not in _GLOBAL_OK and not _DROPPABLE.match(k)]
+    if unknown:
+        raise ValueError(f"MPT checkpoint holds tensors FT conversion does not know: {unknown[:5]}")
+
+    # ---- output directory
+    saved = Path(out_dir) / f"{tp}-gpu"
+    saved.mkdir(parents=True, exist_ok=True)
+    for old in list(saved.iterdir()):
+        if old.is_file() and (old.name == "config.ini" or (old.name.startswith("model.") and old.name.endswith(".bin"))):
+            old.unlink()
+
+    def load(name: str) -> np.ndarray:
+        return _to_numpy(source.get(name).to(storage))
+
+    def load_t(name: str) -> np.ndarray:  # [out, in] -> [in, out]
+        return _to_numpy(source.get(name).to(storage).t())
+
+    def save_ranks(parts: list[np.ndarray], key: str) -> None:
+        for r, part in enumerate(parts):
+            _save(part, saved / f"model.{key}.{r}.bin")
+
+    zeros = _to_numpy(torch.zeros(d, dtype=storage))
+
+    _save(load("transformer.wte.weight"), saved / "model.wte.bin")
+    if write_lm_head:
+        _save(load("lm_head.weight"), saved / "model.lm_head.weight.bin")
+
+    for i in range(n_layers):
+        n = _layer_names(i)
+        pre = f"layers.{i}."
+        for hf_norm, ft_norm in (("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm")):
+            _save(load(n[hf_norm + ".weight"]), saved / f"model.{pre}{ft_norm}.weight.bin")
+            bias = load(n[hf_norm + ".bias"]) if has_bias else zeros
+            _save(bias, saved / f"model.{pre}{ft_norm}.bias.bin")
+
+        save_ranks(_split_qkv(load_t(n["Wqkv.weight"]), d, kv_dim, tp), pre + "attention.query_key_value.weight")
+        save_ranks(np.split(load_t(n["out_proj.weight"]), tp, axis=0), pre + "attention.dense.weight")
+        save_ranks(np.split(load_t(n["up_proj.weight"]), tp, axis=-1), pre + "mlp.dense_h_to_4h.weight")
+        save_ranks(np.split(load_t(n["down_proj.weight"]), tp, axis=0), pre + "mlp.dense_4h_to_h.weight")
+        if has_bias:
+            save_ranks(_split_qkv(load(n["Wqkv.bias"]), d, kv_dim, tp), pre + "attention.query_key_value.bias")
+            _save(load(n["out_proj.bias"]), saved / f"model.{pre}attention.dense.bias.bin")
+            save_ranks(np.split(load(n["up_proj.bias"]), tp, axis=-1), pre + "mlp.dense_h_to_4h.bias")
+            _save(load(n["down_proj.bias"]), saved / f"model.{pre}mlp.dense_4h_to_h.bias.bin")
+
+    _save(load("transformer.norm_f.weight"), saved / "model.final_layernorm.weight.bin")
+    _save(load("transformer.norm_f.bias") if has_bias else zeros, saved / "model.final_layernorm.bias.bin")
+
+    # ---- config.ini (TensorRT-LLM's key order)
+    bos = _first_id(cfg.get("bos_token_id"))
+    eos = _first_id(cfg.get("eos_token_id"))
+    bos = bos if bos is not None else bos_token_id
+    eos = eos if eos is not None else eos_token_id
+    name_or_path = cfg.get("_name_or_path") or ""
+    gpt: dict[str, str] = {
+        "model_name": "mpt" if name_or_path == "" else str(name_or_path),
+        "n_head": str(n_heads),
+        "n_embd": str(d),
+        "n_inner": str(n_inner),
+        "n_positions": str(int(cfg.get("max_seq_len", 2048))),
+        "n_layer": str(n_layers),
+        "vocab_size": str(vocab),
+        "bos_token_id": str(bos),
+        "eos_token_id": str(eos),
+        "storage_dtype": _STORAGE_NAMES[storage],
+        "tensor_parallelism": str(tp),
+        "activation_function": "gelu",
+        "calibrate_kv_cache": "False",
+        "smoothquant": str(None),
+        "layer_norm_epsilon": str(float(cfg.get("layer_norm_epsilon", 1e-5))),
+        "position_embedding_type": "alibi",
+    }
+    if kv != n_heads:
+        gpt["n_kv_head"] = str(kv)
+    if not has_bias:
+        gpt["bias"] = str(False)
+    ini = configparser.ConfigParser()
+    ini["gpt"] = gpt
+    tmp = saved / "config.ini.tmp"
+    with open(tmp, "w") as f:
+        ini.write(f)
+    os.replace(tmp, saved / "config.ini")
+    return saved
+
+
+# --------------------------------------------------------------------------
+# reader
+
+def resolve_ft_dir(path: Path) -> Path:
+    """The ``<tp>-gpu`` directory for ``path`` (itself, or its only ``*-gpu`` child)."""
+    path = Path(path)
+    if (path / "config.ini").is_file():
+        return path
+    if not path.is_dir():
+        raise ValueError(f"FT directory {path} does not exist")
+    children = sorted(c for c in path.iterdir() if c.is_dir() and c.name.endswith("-gpu"))
+    with_ini = [c for c in children if (c / "config.ini").is_file()]
+    if len(with_ini) == 1:
+        return with_ini[0]
+    if not with_ini:
+        raise ValueError(f"{path} is not an FT directory: no config.ini in it or in a '<tp>-gpu' child")
+    raise ValueError(
+        f"{path} holds several FT directories ({', '.join(c.name for c in with_ini)}); pass one of them"
+    )
+
+
+def is_ft_dir(path) -> bool:
+    """True when ``path`` (or its only ``*-gpu`` child) holds an FT ``config.ini`` with a [gpt] section."""
+    try:
+        d = resolve_ft_dir(Path(path))
+        ini = configparser.ConfigParser()
+        ini.read(d / "config.ini")
+        return ini.has_section("gpt")
+    except (ValueError, OSError, configparser.Error):
+        return False
+
+
+class _FTConfig:
+    def __init__(self, ft_dir: Path):
+        self.dir = ft_dir
+        ini = configparser.ConfigParser()
+        try:
+            ini.read(ft_dir / "config.ini")
+        except configparser.Error as e:
+            raise ValueError(f"{ft_dir / 'config.ini'} is not a valid config.ini: {e}") from e
+        if not ini.has_section("gpt"):
+            raise ValueError(f"{ft_dir / 'config.ini'} has no [gpt] section")
+        g = ini["gpt"]
+
+        def req_int(key: str) -> int:
+            if key not in g:
+                raise ValueError(f"{ft_dir / 'config.ini'} has no '{key}' in [gpt]")
+            return int(g[key])
+
+        self.raw = dict(g)
+        self.n_head = req_int("n_head")
+        self.n_embd = req_int("n_embd")
+        self.n_layer = req_int("n_layer")
+        self.vocab_size = req_int("vocab_size")
+        self.n_positions = int(g.get("n_positions", "2048"))
+        inner = g.get("n_inner", g.get("intermediate_size"))
+        self.n_inner = int(inner) if inner not in (None, "", "None") else 4 * self.n_embd
+        if "tensor_parallelism" in g:
+            self.tp = int(g["tensor_parallelism"])
+        else:
+            m = re.fullmatch(r"(\d+)-gpu", ft_dir.name)
+            if not m:
+                raise ValueError(f"{ft_dir / 'config.ini'} has no tensor_parallelism and the directory is not named '<tp>-gpu'")
+            self.tp = int(m.group(1))
+        self.storage_name = g.get("storage_dtype", "float32")  # TensorRT-LLM's parse_ft_config default
+        self.dtype = _as_torch_dtype(self.storage_name)
+        kv = g.get("n_kv_head")
+        self.n_kv_head = int(kv) if kv not in (None, "", "None") else self.n_head
+        if g.getboolean("multi_query_mode", fallback=False):
+            self.n_kv_head = 1
+        self.bias = g.getboolean("bias", fallback=True)
+        self.eps = float(g.get("layer_norm_epsilon", "1e-5"))
+        self.pos = g.get("position_embedding_type", "alibi")
+        self.act = g.get("activation_function", "gelu")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{ft_dir}: n_embd={self.n_embd} not divisible by n_head={self.n_head}")
+        self.head_dim = self.n_embd // self.n_head
+        for what, val in (("n_head", self.n_head), ("n_inner", self.n_inner)):
+            if val % self.tp:
+                raise ValueError(f"{ft_dir}: {what}={val} not divisible by tensor_parallelism={self.tp}")
+        if self.smoothquant_or_int8():
+            raise ValueError(f"{ft_dir}: SmoothQuant / int8 FT directories are not supported")
+
+    def smoothquant_or_int8(self) -> bool:
+        sq = self.raw.get("smoothquant", "None")
+        return sq not in ("None", "", None)
+
+    def ids(self, key: str):
+        v = self.raw.get(key)
+        if v in (None, "", "None"):
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            return None
+
+
+class FTSource:
+    """A FasterTransformer MPT directory of any tensor parallelism as a TensorSource.
+
+    Tensors carry transformers ``MptForCausalLM`` names and shapes (ranks
+    merged, weights back to ``[out, in]``), in the storage dtype.  Nothing is
+    read until :meth:`get`; the constructor only parses ``config.ini`` and
+    checks every expected ``.bin`` exists with the right byte size.
+
+    Bias tensors (LayerNorm and linear) are presented only when config.ini
+    says ``bias`` is true; the zero LayerNorm biases of a bias-free model are
+    not.  ``lm_head.weight`` / ``transformer.wpe.weight`` appear only when
+    ``model.lm_head.weight.bin`` / ``model.wpe.bin`` exist.
+
+    qkv per-rank files may hold either this module's (and TensorRT-LLM's MPT)
+    layout, K/V split by heads, or, for MQA, K/V replicated on every rank (the
+    layout TensorRT-LLM's GPT FT writer and MPT FT loader use); the file size
+    tells them apart.
+    """
+
+    def __init__(self, ft_dir: Path, validate: bool = True):
+        self.dir = resolve_ft_dir(Path(ft_dir))
+        self.cfg = _FTConfig(self.dir)
+        self._itemsize = _NP_DTYPE[self.cfg.dtype].itemsize
+        self._plan: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
+        self._build()
+        if validate:
+            self.check_files()
+
+    # -- TensorSource
+    def keys(self) -> list[str]:
+        return list(self._plan)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        self._entry(name)
+        return self.cfg.dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._entry(name)[1]().contiguous()
+
+    # -- extras
+    @property
+    def tp(self) -> int:
+        return self.cfg.tp
+
+    def files(self) -> list[Path]:
+        """Every .bin file the presented tensors read."""
+        return [self.dir / f for f in self._files]
+
+    def check_files(self) -> None:
+        """Raise ValueError naming the first missing or wrongly sized .bin file."""
+        for fname, sizes in self._files.items():
+            self._check(fname, sizes)
+
+    # -- internals
+    def _entry(self, name: str):
+        try:
+            return self._plan[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tensor of FT directory {self.dir}") from None
+
+    def _check(self, fname: str, numels: tuple[int, ...]) -> int:
+        path = self.dir / fname
+        if not path.is_file():
+            raise ValueError(f"FT directory {self.dir} is missing {fname}")
+        size = path.stat().st_size
+        allowed = {n * self._itemsize: n for n in numels}
+        if size not in allowed:
+            exp = " or ".join(str(b) for b in allowed)
+            raise ValueError(
+                f"FT file {path} is {size} bytes, expected {exp} "
+                f"({' or '.join(str(n) for n in numels)} {self.cfg.storage_name} elements)"
+            )
+        return allowed[size]
+
+    def _read(self, fname: str, shape: tuple[int, ...]) -> np.ndarray:
+        numel = self._check(fname, (math.prod(shape),))
+        return np.fromfile(self.dir / fname, dtype=_NP_DTYPE[self.cfg.dtype], count=numel).reshape(shape)
+
+    def _build(self) -> None:
+        c = self.cfg
+        d, tp, L = c.n_embd, c.tp, c.n_layer
+        kv_dim = c.n_kv_head * c.head_dim
+        inner = c.n_inner
+        files: dict[str, tuple[int, ...]] = {}
+        plan = self._plan
+        dt = c.dtype
+
+        def t(arr: np.ndarray) -> torch.Tensor:
+            return _from_numpy(arr, dt)
+
+        def single(fname: str, shape: tuple[int, ...]):
+            files[fname] = (math.prod(shape),)
+            return lambda: t(self._read(fname, shape))
+
+        def ranked(key: str, rank_shape: tuple[int, ...], axis: int, transpose: bool):
+            names = [f"model.{key}.{r}.bin" for r in range(tp)]
+            for f in names:
+                files[f] = (math.prod(rank_shape),)
+
+            def load() -> torch.Tensor:
+                full = t(np.concatenate([self._read(f, rank_shape) for f in names], axis=axis))
+                return full.t() if transpose else full
+            return load
+
+        # qkv per-rank width: K/V split by heads (d/tp + 2*kv_dim/tp), or for MQA
+        # written GPT-style, K/V replicated on every rank (d/tp + 2*kv_dim).
+        widths = []
+        if kv_dim % tp == 0:
+            widths.append(d // tp + 2 * kv_dim // tp)
+        if tp > 1 or not widths:
+            widths.append(d // tp + 2 * kv_dim)
+        split_width = widths[0] if kv_dim % tp == 0 else None
+
+        def qkv(key: str, lead: tuple[int, ...]):
+            names = [f"model.{key}.{r}.bin" for r in range(tp)]
+            lead_n = math.prod(lead)
+            numels = tuple(w * lead_n for w in widths)
+            for f in names:
+                files[f] = numels
+
+            def load() -> torch.Tensor:
+                qs, ks, vs = [], [], []
+                for r, f in enumerate(names):
+                    numel = self._check(f, numels)
+                    width = numel // lead_n
+                    arr = np.fromfile(self.dir / f, dtype=_NP_DTYPE[dt], count=numel).reshape(lead + (width,))
+                    kvw = (width - d // tp) // 2
+                    q, k, v = np.split(arr, [d // tp, d // tp + kvw], axis=-1)
+                    qs.append(q)
+                    if width == split_width or r == 0:  # replicated K/V: rank 0's copy is all of it
+                        ks.append(k)
+                        vs.append(v)
+                full = np.concatenate([np.concatenate(x, axis=-1) for x in (qs, ks, vs)], axis=-1)
+                out = t(full)
+                return out.t() if lead else out
+            return load
+
+        plan["transformer.wte.weight"] = ((c.vocab_size, d), single("model.wte.bin", (c.vocab_size, d)))
+        if (self.dir / "model.wpe.bin").is_file():
+            plan["transformer.wpe.weight"] = ((c.n_positions, d), single("model.wpe.bin", (c.n_positions, d)))
+        for i in range(L):
+            p, fp = f"transformer.blocks.{i}.", f"layers.{i}."
+            plan[p + "norm_1.weight"] = ((d,), single(f"model.{fp}input_layernorm.weight.bin", (d,)))
+            if c.bias:
+                plan[p + "norm_1.bias"] = ((d,), single(f"model.{fp}input_layernorm.bias.bin", (d,)))
+            plan[p + "attn.Wqkv.weight"] = ((d + 2 * kv_dim, d), qkv(fp + "attention.query_key_value.weight", (d,)))
+            if c.bias:
+                plan[p + "attn.Wqkv.bias"] = ((d + 2 * kv_dim,), qkv(fp + "attention.query_key_value.bias", ()))
+            plan[p + "attn.out_proj.weight"] = ((d, d), ranked(fp + "attention.dense.weight", (d // tp, d), 0, True))
+            if c.bias:
+                plan[p + "attn.out_proj.bias"] = ((d,), single(f"model.{fp}attention.dense.bias.bin", (d,)))
+            plan[p + "norm_2.weight"] = ((d,), single(f"model.{fp}post_attention_layernorm.weight.bin", (d,)))
+            if c.bias:
+                plan[p + "norm_2.bias"] = ((d,), single(f"model.{fp}post_attention_layernorm.bias.bin", (d,)))
+            plan[p + "ffn.up_proj.weight"] = ((inner, d), ranked(fp + "mlp.dense_h_to_4h.weight", (d, inner // tp), -1, True))
+            if c.bias:
+                plan[p + "ffn.up_proj.bias"] = ((inner,), ranked(fp + "mlp.dense_h_to_4h.bias", (inner // tp,), -1, False))
+            plan[p + "ffn.down_proj.weight"] = ((d, inner), ranked(fp + "mlp.dense_4h_to_h.weight", (inner // tp, d), 0, True))
+            if c.bias:
+                plan[p + "ffn.down_proj.bias"] = ((d,), single(f"model.{fp}mlp.dense_4h_to_h.bias.bin", (d,)))
+        plan["transformer.norm_f.weight"] = ((d,), single("model.final_layernorm.weight.bin", (d,)))
+        if c.bias:
+            plan["transformer.norm_f.bias"] = ((d,), single("model.final_layernorm.bias.bin", (d,)))
+        if (self.dir / "model.lm_head.weight.bin").is_file():
+            plan["lm_head.weight"] = ((c.vocab_size, d), single("model.lm_head.weight.bin", (c.vocab_size, d)))
+        self._files = files
+
+
+def ft_hf_config(ft_dir: Path) -> dict:
+    """The transformers/llm-foundry MPT ``config.json`` dict equivalent to an FT directory.
+
+    FT stores no ALiBi settings, so ``alibi_bias_max`` is 8 (what every FT
+    reader assumes) and ``clip_qkv`` / ``qk_ln`` / ``softmax_scale`` are off.
+    MQA writes ``attn_type: multiquery_attention`` and GQA
+    ``grouped_query_attention`` (llm-foundry's names; transformers' MptConfig
+    accepts only the first and its MPT model has MHA only), each with
+    ``kv_n_heads``.
+    """
+    d = resolve_ft_dir(Path(ft_dir))
+    c = _FTConfig(d)
+    attn: dict[str, Any] = {
+        "attn_type": "multihead_attention",
+        "attn_pdrop": 0,
+        "attn_impl": "torch",
+        "clip_qkv": None,
+        "softmax_scale": None,
+        "prefix_lm": False,
+        "qk_ln": False,
+        "attn_uses_sequence_id": False,
+        "alibi": True,
+        "alibi_bias_max": 8,
+    }
+    if c.n_kv_head != c.n_head:
+        attn["attn_type"] = "multiquery_attention" if c.n_kv_head == 1 else "grouped_query_attention"
+        attn["kv_n_heads"] = c.n_kv_head
+    ratio = c.n_inner / c.n_embd
+    tied = not (d / "model.lm_head.weight.bin").is_file()
+    return {
+        "architectures": ["MptForCausalLM"],
+        "model_type": "mpt",
+        "d_model": c.n_embd,
+        "n_heads": c.n_head,
+        "n_layers": c.n_layer,
+        "expansion_ratio": int(ratio) if ratio.is_integer() else ratio,
+        "max_seq_len": c.n_positions,
+        "vocab_size": c.vocab_size,
+        "no_bias": not c.bias,
+        "attn_config": attn,
+        "layer_norm_epsilon": c.eps,
+        "learned_pos_emb": False,
+        "logit_scale": None,
+        "norm_type": "low_precision_layernorm",
+        "bos_token_id": c.ids("bos_token_id"),
+        "eos_token_id": c.ids("eos_token_id"),
+        "tie_word_embeddings": tied,
+        "torch_dtype": _STORAGE_NAMES[c.dtype],  # transformers 4.x name
+        "dtype": _STORAGE_NAMES[c.dtype],  # transformers 5.x name
+    }
