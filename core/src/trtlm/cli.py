@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": "trtlm.commands.convert:convert_cmd",
     "build": "trtlm.commands.build:build_cmd",
     "run": "trtlm.commands.run:run_cmd",
+    "quickstart": "trtlm.commands.quickstart:quickstart_cmd",
 }
 
 

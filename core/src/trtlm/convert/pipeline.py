@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import threading
 from collections import defaultdict
@@ -261,6 +262,18 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
     return sum(len(rp.tensors) for rp in rank_plans), total
 
 
+def copy_tokenizer(model_dir: Path | None, out: Path) -> None:
+    """Carry the tokenizer files along (TensorRT-LLM ignores extra files), so an
+    engine built from this checkpoint can decode text without --tokenizer-dir."""
+    from trtlm.runtime.engine import TOKENIZER_FILES
+
+    if model_dir is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+
+
 def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
             family: str | None = None, preset: str | None = None) -> ConvertResult:
     """Convert a model into a TensorRT-LLM checkpoint (or another ``options.to`` format)."""
@@ -287,4 +300,5 @@ def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
     with atomic_dir(output_dir, options.force) as tmp:
         n, nbytes = write_checkpoint(plan, rank_plans, mapping, loaded, dtype, tmp, options.workers, options.progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+        copy_tokenizer(model_dir, tmp)
     return ConvertResult(output_dir, entry.family.name, config, n, nbytes)
