@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import pluggy
-
 __version__ = "0.1.0"
 
 #: Version of the plugin API.  A plugin declares the version it was written
@@ -21,20 +19,32 @@ __version__ = "0.1.0"
 #: refuses plugins whose major version differs.  See docs/plugin-guide.md.
 PLUGIN_API_VERSION = 1
 
-hookimpl = pluggy.HookimplMarker("trtlm")
-
-from trtlm.family import Capabilities, Family  # noqa: E402  (cheap, no torch)
-
 if TYPE_CHECKING:  # pragma: no cover
+    import pluggy
+
     from trtlm.api import LLM
+    from trtlm.family import Capabilities, Family
+
+    hookimpl: pluggy.HookimplMarker
 
 __all__ = ["Capabilities", "Family", "LLM", "PLUGIN_API_VERSION", "__version__", "hookimpl"]
 
 
 def __getattr__(name: str) -> Any:
-    # LLM pulls in torch; load it only when someone asks for it.
+    # Everything here is loaded on first use: LLM pulls in torch, and even pluggy and the
+    # Family dataclasses are measurable in `trtlm --version` (docs/benchmarks.md, "CLI start-up").
     if name == "LLM":
         from trtlm.api import LLM
 
         return LLM
+    if name == "hookimpl":
+        import pluggy
+
+        globals()["hookimpl"] = marker = pluggy.HookimplMarker("trtlm")
+        return marker
+    if name in ("Capabilities", "Family"):
+        from trtlm import family
+
+        globals().update(Capabilities=family.Capabilities, Family=family.Family)
+        return globals()[name]
     raise AttributeError(f"module 'trtlm' has no attribute {name!r}")

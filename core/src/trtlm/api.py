@@ -90,7 +90,14 @@ class LLM:
         self._tokenizer = None
         self.model = load_model(self.engine_dir, self.config, self.device)
         self._cache = None
-        self.runner = Runner(self._forward, self._new_cache, self.device)
+        if self.device.type == "cuda":  # static cache, decode steps replayed from CUDA graphs, no per-token sync
+            from trtlm.runtime.cuda_graph import GraphForward
+
+            graph = GraphForward(self.model)
+            self.runner = Runner(graph, graph.new_cache, self.device, sync_every=GraphForward.SYNC_EVERY)
+        else:
+            self.runner = Runner(self._forward, self._new_cache, self.device)
+        self.last_generation = None
 
     # -- model plumbing -----------------------------------------------------------------
     def _new_cache(self, batch: int, max_seq: int) -> None:
@@ -124,22 +131,29 @@ class LLM:
         :return: one ``{"output_ids": [...], "text": str | None}`` per prompt
             (generated ids only; EOS, when reached, is the last id).
         """
+        request = self._request(prompts, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed),
+                                keep_logits)
+        return self._generate(request, on_tokens)
+
+    def _request(self, prompts, params: SamplingParams, keep_logits: bool) -> dict[str, Any]:
+        """Token ids and complete sampling settings for ``prompts`` (checked against the engine)."""
         texts = all(isinstance(p, str) for p in prompts)
         ids = [self.tokenizer.encode(p) for p in prompts] if texts else [list(map(int, p)) for p in prompts]
         max_seq = int(self.build_config.get("max_seq_len") or 0)
-        longest = max(len(p) for p in ids) + max_new_tokens
+        longest = max((len(p) for p in ids), default=0) + params.max_new_tokens
         if max_seq and longest > max_seq:
             raise UserError(f"prompt + --max-output-len = {longest} tokens exceeds the engine's max_seq_len {max_seq}")
         if texts:
             self.tokenizer  # noqa: B018 - loads eos ids from the tokenizer too
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, eos_ids=self.eos_ids())
-        gen = self.runner.generate(ids, params, on_tokens, keep_logits)
+        params.eos_ids = self.eos_ids()
+        return {"ids": ids, "texts": texts, "params": params, "keep_logits": keep_logits}
+
+    def _generate(self, request: dict[str, Any], on_tokens) -> list[dict[str, Any]]:
+        """Run the generation loop on a prepared request and decode the outputs."""
+        gen = self.runner.generate(request["ids"], request["params"], on_tokens, request["keep_logits"])
         self.last_generation = gen
-        out = []
-        for o in gen.output_ids:
-            text = self.tokenizer.decode(o) if texts else None
-            out.append({"output_ids": o, "text": text})
-        return out
+        return [{"output_ids": o, "text": self.tokenizer.decode(o) if request["texts"] else None}
+                for o in gen.output_ids]
 
 
 def load_model(engine_dir: Path, config: dict[str, Any], device: torch.device):
@@ -164,4 +178,101 @@ def load_model(engine_dir: Path, config: dict[str, Any], device: torch.device):
     missing, _unexpected = model.load_state_dict(tensors, strict=False)
     if missing:
         raise UserError(f"{engine_dir}: engine lacks tensor {missing[0]} (rebuild it with `trtlm build`)")
+    return model.eval()
+
+
+class DistributedLLM(LLM):
+    """One rank of a multi-process (tensor / pipeline / expert parallel) engine.
+
+    Every rank of the job constructs it (under ``torchrun``, or as a worker of
+    ``trtlm run``'s launcher, so ``RANK``/``WORLD_SIZE`` are set) and loads only
+    its own ``rank{r}.safetensors``.  ``generate`` is collective: every rank
+    calls it, the arguments of rank 0 are used (broadcast to the others, which
+    may pass anything), and every rank returns the same outputs.  Generation
+    runs the same :class:`~trtlm.runtime.generate.Runner` loop as :class:`LLM`.
+
+    :param timeout_s: bound on every collective; a rank that stops answering
+        makes the others fail after this long instead of hanging.
+    """
+
+    def __init__(self, engine_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
+                 device: str | torch.device = "cpu", timeout_s: float | None = None, env=None):
+        from trtlm.runtime.distributed import (DEFAULT_TIMEOUT_S, BroadcastSampler, PipelineForward, init_rank,
+                                               rank_env)
+
+        env = env or rank_env()
+        if env is None:
+            raise UserError("DistributedLLM runs as one rank of a job: start it with torchrun (RANK and "
+                            "WORLD_SIZE unset here), or use `trtlm run`, which starts the ranks itself")
+        self.engine_dir = Path(engine_dir)
+        engine_cfg = load_engine_config(self.engine_dir)
+        self.config = engine_cfg["pretrained_config"]
+        self.build_config = engine_cfg["build_config"]
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else self.engine_dir
+        self._tokenizer = None
+        self.last_generation = None
+        self.state = init_rank(Mapping.from_config(self.config), env, device,
+                               DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+        self.device = self.state.device
+        self.model = load_rank_model(self.engine_dir, self.config, self.state)
+        self.pipeline = PipelineForward(self.model, self.state)
+        self.runner = Runner(self.pipeline, self.pipeline.new_cache, self.device, BroadcastSampler(self.state))
+
+    @property
+    def rank(self) -> int:
+        return self.state.rank
+
+    def _generate(self, request: dict[str, Any] | None, on_tokens) -> list[dict[str, Any]]:
+        from trtlm.runtime.distributed import broadcast_object
+
+        request = broadcast_object(request, src=0)
+        if "error" in request:  # rank 0 refused the request: every rank raises the same error
+            raise UserError(request["error"])
+        self.pipeline.logits_to_rank0 = bool(request["keep_logits"])
+        return super()._generate(request, on_tokens)
+
+    def generate(self, prompts=None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None,
+                 keep_logits: bool = False) -> list[dict[str, Any]]:
+        """As :meth:`LLM.generate`; collective, rank 0's arguments count.  With
+        ``keep_logits`` the logits are kept on rank 0 (and the last pipeline stage)."""
+        request: dict[str, Any] | None = None
+        if self.rank == 0:
+            try:
+                request = self._request(prompts, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed),
+                                        keep_logits)
+            except UserError as exc:
+                request = {"error": str(exc)}
+        return self._generate(request, on_tokens)
+
+    def close(self) -> None:
+        """Leave the process group (the other ranks must close too)."""
+        from trtlm.runtime.distributed import shutdown
+
+        shutdown()
+
+    def __enter__(self) -> "DistributedLLM":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:  # after a failure the peers may be gone: leave without a collective
+            self.close()
+
+
+def load_rank_model(engine_dir: Path, config: dict[str, Any], state):
+    """This rank's network with its own rank file (``state`` from
+    :func:`trtlm.runtime.distributed.init_rank`)."""
+    from trtlm.plugins import get_registry
+    from trtlm.runtime.checkpoint import read_rank
+    from trtlm.runtime.distributed import rank_network
+
+    registry = get_registry()  # every rank loads the plugins itself
+    hooks = registry.hooks(registry.resolve_trtllm(config["architecture"], where=str(engine_dir / "config.json")))
+    model = rank_network(hooks, config, state.mapping, state.rank, BuildOptions(), device=state.device,
+                         comm=state.comm)
+    missing, _unexpected = model.load_state_dict(read_rank(engine_dir, state.rank), strict=False)
+    if missing:
+        raise UserError(f"{engine_dir}/rank{state.rank}.safetensors lacks tensor {missing[0]} "
+                        f"(rebuild the engine with `trtlm build`)")
     return model.eval()

@@ -50,7 +50,7 @@ def trtlm_quantize(family, plan, loaded, options):
         return plan
     from trtlm.quant.plan import quantize_plan
 
-    return quantize_plan(plan, loaded, options)
+    return quantize_plan(plan, loaded, options, family=family)
 
 
 @hookimpl(trylast=True)

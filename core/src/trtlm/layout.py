@@ -164,7 +164,7 @@ def split_rule(name: str, config: dict[str, Any], shape: tuple[int, ...] | None 
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
     head_size = int(config.get("head_size") or config["hidden_size"] // heads)
-    if name == "lm_head.weight":
+    if name in ("lm_head.weight", "lm_head.bias"):
         return Split(0, pad=True)
     if name == "transformer.vocab_embedding.weight":
         if not config.get("use_parallel_embedding", False):
@@ -176,7 +176,9 @@ def split_rule(name: str, config: dict[str, Any], shape: tuple[int, ...] | None 
         if param == "weight":
             return ExpertSplit(1 if module == "mlp.fc" else 2, halves=2 if module == "mlp.fc" else 1)
         if param == "weights_scaling_factor" and shape is not None and len(shape) >= 2:
-            return ExpertSplit(None if shape[-1] == 1 else 1, halves=2 if module == "mlp.fc" else 1)
+            if module == "mlp.proj":  # per-channel [E, H] follows the unsplit output rows; groups [E, H, I/g] split
+                return ExpertSplit(2 if len(shape) == 3 else None)
+            return ExpertSplit(None if shape[-1] == 1 else 1, halves=2)
         if param == "prequant_scaling_factor" and module == "mlp.proj":
             return Split(0)
         return Replicate()

@@ -44,14 +44,17 @@ def gated_mlp_specs(i: int, hf: dict[str, Any], d: dict[str, Any]) -> list[Tenso
     ]
 
 
-def check_tp(d: dict[str, int], options: ConvertOptions) -> None:
+def check_tp(d: dict[str, int], options: ConvertOptions, dense_mlp: bool = True) -> None:
+    """Clear errors for a --tp-size the attention (and, when ``dense_mlp``, the MLP)
+    cannot be split by.  MoE families check their experts against moe_tp/moe_ep
+    themselves: with expert parallelism intermediate_size need not divide by tp."""
     tp = options.tp_size
     if d["heads"] % tp:
         raise UserError(f"--tp-size {tp} does not divide the model's {d['heads']} attention heads")
     kv = d["kv_heads"]
     if kv % tp and tp % kv:
         raise UserError(f"--tp-size {tp} and the model's {kv} KV heads: one must divide the other")
-    if d["inter"] % tp:
+    if dense_mlp and d["inter"] % tp:
         raise UserError(f"--tp-size {tp} does not divide intermediate_size {d['inter']}")
 
 
@@ -60,7 +63,7 @@ def llama_plan(hf: dict[str, Any], options: ConvertOptions, architecture: str,
                extra_config: dict[str, Any] | None = None) -> ConversionPlan:
     """TensorRT-LLM checkpoint plan for a Llama-style HF model."""
     d = llama_dims(hf)
-    check_tp(d, options)
+    check_tp(d, options, dense_mlp=not (extra_config or {}).get("moe"))
     H, D, heads, kv = d["hidden"], d["head_size"], d["heads"], d["kv_heads"]
     tensors: list[TensorSpec] = [
         TensorSpec("transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), ((d["vocab"], H),),

@@ -35,10 +35,12 @@ QUANT_MODES = ("fp8", "int8-wo", "int4-wo", "int4-awq", "int8-sq")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --dummy-weights.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --output-dir.")
+@click.option("--ft-allow-lossy", is_flag=True,
+              help="With --to ft: write even when the model uses settings FT cannot carry (dropped).")
 def convert_cmd(model_dir, output_dir, family, preset, dummy_weights, dtype, tp_size, pp_size, moe_tp_size,
                 moe_ep_size, moe_normalization_mode, quant, kv_cache_dtype, calib_data, calib_size,
                 calib_max_seq_len, awq_group_size, smoothquant_alpha, to, no_parallel_embedding, workers,
-                allow_pickle, seed, force) -> None:
+                allow_pickle, seed, force, ft_allow_lossy) -> None:
     """Convert a model into a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors)."""
     from trtlm.convert.options import ConvertOptions
     from trtlm.convert.pipeline import convert
@@ -55,6 +57,7 @@ def convert_cmd(model_dir, output_dir, family, preset, dummy_weights, dtype, tp_
         to=to, force=force, seed=seed, quant=quant, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data,
         calib_size=calib_size, calib_max_seq_len=calib_max_seq_len, awq_group_size=awq_group_size,
         smoothquant_alpha=smoothquant_alpha, progress=sys.stderr.isatty(),
+        extra={"ft_allow_lossy": True} if ft_allow_lossy else {},
     )
     result = convert(model_dir, output_dir, options, family=family, preset=preset)
     if to == "trtllm":

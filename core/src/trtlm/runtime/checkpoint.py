@@ -57,7 +57,7 @@ def merge_ranks(config: dict[str, Any], ranks: list[dict[str, torch.Tensor]]) ->
             rule = split_rule(gname, config, tuple(parts[0].shape))
             merged[gname] = rule.merge(parts, mapping) if mapping.tp_size > 1 else parts[0]
     vocab = int(config["vocab_size"])
-    for name in ("lm_head.weight", "transformer.vocab_embedding.weight"):
+    for name in ("lm_head.weight", "lm_head.bias", "transformer.vocab_embedding.weight"):
         if name in merged and merged[name].shape[0] > vocab:
             merged[name] = merged[name][:vocab]
     return merged

@@ -1,11 +1,46 @@
-"""Placing a network on one rank of a (tp, pp) mapping."""
+"""Placing a network on one rank of a (tp, pp) mapping, and running ranks as processes.
+
+A checkpoint converted with ``tp x pp`` (and ``moe_tp x moe_ep`` inside the
+tensor-parallel ranks) runs as ``world_size = tp * pp`` processes, each
+loading only its own ``rank{r}.safetensors``, talking through
+``torch.distributed`` (gloo on CPU, NCCL on GPU):
+
+* tensor parallel: :class:`TorchDistComm` over the stage's tp group provides
+  the ``all_reduce`` after row-parallel products (attention ``dense``, MLP
+  ``proj``, the vocabulary-parallel embedding, MoE) and ``all_gather_last``
+  for the vocabulary-parallel ``lm_head``.  MoE layers reduce over the same
+  group: with ``tp = moe_tp * moe_ep`` every tp rank holds one (expert
+  block, intermediate slice) and contributes a partial sum, so the sum over
+  all tp ranks is the layer's output;
+* pipeline parallel: :class:`PipelineForward` receives the hidden states from
+  the same tp rank of the previous stage and sends its own to the next;
+* sampling: :class:`BroadcastSampler` samples on one rank of the last stage
+  (one generator, so seeds behave as in one process) and broadcasts the
+  tokens, so every rank feeds the same next token and stops at the same step.
+
+The process group is created by :func:`init_rank` from torchrun's
+environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``) or
+from the store address :mod:`trtlm.runtime.launch` gives its workers.
+"""
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+import torch
+
 from trtlm.convert.mapping import Mapping
+from trtlm.errors import UserError
 from trtlm.runtime.comm import LocalComm
+from trtlm.runtime.launch import STORE_ENV, STORE_FD_ENV, RankEnv, rank_env  # noqa: F401 - RankEnv re-exported
+
+#: Environment of the test-only fault injection (see :func:`maybe_inject_fault`).
+FAULT_ENV = "TRTLM_TEST_FAULT"
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -25,3 +60,253 @@ def rank_network(hooks, config: dict[str, Any], mapping: Mapping, rank: int, opt
     comm = comm or ShapeComm(mapping.tp_size, tp_rank)
     return factory(comm=comm, mapping=mapping, layers=layers, first=pp_rank == 0,
                    last=pp_rank == mapping.pp_size - 1, device=device, dtype=dtype)
+
+
+# -- environment ---------------------------------------------------------------------------
+def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
+    """``cuda`` without an index means this rank's own GPU (``LOCAL_RANK``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError("--device cuda: no GPU is visible to this process")
+        device = torch.device("cuda", local_rank % count)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def default_backend(device: torch.device) -> str:
+    return os.environ.get("TRTLM_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+
+
+# -- collectives ---------------------------------------------------------------------------
+class TorchDistComm:
+    """Collectives over one pipeline stage's tensor-parallel group."""
+
+    def __init__(self, group: Any, tp_size: int, tp_rank: int):
+        self.group = group
+        self.tp_size = tp_size
+        self.tp_rank = tp_rank
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return x
+        x = x.contiguous()
+        torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``x`` along the last dimension (rank order),
+        as the vocabulary-parallel ``lm_head`` needs."""
+        if self.tp_size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        torch.distributed.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+@dataclass
+class RankState:
+    """One rank's place in the job, its groups and neighbours."""
+
+    mapping: Mapping
+    rank: int
+    device: torch.device
+    comm: Any
+
+    @property
+    def world_size(self) -> int:
+        return self.mapping.world_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.mapping.tp_rank(self.rank)
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mapping.pp_rank(self.rank)
+
+    @property
+    def first(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.pp_rank == self.mapping.pp_size - 1
+
+    @property
+    def prev_rank(self) -> int:
+        """Same tp rank, previous stage (its hidden states are this rank's input)."""
+        return self.rank - self.mapping.tp_size
+
+    @property
+    def next_rank(self) -> int:
+        return self.rank + self.mapping.tp_size
+
+    @property
+    def sampling_rank(self) -> int:
+        """Tp rank 0 of the last stage: the one rank that samples."""
+        return (self.mapping.pp_size - 1) * self.mapping.tp_size
+
+
+def init_rank(mapping: Mapping, env: RankEnv, device: str | torch.device = "cpu",
+              timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> RankState:
+    """Join the job's process group and create the tensor-parallel groups.
+
+    ``timeout_s`` bounds every collective: a rank that stops answering makes
+    the others fail after that long instead of hanging.
+    """
+    import torch.distributed as dist
+
+    if env.world_size != mapping.world_size:
+        raise UserError(f"the engine has world_size {mapping.world_size} (tp {mapping.tp_size} x pp "
+                        f"{mapping.pp_size}) but {env.world_size} processes were started "
+                        f"(use torchrun --nproc-per-node {mapping.world_size})")
+    dev = rank_device(device, env.local_rank)
+    backend = backend or default_backend(dev)
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        store = None
+        if os.environ.get(STORE_ENV):  # started by trtlm.runtime.launch: rank 0 serves on the launcher's socket
+            host, port = os.environ[STORE_ENV].rsplit(":", 1)
+            fd = os.environ.get(STORE_FD_ENV)
+            if fd is not None:
+                store = dist.TCPStore(host, int(port), env.world_size, True, timeout, master_listen_fd=int(fd))
+            else:
+                store = dist.TCPStore(host, int(port), env.world_size, False, timeout)
+        kwargs: dict[str, Any] = {"store": store} if store is not None else {"init_method": "env://"}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
+    group = None
+    tp = mapping.tp_size
+    for stage in range(mapping.pp_size):  # every rank creates every group, in the same order
+        ranks = list(range(stage * tp, (stage + 1) * tp))
+        g = dist.group.WORLD if mapping.pp_size == 1 else (dist.new_group(ranks, timeout=timeout)
+                                                           if tp > 1 else None)
+        if env.rank in ranks:
+            group = g
+    comm = TorchDistComm(group, tp, mapping.tp_rank(env.rank))
+    return RankState(mapping, env.rank, dev, comm)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+class PipelineForward:
+    """One rank's forward: receive the previous stage's hidden states, run this
+    stage's layers, send them on (or return logits on the last stage)."""
+
+    def __init__(self, model: torch.nn.Module, state: RankState):
+        self.model = model
+        self.state = state
+        self.cache = None
+        self.calls = 0
+        self.logits_to_rank0 = False  #: also send the last stage's logits to rank 0 (keep_logits)
+
+    def new_cache(self, batch: int, max_seq: int) -> None:
+        self.cache = self.model.new_cache(batch, max_seq, self.state.device)
+
+    def __call__(self, tokens: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor | None:
+        import torch.distributed as dist
+
+        st, model = self.state, self.model
+        self.calls += 1
+        maybe_inject_fault(st.rank, self.calls)
+        B, T = tokens.shape
+        step = model.step(start, T, pad)
+        if st.first:
+            x = tokens
+        else:
+            x = torch.empty(B, T, model.d.hidden, dtype=model.dtype, device=st.device)
+            dist.recv(x, st.prev_rank)
+        out = model(x, step, self.cache)
+        if not st.last:
+            dist.send(out.contiguous(), st.next_rank)
+            out = None
+        if self.logits_to_rank0 and st.sampling_rank != 0:  # rank 0 is not on the last stage
+            if st.rank == st.sampling_rank:
+                dist.send(out.contiguous(), 0)
+            elif st.rank == 0:
+                out = torch.empty(B, T, model.d.vocab, dtype=model.dtype, device=st.device)
+                dist.recv(out, st.sampling_rank)
+        return out
+
+
+class BroadcastSampler:
+    """Sample on the last stage's first rank and broadcast the tokens to all ranks."""
+
+    def __init__(self, state: RankState):
+        self.state = state
+
+    def __call__(self, last, params, generator, batch: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        from trtlm.runtime.generate import sample
+
+        st = self.state
+        if st.rank == st.sampling_rank:
+            nxt = sample(last, params, generator).to(torch.long).contiguous()
+        else:
+            nxt = torch.empty(batch, dtype=torch.long, device=st.device)
+        if st.world_size > 1:
+            dist.broadcast(nxt, st.sampling_rank)
+        return nxt
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (requests are small: prompts and settings)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means another rank went away (a consequence, not the cause)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
+                            "timed out", "NCCL", "gloo"))
+
+
+# -- test-only fault injection ---------------------------------------------------------------
+def maybe_inject_fault(rank: int, call: int) -> None:
+    """Test-only: ``TRTLM_TEST_FAULT=RANK:CALL:MODE`` makes rank ``RANK`` fail at its
+    ``CALL``-th forward (1 = prefill) with MODE ``kill`` (SIGKILL itself), ``exit``
+    (exit code 3 without a word), ``raise`` (a RuntimeError) or ``hang`` (sleep, so
+    the others hit the collective timeout).  It exists to test that a failing rank
+    stops the whole job; nothing sets it outside tests."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    try:
+        r, c, mode = spec.split(":")
+        r, c = int(r), int(c)
+    except ValueError:
+        raise UserError(f"{FAULT_ENV}={spec!r}: expected RANK:CALL:MODE (test-only)") from None
+    if r != rank or c != call:
+        return
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == "exit":
+        os._exit(3)
+    elif mode == "raise":
+        raise RuntimeError(f"injected fault at forward call {call} ({FAULT_ENV})")
+    elif mode == "hang":
+        while True:
+            time.sleep(3600)
+    else:
+        raise UserError(f"{FAULT_ENV}={spec!r}: MODE must be kill, exit, raise or hang")

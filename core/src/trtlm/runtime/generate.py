@@ -49,17 +49,40 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
                              1, generator=generator).squeeze(-1).to(logits.device)
 
 
+#: ``sampler(last_logits [B, V] or None, params, generator, batch) -> next tokens [B]``.
+Sampler = Callable[[torch.Tensor | None, SamplingParams, torch.Generator | None, int], torch.Tensor]
+
+
+def local_sampler(last: torch.Tensor | None, params: SamplingParams, generator: torch.Generator | None,
+                  batch: int) -> torch.Tensor:
+    """One process: sample from the logits it has."""
+    return sample(last, params, generator)
+
+
 class Runner:
-    """Drives a forward function (one process, or rank 0 of many) through generation.
+    """Drives a forward function through generation: the one loop of both the
+    single-process :class:`trtlm.api.LLM` and every rank of a multi-process job.
 
     ``forward(tokens [B, T], start, pad) -> logits [B, T, V]`` must append to its own
-    KV cache; :meth:`trtlm.api.LLM` supplies it.
+    KV cache; on a rank without logits (a pipeline stage before the last) it returns
+    ``None``.  ``sampler`` turns the last position's logits into the next tokens;
+    across ranks it samples on one rank and broadcasts, so every rank runs the same
+    loop with the same tokens and stops at the same step.
+
+    ``sync_every``: sampled tokens stay on the device and are read back (EOS checks,
+    ``on_tokens``) every this many steps, so a GPU decode loop does not wait for the
+    host after each token.  Outputs, ``on_tokens`` calls and logits are the same for
+    any value; with ``n > 1`` up to ``n - 1`` steps past the last EOS are computed
+    and discarded.
     """
 
-    def __init__(self, forward: Callable, new_cache: Callable[[int, int], None], device: torch.device):
+    def __init__(self, forward: Callable, new_cache: Callable[[int, int], None], device: torch.device,
+                 sampler: Sampler = local_sampler, sync_every: int = 1):
         self.forward = forward
         self.new_cache = new_cache
         self.device = device
+        self.sampler = sampler
+        self.sync_every = max(1, int(sync_every))
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -78,31 +101,48 @@ class Runner:
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
         logits = self.forward(tokens, 0, pad)
         result = Generation([[] for _ in range(B)], logits if keep_logits else None)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        eos = torch.tensor(list(params.eos_ids) or [-1], device=self.device)
-        last = logits[:, -1]
+        finished = [False] * B
+        eos = set(params.eos_ids)
+        pending: list[torch.Tensor] = []  # sampled, not yet read back
+        last = logits[:, -1] if logits is not None else None
         for i in range(params.max_new_tokens):
-            nxt = sample(last, params, generator)
-            ids = nxt.tolist()
-            finished = done.tolist()
-            new = []
-            for b in range(B):
-                if not finished[b]:
-                    result.output_ids[b].append(ids[b])
-                new.append(-1 if finished[b] else ids[b])
-            if on_tokens:
-                on_tokens(i, new)
-            if params.stop_at_eos:
-                done = done | torch.isin(nxt, eos)
-                if bool(done.all()):
+            nxt = self.sampler(last, params, generator, B)
+            pending.append(nxt)
+            final = i == params.max_new_tokens - 1
+            if len(pending) >= self.sync_every or final:
+                stop = self._emit(torch.stack(pending).tolist(), i + 1 - len(pending), result, finished, eos,
+                                  params.stop_at_eos, on_tokens)
+                pending = []
+                if stop is not None:  # every sequence ended at step ``stop``: drop the steps computed past it
+                    del result.step_logits[stop:]
                     break
-            if i == params.max_new_tokens - 1:
+            if final:
                 break
             logits = self.forward(nxt[:, None], T + i, pad)
-            last = logits[:, -1]
-            if keep_logits:
+            last = logits[:, -1] if logits is not None else None
+            if keep_logits and last is not None:
                 result.step_logits.append(last)
         return result
+
+    @staticmethod
+    def _emit(steps: list[list[int]], first: int, result: Generation, finished: list[bool], eos: set[int],
+              stop_at_eos: bool, on_tokens) -> int | None:
+        """Record the tokens of steps ``first, first + 1, ...``; the step at which every
+        sequence has finished, or ``None``."""
+        for j, ids in enumerate(steps):
+            new = []
+            for b, tok in enumerate(ids):
+                if not finished[b]:
+                    result.output_ids[b].append(tok)
+                new.append(-1 if finished[b] else tok)
+            if on_tokens:
+                on_tokens(first + j, new)
+            if stop_at_eos:
+                for b, tok in enumerate(ids):
+                    finished[b] = finished[b] or tok in eos
+                if all(finished):
+                    return first + j
+        return None
 
 
 def batched(items: Iterable, size: int):

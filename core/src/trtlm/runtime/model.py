@@ -150,15 +150,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, config: dict[str, Any], d: Dims, comm, dtype=None, device=None):
         super().__init__()
-        bias = bool(config.get("bias", False))
+        # TensorRT-LLM's attention takes its bias from ``attn_bias`` (else ``bias``);
+        # ``dense_bias`` separates the output projection (Qwen2: qkv biased, dense not).
+        qkv_bias = bool(config.get("attn_bias", config.get("bias", False)))
+        dense_bias = bool(config.get("dense_bias", qkv_bias))
         self.d = d
         self.comm = comm
         qkv_out = (d.heads + 2 * d.kv_heads) * d.head_size
-        self.qkv = make_linear(config, d.hidden, qkv_out, bias, dtype, device)
-        self.dense = make_linear(config, d.heads * d.head_size, d.hidden, bias, dtype, device)
+        self.qkv = make_linear(config, d.hidden, qkv_out, qkv_bias, dtype, device)
+        self.dense = make_linear(config, d.heads * d.head_size, d.hidden, dense_bias, dtype, device)
         self.clip_qkv = config.get("clip_qkv")
         self.rope_base = float(config.get("rotary_base", 10000.0))
         self.use_rope = str(config.get("position_embedding_type", "rope_gpt_neox")).startswith("rope")
+        self.kv_quant = _kv_quant(config)
+        if self.kv_quant:  # checkpoint names of TensorRT-LLM's KV-cache scales
+            for name in ("kv_cache_scaling_factor", "k_cache_scaling_factor", "v_cache_scaling_factor"):
+                self.register_buffer(name, torch.ones(1, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache, layer: int, rope) -> torch.Tensor:
         B, T, _ = x.shape
@@ -173,6 +180,11 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_quant:  # what the quantized cache gives back (emulated)
+            from trtlm.quant.runtime import fake_quant_kv
+
+            k = fake_quant_kv(k, self.kv_cache_scaling_factor, self.kv_quant)
+            v = fake_quant_kv(v, self.kv_cache_scaling_factor, self.kv_quant)
         kc, vc = cache.k[layer], cache.v[layer]
         if isinstance(step.start, int):
             kc[:, :, step.start:step.start + T] = k
@@ -187,7 +199,7 @@ class Attention(nn.Module):
             values = values.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask.to(q.dtype))
         out = out.transpose(1, 2).reshape(B, T, d.heads * d.head_size)
-        return self.comm.all_reduce(self.dense(out))
+        return row_parallel(self.dense, out, self.comm)
 
 
 class GatedMLP(nn.Module):
@@ -200,9 +212,29 @@ class GatedMLP(nn.Module):
         self.gate = make_linear(config, d.hidden, d.inter, bias, dtype, device)
         self.proj = make_linear(config, d.inter, d.hidden, bias, dtype, device)
         self.comm = comm
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """Put ``fc`` and ``gate`` in one ``[2I, H]`` weight so both products are one matrix
+        product (one read of ``x``, one kernel).  ``fc.weight``/``gate.weight`` become views of
+        it, so the state_dict (names, shapes, values) is unchanged; call after loading weights.
+        Quantized linears are left alone."""
+        if self.fused is not None or type(self.fc) is not Linear or type(self.gate) is not Linear:
+            return
+        inter = self.fc.weight.shape[0]
+        w = torch.cat([self.fc.weight.data, self.gate.weight.data])
+        self.fc.weight.data, self.gate.weight.data = w[:inter], w[inter:]
+        b = None
+        if self.fc.bias is not None:
+            b = torch.cat([self.fc.bias.data, self.gate.bias.data])
+            self.fc.bias.data, self.gate.bias.data = b[:inter], b[inter:]
+        self.fused = (w, b)
 
     def forward(self, x):
-        return self.comm.all_reduce(self.proj(F.silu(self.fc(x)) * self.gate(x)))
+        if self.fused is not None:
+            a, g = F.linear(x, *self.fused).chunk(2, dim=-1)
+            return row_parallel(self.proj, F.silu(a) * g, self.comm)
+        return row_parallel(self.proj, F.silu(self.fc(x)) * self.gate(x), self.comm)
 
 
 class PlainMLP(nn.Module):
@@ -216,12 +248,29 @@ class PlainMLP(nn.Module):
         self.comm = comm
 
     def forward(self, x):
-        return self.comm.all_reduce(self.proj(F.gelu(self.fc(x))))
+        return row_parallel(self.proj, F.gelu(self.fc(x)), self.comm)
+
+
+class ExpertWeights(nn.Module):
+    """A stack of per-expert matrices ``[E_local, out, in]`` held as ``.weight``, so the
+    state_dict name is TensorRT-LLM's (``mlp.fc.weight``, ``mlp.proj.weight``) and the build
+    step's name/shape check sees the expert tensors like any other weight."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
 
 
 class MoE(nn.Module):
     """Mixtral-style sparse MoE; the routing and grouped expert products live in
-    :mod:`trtlm.runtime.moe`."""
+    :mod:`trtlm.runtime.moe`.
+
+    ``router.weight`` ``[E, H]`` float32 (every rank routes over all experts),
+    ``fc.weight`` ``[E_local, 2*I/moe_tp, H]`` (up rows first, gate rows second),
+    ``proj.weight`` ``[E_local, H, I/moe_tp]``; a rank holds the experts
+    ``[moe_ep_rank * E_local, ...)`` and its partial sums are all-reduced.
+    """
 
     def __init__(self, config, d: Dims, comm, mapping=None, dtype=None, device=None):
         super().__init__()
@@ -235,26 +284,46 @@ class MoE(nn.Module):
         self.normalization_mode = int(moe.get("normalization_mode", 1))
         self.expert_offset = (mapping.moe_ep_rank(tp_rank) if mapping else 0) * (E // ep)
         self.router = Linear(d.hidden, E, False, torch.float32, device)
-        self.fc = nn.Parameter(torch.empty(E // ep, 2 * inter, d.hidden, dtype=dtype, device=device),
-                               requires_grad=False)
-        self.proj = nn.Parameter(torch.empty(E // ep, d.hidden, inter, dtype=dtype, device=device),
-                                 requires_grad=False)
-        self.comm = comm
+        quant = (config.get("quantization") or {}).get("quant_algo")
+        if quant:
+            from trtlm.quant.runtime import QuantExpertWeights
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # TensorRT-LLM names the expert tensors mlp.fc.weight / mlp.proj.weight.
-        for name in ("fc", "proj"):
-            if prefix + name + ".weight" in state_dict:
-                state_dict[prefix + name] = state_dict.pop(prefix + name + ".weight")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self.fc = QuantExpertWeights(quant, config, E // ep, 2 * inter, d.hidden, dtype, device)
+            self.proj = QuantExpertWeights(quant, config, E // ep, d.hidden, inter, dtype, device)
+        else:
+            self.fc = ExpertWeights(E // ep, 2 * inter, d.hidden, dtype, device)
+            self.proj = ExpertWeights(E // ep, d.hidden, inter, dtype, device)
+        self.comm = comm
 
     def forward(self, x):
         from trtlm.runtime.moe import moe_forward
 
         B, T, H = x.shape
-        out = moe_forward(x.reshape(B * T, H), self.router.weight, self.fc, self.proj, self.top_k,
+        if isinstance(self.fc, ExpertWeights):
+            fc, proj, xin = self.fc.weight, self.proj.weight, x
+        else:  # quantized experts: dequantized weights, the input quantized as the format does (the router
+            # sees that quantized input too: slightly pessimistic next to TensorRT-LLM's unquantized routing)
+            fc, proj, xin = self.fc.dense(x.dtype), self.proj.dense(x.dtype), self.fc.quantize_input(x)
+        out = moe_forward(xin.reshape(B * T, H), self.router.weight, fc, proj, self.top_k,
                           self.normalization_mode, expert_offset=self.expert_offset)
         return self.comm.all_reduce(out.view(B, T, H))
+
+
+def row_parallel(linear: nn.Module, x: torch.Tensor, comm) -> torch.Tensor:
+    """A row-parallel product summed over tensor-parallel ranks, its bias added once
+    (TensorRT-LLM's RowLinear adds the replicated bias after the all-reduce)."""
+    bias = getattr(linear, "bias", None)
+    if bias is None or comm.tp_size == 1:
+        return comm.all_reduce(linear(x))
+    if type(linear) is Linear:
+        return comm.all_reduce(F.linear(x, linear.weight)) + bias
+    out = linear(x)  # quantized linears add their bias themselves: keep rank 0's only
+    return comm.all_reduce(out if comm.tp_rank == 0 else out - bias)
+
+
+def _kv_quant(config) -> str | None:
+    algo = (config.get("quantization") or {}).get("kv_cache_quant_algo")
+    return str(algo).upper() if algo else None
 
 
 def make_linear(config, in_features, out_features, bias, dtype, device) -> nn.Module:
@@ -271,7 +340,7 @@ class Block(nn.Module):
         super().__init__()
         eps = float(config.get("norm_epsilon", 1e-5))
         Norm = (lambda: RMSNorm(d.hidden, eps, dtype, device)) if norm == "rms" else (
-            lambda: LayerNorm(d.hidden, eps, bool(config.get("bias", False)), dtype, device))
+            lambda: LayerNorm(d.hidden, eps, False, dtype, device))  # TensorRT-LLM's MPT: no LayerNorm bias
         self.input_layernorm = Norm()
         self.attention = Attention(config, d, comm, dtype, device)
         self.post_layernorm = Norm()
@@ -314,7 +383,7 @@ class Transformer(nn.Module):
     """Decoder-only LM for one rank (or the whole model when tp = pp = 1).
 
     :param config: TensorRT-LLM checkpoint config.
-    :param norm: ``"rms"`` (default) or ``"layer"``.
+    :param norm: ``"rms"`` (default) or ``"layer"`` (LayerNorm without bias, as TensorRT-LLM's MPT).
     :param comm: collectives (default: single process).
     :param layers: the global layer indices this pipeline stage holds (default all).
     :param first, last: whether this stage holds the embedding / ln_f + lm_head.
@@ -343,8 +412,9 @@ class Transformer(nn.Module):
         if last:
             eps = float(config.get("norm_epsilon", 1e-5))
             self.transformer.ln_f = (RMSNorm(d.hidden, eps, self.dtype, device) if norm == "rms"
-                                     else LayerNorm(d.hidden, eps, bool(config.get("bias", False)), self.dtype, device))
-            self.lm_head = Linear(d.hidden, d.vocab_local if comm.tp_size > 1 else d.vocab, False, self.dtype, device)
+                                     else LayerNorm(d.hidden, eps, False, self.dtype, device))
+            self.lm_head = Linear(d.hidden, d.vocab_local if comm.tp_size > 1 else d.vocab,
+                                  bool(config.get("lm_head_bias", False)), self.dtype, device)
         self.window = sliding_window(config)
         self.alibi = str(config.get("position_embedding_type")) == "alibi"
         if self.alibi:

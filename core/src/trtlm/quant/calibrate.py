@@ -1,0 +1,277 @@
+"""Calibration: run the *unquantized* model in trtlm's own runtime and record activation statistics.
+
+modelopt (NVIDIA Model Optimizer) is not used: it needs transformers < 5 to export Mixtral and
+its own model classes.  Instead the float32 tp=1 :class:`~trtlm.runtime.model.Transformer` is
+built from the conversion plan (the plan's specs executed in memory) through the family's
+``trtlm_build_network`` hook, and forward hooks on its linears collect the statistics.  The
+runtime's module names *are* TensorRT-LLM's names, so statistics are keyed by the plan's names
+(``transformer.layers.0.attention.qkv``).  Given the same weights and the same token ids this
+reproduces modelopt's calibrated amaxes exactly (tested on the modelopt fixtures).
+
+Calibration data (``--calib-data``):
+
+* a ``.txt`` file (one sample per non-empty line) or ``.jsonl`` (a ``"text"`` field per line),
+  tokenised with the model directory's tokenizer;
+* ``random:seed=0,batches=4,batch_size=2,seq_len=32``: uniform random token ids
+  (``torch.Generator().manual_seed(seed)``, ``randint(0, vocab_size, (batch_size, seq_len))``
+  per batch) — exactly modelopt's fixture calibration with those values;
+* nothing: the bundled ``trtlm/data/tiny-mistral/calib.txt`` when the model has a tokenizer
+  whose ids fit its vocabulary, else the random default above.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from trtlm.errors import UserError
+
+BUNDLED_CALIB = Path(__file__).resolve().parent.parent / "data" / "tiny-mistral" / "calib.txt"
+RANDOM_DEFAULTS = {"seed": 0, "batches": 4, "batch_size": 2, "seq_len": 32}
+
+
+@dataclass
+class LinearStats:
+    """Statistics of one linear's input (or one MoE layer's inputs)."""
+
+    amax: torch.Tensor | None = None  #: per input channel |x| max [in], float32
+    awq_sum: torch.Tensor | None = None  #: sum over forward calls of mean |x| per channel
+    calls: int = 0
+    proj_amax: torch.Tensor | None = None  #: MoE only: amax of the experts' proj inputs (routed tokens)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        a = x.abs().amax(0)
+        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+        m = x.abs().mean(0)
+        self.awq_sum = m if self.awq_sum is None else self.awq_sum + m
+        self.calls += 1
+
+    @property
+    def awq_act_scale(self) -> torch.Tensor:
+        return self.awq_sum / self.calls
+
+
+@dataclass
+class CalibStats:
+    linears: dict[str, LinearStats] = field(default_factory=dict)  #: by module name
+    k_amax: dict[int, torch.Tensor] = field(default_factory=dict)  #: by global layer
+    v_amax: dict[int, torch.Tensor] = field(default_factory=dict)
+    awq: dict[str, list[torch.Tensor]] = field(default_factory=dict)  #: module -> per-part prequant
+
+
+# ----------------------------------------------------------------------------- data
+
+def parse_random(spec: str) -> dict[str, int]:
+    out = dict(RANDOM_DEFAULTS)
+    body = spec.split(":", 1)[1] if ":" in spec else ""
+    for item in filter(None, body.split(",")):
+        key, _, val = item.partition("=")
+        if key.strip() not in out:
+            raise UserError(f"--calib-data {spec}: unknown key {key!r} (keys: {', '.join(out)})")
+        try:
+            out[key.strip()] = int(val)
+        except ValueError:
+            raise UserError(f"--calib-data {spec}: {key} must be an integer") from None
+    return out
+
+
+def random_batches(vocab: int, seed: int, batches: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch_size, seq_len), generator=gen) for _ in range(batches)]
+
+
+def read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"--calib-data {path}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+    else:
+        texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UserError(f"--calib-data {path}: no text")
+    return texts
+
+
+def calibration_batches(calib_data: Path | str | None, vocab: int, tokenizer_dirs: Iterable[Path],
+                        calib_size: int, max_seq_len: int) -> tuple[list[torch.Tensor], str]:
+    """Token-id batches ``[B, T]`` and a description of where they came from."""
+    spec = str(calib_data) if calib_data is not None else None
+    if spec is not None and spec.startswith("random"):
+        r = parse_random(spec)
+        return random_batches(vocab, **r), f"random ids {r}"
+    path = Path(spec) if spec else BUNDLED_CALIB
+    tok = None
+    from trtlm.runtime.tokenizer import load_tokenizer
+
+    for d in tokenizer_dirs:
+        if d is not None and Path(d).is_dir() and (Path(d) / "tokenizer.json").is_file():
+            tok = load_tokenizer(Path(d))
+            break
+    if tok is None and spec is None and (BUNDLED_CALIB.parent / "tokenizer.json").is_file():
+        tok = load_tokenizer(BUNDLED_CALIB.parent)
+    if spec is None and (tok is None or not path.is_file()):
+        return random_batches(vocab, **RANDOM_DEFAULTS), f"random ids {RANDOM_DEFAULTS} (no tokenizer/calib text)"
+    if tok is None:
+        raise UserError(f"--calib-data {path}: text needs a tokenizer (tokenizer.json) in the model directory; "
+                        f"or use --calib-data random:seed=0,batches=4,batch_size=2,seq_len=32")
+    batches = []
+    for text in read_texts(path)[:calib_size]:
+        ids = tok.encode(text)[:max_seq_len]
+        if ids:
+            batches.append(torch.tensor([ids]))
+    if any(int(b.max()) >= vocab for b in batches):
+        if spec is None:
+            return random_batches(vocab, **RANDOM_DEFAULTS), f"random ids {RANDOM_DEFAULTS} (tokenizer exceeds vocab)"
+        raise UserError(f"--calib-data {path}: the tokenizer produces ids >= the model's vocab_size {vocab}")
+    return batches, f"{path} ({len(batches)} samples)"
+
+
+# ----------------------------------------------------------------------------- model
+
+def dense_model(plan, loaded, hooks, options) -> torch.nn.Module:
+    """The float32 tp=1 model of ``plan``'s (unquantized) tensors."""
+    from trtlm.convert.mapping import Mapping
+    from trtlm.convert.plan import build_full
+    from trtlm.runtime.distributed import rank_network
+
+    config = dict(plan.config, dtype="float32")
+    config["quantization"] = {"quant_algo": None, "kv_cache_quant_algo": None}
+    config["mapping"] = Mapping().to_config(moe=bool(config.get("moe")))
+    tensors = {}
+    for spec in plan.tensors:
+        srcs = [loaded.source.get(n) for n in spec.sources]
+        tensors[spec.name] = build_full(spec.with_(dtype=spec.dtype or torch.float32), srcs, torch.float32)
+    model = rank_network(hooks, config, Mapping(), 0, options, device="cpu", dtype=torch.float32)
+    missing, _ = model.load_state_dict(tensors, strict=False)
+    if missing:
+        raise UserError(f"calibration model: tensor {missing[0]} missing from the plan")
+    return model.eval()
+
+
+def run_model(model, batches: list[torch.Tensor], per_batch: Callable[[Any], None] | None = None) -> None:
+    with torch.inference_mode():
+        for ids in batches:
+            B, T = ids.shape
+            step = model.step(0, T, torch.zeros(B, dtype=torch.long))
+            cache = model.new_cache(B, T, device="cpu")
+            model(ids, step, cache)
+            if per_batch:
+                per_batch(cache)
+
+
+def _moe_proj_amax(mlp, x: torch.Tensor) -> torch.Tensor:
+    """amax of the experts' down-projection inputs over the tokens routed to each expert."""
+    from trtlm.runtime.moe import route
+
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    logits = torch.nn.functional.linear(x, mlp.router.weight.float())
+    _scales, ids = route(logits, mlp.top_k, mlp.normalization_mode)
+    fc = mlp.fc.weight.float()
+    out = torch.zeros((), dtype=torch.float32)
+    for e in range(fc.shape[0]):
+        rows = (ids == e).any(-1)
+        if rows.any():
+            up, gate = (x[rows] @ fc[e].t()).chunk(2, dim=-1)
+            out = torch.maximum(out, (torch.nn.functional.silu(gate) * up).abs().amax())
+    return out
+
+
+def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool) -> CalibStats:
+    """Input statistics of the modules ``names`` (and K/V amax per layer when ``kv``)."""
+    stats = CalibStats()
+    modules = dict(model.named_modules())
+    handles = []
+    for name in names:
+        mod = modules.get(name)
+        if mod is None:
+            continue
+        st = stats.linears.setdefault(name, LinearStats())
+
+        def hook(_m, args, _out, st=st):
+            st.add(args[0])
+        handles.append(mod.register_forward_hook(hook))
+    for name, mod in modules.items():  # MoE: the experts' inputs are the MoE layer's input
+        if hasattr(mod, "router") and hasattr(mod, "top_k"):
+            fc_st = stats.linears.setdefault(name + ".fc", LinearStats())
+            pr_st = stats.linears.setdefault(name + ".proj", LinearStats())
+
+            def moe_hook(m, args, _out, fc_st=fc_st, pr_st=pr_st):
+                fc_st.add(args[0])
+                a = _moe_proj_amax(m, args[0])
+                pr_st.amax = a if pr_st.amax is None else torch.maximum(pr_st.amax, a)
+            handles.append(mod.register_forward_hook(moe_hook))
+    layers = list(model.layer_ids)
+
+    def kv_stats(cache):
+        for i, layer in enumerate(layers):
+            k, v = cache.k[i].abs().amax().float(), cache.v[i].abs().amax().float()
+            stats.k_amax[layer] = torch.maximum(stats.k_amax.get(layer, k), k)
+            stats.v_amax[layer] = torch.maximum(stats.v_amax.get(layer, v), v)
+    try:
+        run_model(model, batches, kv_stats if kv else None)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def awq_search(model, batches: list[torch.Tensor], parts: dict[str, list[torch.Tensor]], stats: CalibStats,
+               group_size: int, alpha_step: float = 0.1) -> dict[str, list[torch.Tensor]]:
+    """modelopt's awq_lite for every linear in ``parts`` (module -> its HF parts' fp32 weights).
+
+    Second calibration pass: the losses of every alpha are accumulated online in forward hooks
+    (no activations are stored), with the act scale of the first pass; arithmetic as
+    :func:`trtlm.quant.formats.awq_lite_search`.  Returns module -> per-part prequant scales.
+    """
+    import torch.nn.functional as F
+
+    from trtlm.quant import formats as qf
+
+    alphas = qf.awq_alphas(alpha_step)
+    state = {}
+    for name, ws in parts.items():
+        xs = stats.linears[name].awq_act_scale
+        per = []
+        for w in ws:
+            wscale = qf.awq_weight_scale(w, group_size)
+            scales = {a: qf.awq_scale_for_alpha(xs, wscale, a) for a in alphas}
+            fq = {a: qf.fake_quant_int4(w * scales[a].to(w.dtype), group_size) for a in alphas}
+            per.append((w, scales, fq, {a: torch.zeros((), dtype=torch.float32) for a in alphas}))
+        state[name] = per
+    modules = dict(model.named_modules())
+    handles = []
+    for name, per in state.items():
+        def hook(_m, args, _out, per=per):
+            x = args[0].detach().float()
+            for w, scales, fq, loss in per:
+                ref = F.linear(x, w)
+                for a in alphas:
+                    out = F.linear(x * (1 / scales[a]).to(w.dtype), fq[a])
+                    loss[a] += (out - ref).float().pow(2).mean()
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        run_model(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for name, per in state.items():
+        pqs = []
+        for _w, scales, _fq, loss in per:
+            losses = {a: float(v) for a, v in loss.items()}
+            best = min(losses, key=losses.get)
+            pqs.append((1.0 / scales[best]).to(torch.float32))
+        result[name] = pqs
+    return result

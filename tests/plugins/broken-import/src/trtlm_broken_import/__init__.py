@@ -1,0 +1,1 @@
+"""Entry points that fail while being imported (test-only); see the submodules."""
