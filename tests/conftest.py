@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import sys
 import traceback
@@ -32,6 +33,12 @@ from typing import Any, Callable
 
 import pytest
 import torch
+
+# Tiny models run fastest on one thread, and intra-op threads spin badly when
+# the CI machine's cores are shared (measured: 60x slower decode with 2 threads
+# on a loaded 2-core machine).  Child processes (multi-rank runs) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 #: Small defaults per model type; every test overrides what it is about.
 TINY_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -155,7 +155,8 @@ def test_fused_on_disk_layout_gives_same_checkpoint(tmp_path, tiny):
 # --------------------------------------------------------------------------- expert-parallel layouts
 
 
-def expected_moe_part(hf: dict[str, torch.Tensor], layer: int, tp_rank: int, tp: int, ep: int) -> dict[str, torch.Tensor]:
+def expected_moe_part(hf: dict[str, torch.Tensor], layer: int, tp_rank: int, tp: int,
+                      ep: int) -> dict[str, torch.Tensor]:
     """One rank's MoE tensors, straight from the HF per-expert tensors: moe_ep_rank = tp_rank % ep holds
     experts [ep_rank * E/ep, (ep_rank+1) * E/ep); moe_tp_rank = tp_rank // ep holds rows
     [r * I/mtp, (r+1) * I/mtp) of w1 and w3 (and those columns of w2); fc = cat(w3 part, w1 part)."""
@@ -345,9 +346,12 @@ def config_only(tmp: Path, **overrides) -> Path:
 
 
 @pytest.mark.parametrize("overrides, options, message", [
-    ({"num_local_experts": 6}, {"tp_size": 4, "moe_ep_size": 4}, "--moe-ep-size 4 does not divide the model's 6 experts"),
-    ({"intermediate_size": 30}, {"tp_size": 4}, "moe_tp_size 4 (= --tp-size / --moe-ep-size by default) does not divide"),
-    ({"intermediate_size": 30}, {"tp_size": 4, "moe_tp_size": 4}, "moe_tp_size 4 does not divide the experts' intermediate_size 30"),
+    ({"num_local_experts": 6}, {"tp_size": 4, "moe_ep_size": 4},
+     "--moe-ep-size 4 does not divide the model's 6 experts"),
+    ({"intermediate_size": 30}, {"tp_size": 4},
+     "moe_tp_size 4 (= --tp-size / --moe-ep-size by default) does not divide"),
+    ({"intermediate_size": 30}, {"tp_size": 4, "moe_tp_size": 4},
+     "moe_tp_size 4 does not divide the experts' intermediate_size 30"),
     ({}, {"tp_size": 4, "moe_tp_size": 3, "moe_ep_size": 2}, "must equal --tp-size 4"),
     ({}, {"moe_normalization_mode": "softmax"}, "--moe-normalization-mode 'softmax'"),
     ({"num_experts_per_tok": 5}, {}, "num_experts_per_tok 5 must be between 1 and num_local_experts 4"),

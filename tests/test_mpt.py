@@ -53,6 +53,16 @@ TRTLLM_KEYS = ("dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_a
                "mapping", "quantization")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny matrices gain nothing from intra-op threads, and the tensor-parallel tests run one
+    thread per rank: with OpenMP threads on top, a busy 2-core machine slows down ~50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -426,6 +436,16 @@ def test_logits_and_greedy_match_transformers(tmp_path, hf_models, heads, clip, 
                 assert tokens == want_tokens
 
 
+def test_pipeline_and_tensor_parallel(tmp_path, hf_models):
+    path, _, refs = hf_models(6, 1.0)
+    ckpt = to_ckpt(path, tmp_path / "ckpt", tp=2, pp_size=2)
+    assert len(list(ckpt.glob("rank*.safetensors"))) == 4
+    ids = prompts(256)[0]
+    outs, logits = llm_run(to_engine(ckpt), [ids], NEW_TOKENS)
+    assert (logits[0] - refs[0][0]).abs().max() < TOL
+    assert outs[0] == refs[0][1]
+
+
 def test_rank_alibi_slopes_are_sliced(tmp_path, hf_models):
     path, _, _ = hf_models(6, None)
     ckpt = to_ckpt(path, tmp_path / "ckpt", tp=2)
@@ -483,6 +503,19 @@ def test_gqa_mqa_against_reference(tmp_path, kv, tp):
         assert (first - want).abs().max() < TOL
     _, logits = llm_run(to_engine(ckpt), [ids], 1)
     assert (logits[0] - want).abs().max() < TOL
+
+
+def test_alibi_bias_max_is_honoured(tmp_path):
+    """transformers' MPT always uses 8; llm-foundry and TensorRT-LLM read attn_config.alibi_bias_max."""
+    path, t, cfg = hand_mpt(tmp_path, "abm", kv=None, attn={"alibi_bias_max": 16})
+    ckpt = to_ckpt(path, tmp_path / "ckpt", tp=2)
+    assert json.loads((ckpt / "config.json").read_text())["alibi_bias_max"] == 16
+    ids = prompts(128)[0]
+    want = ref_logits(t, cfg, ids).float()
+    assert (want - ref_logits(t, dict(cfg, attn_config=dict(cfg["attn_config"], alibi_bias_max=8)), ids)
+            .float()).abs().max() > 0.01  # the setting matters for this model
+    for first, _ in run_ranks(ckpt, ids, 0):
+        assert (first - want).abs().max() < TOL
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -22,21 +22,21 @@ PLUGIN_API_VERSION = 1
 if TYPE_CHECKING:  # pragma: no cover
     import pluggy
 
-    from trtlm.api import LLM
+    from trtlm.api import LLM, DistributedLLM
     from trtlm.family import Capabilities, Family
 
     hookimpl: pluggy.HookimplMarker
 
-__all__ = ["Capabilities", "Family", "LLM", "PLUGIN_API_VERSION", "__version__", "hookimpl"]
+__all__ = ["Capabilities", "DistributedLLM", "Family", "LLM", "PLUGIN_API_VERSION", "__version__", "hookimpl"]
 
 
 def __getattr__(name: str) -> Any:
     # Everything here is loaded on first use: LLM pulls in torch, and even pluggy and the
     # Family dataclasses are measurable in `trtlm --version` (docs/benchmarks.md, "CLI start-up").
-    if name == "LLM":
-        from trtlm.api import LLM
+    if name in ("LLM", "DistributedLLM"):
+        from trtlm import api
 
-        return LLM
+        return getattr(api, name)
     if name == "hookimpl":
         import pluggy
 

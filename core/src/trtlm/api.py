@@ -159,7 +159,7 @@ class LLM:
 def load_model(engine_dir: Path, config: dict[str, Any], device: torch.device):
     """All ranks of an engine as one single-process network (ranks merged)."""
     from trtlm.plugins import get_registry
-    from trtlm.runtime.checkpoint import dequantize_if_needed, merge_ranks, read_rank, single_process_config
+    from trtlm.runtime.checkpoint import merge_ranks, read_rank, single_process_config
     from trtlm.runtime.distributed import rank_network
 
     registry = get_registry()
@@ -169,11 +169,14 @@ def load_model(engine_dir: Path, config: dict[str, Any], device: torch.device):
         tensors = read_rank(engine_dir, 0)
         cfg = config
     else:
-        ranks = [dequantize_if_needed(read_rank(engine_dir, r), config) for r in range(mapping.world_size)]
-        tensors = merge_ranks(config, ranks)
+        ranks = [read_rank(engine_dir, r) for r in range(mapping.world_size)]
         cfg = single_process_config(config)
-        if (cfg.get("quantization") or {}).get("quant_algo"):
-            cfg["quantization"] = dict(cfg["quantization"], quant_algo=None)
+        if (cfg.get("quantization") or {}).get("quant_algo"):  # merged still quantized (same numerics as tp=1)
+            from trtlm.quant.runtime import merge_quantized_ranks
+
+            tensors = merge_quantized_ranks(config, ranks)
+        else:
+            tensors = merge_ranks(config, ranks)
     model = rank_network(hooks, cfg, Mapping.from_config(cfg), 0, BuildOptions(), device=device)
     missing, _unexpected = model.load_state_dict(tensors, strict=False)
     if missing:
@@ -223,11 +226,11 @@ class DistributedLLM(LLM):
         return self.state.rank
 
     def _generate(self, request: dict[str, Any] | None, on_tokens) -> list[dict[str, Any]]:
-        from trtlm.runtime.distributed import broadcast_object
+        from trtlm.runtime.distributed import RemoteError, broadcast_object
 
         request = broadcast_object(request, src=0)
         if "error" in request:  # rank 0 refused the request: every rank raises the same error
-            raise UserError(request["error"])
+            raise (UserError if self.rank == 0 else RemoteError)(request["error"])
         self.pipeline.logits_to_rank0 = bool(request["keep_logits"])
         return super()._generate(request, on_tokens)
 

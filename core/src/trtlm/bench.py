@@ -49,6 +49,7 @@ class BenchOptions:
     modes: list[str] = field(default_factory=lambda: ["graph"])
     reps: int = 3
     compare_hf: bool = False
+    hf_batch_sizes: list[int] | None = None  #: default: ``batch_sizes``
     seed: int = 0
 
 
@@ -332,7 +333,7 @@ def run_bench(bm: BenchModel, device: torch.device, opts: BenchOptions, log: Cal
         if device.type == "cuda":
             torch.cuda.empty_cache()
         hf = hf_model(bm.hf_config, dtype, device, opts.seed)
-        for batch in opts.batch_sizes:
+        for batch in opts.hf_batch_sizes or opts.batch_sizes:
             row = {"batch_size": batch, **time_hf(hf, device, batch, opts.input_len, opts.output_len, opts.seed)}
             ours = [r for r in info["results"] if r["batch_size"] == batch]
             for r in ours:

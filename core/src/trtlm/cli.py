@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="trtlm", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        # Always one line: messages quoting other libraries' errors may hold newlines.
+        click.echo("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -1,33 +1,80 @@
-"""``trtlm inspect``: what a directory is and which plugin handles it."""
+"""``trtlm inspect``: what a directory is and which plugin handles it.
+
+Every format gets the same summary keys, so scripts can read ``--json``
+without caring what they pointed at: ``format`` (hf, trtllm, engine, ft),
+``architecture``, ``family`` / ``plugin`` / ``distribution``, ``parameters``,
+``dtype``, ``size_bytes`` (on disk) and ``parallel`` (tp/pp layout).  Only
+file headers are read, never tensor data.
+"""
 from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 from typing import Any
 
 from trtlm.errors import UserError
+
+#: bytes per element of FasterTransformer storage dtypes.
+_FT_ITEMSIZE = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 
 
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _safetensors_stats(files: list[Path]) -> tuple[int, dict[str, int]]:
-    """(parameter count, {dtype: count}) from headers only."""
-    import struct
-
-    params, dtypes = 0, {}
-    for f in files:
-        with open(f, "rb") as fh:
+def _header(path: Path) -> dict[str, Any]:
+    """A safetensors header (``{name: {dtype, shape, data_offsets}}``) without the data."""
+    try:
+        with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
+            if n > path.stat().st_size:
+                raise ValueError(f"header length {n} exceeds the file size")
             header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
+    except (OSError, struct.error, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _count(headers: list[dict[str, Any]]) -> tuple[int, dict[str, int]]:
+    """(elements, {safetensors dtype: elements}) over headers."""
+    params, dtypes = 0, {}
+    for header in headers:
         for info in header.values():
             count = math.prod(info["shape"])
             params += count
             dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + count
     return params, dtypes
+
+
+def checkpoint_parameters(config: dict[str, Any], headers: list[dict[str, Any]]) -> int:
+    """Parameters of a TensorRT-LLM checkpoint: every tensor merged across its tensor-parallel
+    ranks with the split rules of :mod:`trtlm.layout` (on shapes only), so replicated tensors
+    count once and duplicated KV heads are undone; pipeline stages hold disjoint tensors."""
+    from trtlm.convert.mapping import Mapping
+
+    mapping = Mapping.from_config(config)
+    if mapping.tp_size == 1:
+        return _count(headers)[0]
+    import torch
+
+    from trtlm.layout import split_rule
+
+    total = 0
+    for pp_rank in range(mapping.pp_size):
+        stage = headers[pp_rank * mapping.tp_size:(pp_rank + 1) * mapping.tp_size]
+        for name, info in stage[0].items():
+            parts = [torch.empty(h[name]["shape"], device="meta") for h in stage if name in h]
+            if len(parts) != mapping.tp_size:
+                raise UserError(f"tensor {name} is missing from some tensor-parallel ranks of stage {pp_rank}")
+            try:
+                merged = split_rule(name, config, tuple(info["shape"])).merge(parts, mapping)
+            except (ValueError, RuntimeError, IndexError):  # a layout the rules do not know: keep it exact per rank
+                merged = torch.empty(sum(math.prod(p.shape) for p in parts), device="meta")
+            total += math.prod(merged.shape)
+    return total
 
 
 def inspect_path(path: Path) -> dict[str, Any]:
@@ -40,29 +87,40 @@ def inspect_path(path: Path) -> dict[str, Any]:
 
     registry = get_registry()
     fmt = _detect(path)
-    info: dict[str, Any] = {"path": str(path), "format": fmt, "size_bytes": _dir_size(path)}
+    info: dict[str, Any] = {"path": str(path), "format": fmt}
     if fmt == "hf":
-        cfg = json.loads((path / "config.json").read_text())
+        from trtlm.modeldir import read_json
+        from trtlm.hf_config import torch_dtype_name
+
+        cfg = read_json(path / "config.json")
         entry = registry.resolve_hf(cfg, where=str(path / "config.json"))
         files = sorted(path.glob("*.safetensors"))
-        params, dtypes = _safetensors_stats(files)
+        params, dtypes = _count([_header(f) for f in files])
+        pickles = sorted(path.glob("pytorch_model*.bin"))
         info.update(architecture=(cfg.get("architectures") or [cfg.get("model_type")])[0],
                     layers=cfg.get("num_hidden_layers", cfg.get("n_layers")),
                     hidden_size=cfg.get("hidden_size", cfg.get("d_model")),
-                    parameters=params, dtypes=dtypes, config_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
-                    parallel={"tp_size": 1, "pp_size": 1}, weight_files=[f.name for f in files])
+                    parameters=params if files else None, dtype=torch_dtype_name(cfg), dtypes=dtypes,
+                    parallel={"tp_size": 1, "pp_size": 1},
+                    weight_files=[f.name for f in files] or [f.name for f in pickles])
     elif fmt in ("trtllm", "engine"):
-        cfg = json.loads((path / "config.json").read_text())
+        from trtlm.modeldir import read_json
+
+        cfg = read_json(path / "config.json")
         build_cfg = None
         if fmt == "engine":
             build_cfg, cfg = cfg.get("build_config"), cfg["pretrained_config"]
         entry = registry.resolve_trtllm(cfg.get("architecture", "?"), where=str(path / "config.json"))
-        files = sorted(path.glob("rank*.safetensors"))
-        params, dtypes = _safetensors_stats(files)
+        files = sorted(path.glob("rank*.safetensors"), key=lambda f: int(f.stem[4:]) if f.stem[4:].isdigit() else -1)
+        headers = [_header(f) for f in files]
+        stored, dtypes = _count(headers)
+        world = int((cfg.get("mapping") or {}).get("world_size", 1))
         info.update(architecture=cfg.get("architecture"), layers=cfg.get("num_hidden_layers"),
-                    hidden_size=cfg.get("hidden_size"), parameters_all_ranks=params, dtypes=dtypes,
-                    dtype=cfg.get("dtype"), parallel=cfg.get("mapping"),
-                    quantization=cfg.get("quantization"), rank_files=[f.name for f in files])
+                    hidden_size=cfg.get("hidden_size"),
+                    parameters=checkpoint_parameters(cfg, headers) if len(files) == world else None,
+                    parameters_all_ranks=stored, dtype=cfg.get("dtype"), dtypes=dtypes,
+                    parallel=cfg.get("mapping"), quantization=cfg.get("quantization"),
+                    rank_files=[f.name for f in files])
         if build_cfg is not None:
             info["build_config"] = build_cfg
     else:  # ft
@@ -73,18 +131,24 @@ def inspect_path(path: Path) -> dict[str, Any]:
         entry = readers[0]
         import configparser
 
-        ini = next(iter([path / "config.ini"] if (path / "config.ini").exists() else path.glob("*-gpu/config.ini")))
+        ini = path / "config.ini" if (path / "config.ini").exists() else sorted(path.glob("*-gpu/config.ini"))[0]
         cp = configparser.ConfigParser()
         cp.read(ini)
         gpt = dict(cp["gpt"]) if cp.has_section("gpt") else {}
-        info.update(architecture="FasterTransformer " + gpt.get("model_name", "?"), layers=gpt.get("n_layer"),
-                    hidden_size=gpt.get("n_embd"), dtype=gpt.get("storage_dtype"),
-                    parallel={"tp_size": int(gpt.get("tensor_parallelism", 1))})
-    info.update(family=entry.family.name, plugin=entry.plugin, distribution=entry.distribution)
+        dtype = gpt.get("storage_dtype") or gpt.get("weight_data_type")
+        stored = sum(f.stat().st_size for f in ini.parent.glob("*.bin"))
+        itemsize = _FT_ITEMSIZE.get(str(dtype))
+        info.update(architecture="FasterTransformer " + gpt.get("model_name", "?"),
+                    layers=int(gpt["n_layer"]) if "n_layer" in gpt else None,
+                    hidden_size=int(gpt["n_embd"]) if "n_embd" in gpt else None,
+                    parameters=stored // itemsize if itemsize else None, dtype=dtype,
+                    parallel={"tp_size": int(gpt.get("tensor_parallelism", 1)), "pp_size": 1})
+    info.update(family=entry.family.name, plugin=entry.plugin, distribution=entry.distribution,
+                size_bytes=_dir_size(path))
     return info
 
 
 def _detect(path: Path) -> str:
-    from trtlm.convert.pipeline import detect_format
+    from trtlm.modeldir import detect_format
 
     return detect_format(path)

@@ -28,8 +28,10 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             if len(head) != 8:
                 raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes); re-download or re-save it")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
+            if n > 100 << 20:
                 raise UserError(f"{path}: corrupt safetensors header (length {n}); re-download or re-save it")
+            if n > size - 8:
+                raise UserError(f"{path}: truncated ({size} bytes, its header alone needs {8 + n}); re-download it")
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: corrupt safetensors header; re-download or re-save it") from None
@@ -134,8 +136,20 @@ def load_pickle_dir(model_dir: Path) -> StateDictSource:
         try:
             tensors.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         except Exception as exc:
-            raise UserError(f"{path}: cannot load with weights_only=True ({type(exc).__name__}: {exc})") from None
+            raise UserError(f"{path}: cannot load with weights_only=True ({type(exc).__name__}: "
+                            f"{_pickle_reason(exc)}): it holds more than tensors; re-save it as safetensors "
+                            f"where you trust it") from None
     return StateDictSource(tensors)
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The one informative line of torch.load's (multi-line) error, e.g.
+    "Trying to load unsupported GLOBAL posix.system ..."."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported global" in line:
+            return line
+    return lines[0] if lines else "unreadable"
 
 
 class DummySource:

@@ -39,10 +39,11 @@ def _ints(text: str, flag: str) -> list[int]:
 @click.option("--reps", default=3, show_default=True, type=int, help="Timed repetitions (median).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--compare-hf", is_flag=True, help="Also time transformers' eager generate on the same shapes.")
+@click.option("--hf-batch-size", "hf_batch_sizes", help="Batch sizes for --compare-hf (default: --batch-size).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON document here.")
 def bench_cmd(engine_dir, family, preset, dummy_weights, layers, batch_sizes, input_len, output_len, dtype, device,
-              modes, reps, seed, compare_hf, as_json, output):
+              modes, reps, seed, compare_hf, hf_batch_sizes, as_json, output):
     """Benchmark generation speed against the memory-bandwidth roofline."""
     import torch
 
@@ -60,7 +61,8 @@ def bench_cmd(engine_dir, family, preset, dummy_weights, layers, batch_sizes, in
         raise UserError("--device cuda: no GPU is visible (use --device cpu)")
     opts = BenchOptions(batch_sizes=_ints(batch_sizes, "--batch-size"), input_len=input_len, output_len=output_len,
                         modes=[m.strip() for m in modes.split(",") if m.strip()], reps=reps,
-                        compare_hf=compare_hf, seed=seed)
+                        compare_hf=compare_hf, seed=seed,
+                        hf_batch_sizes=_ints(hf_batch_sizes, "--hf-batch-size") if hf_batch_sizes else None)
     if engine_dir is not None:
         if not (engine_dir / "config.json").exists():
             raise UserError(f"{engine_dir}: no config.json (build an engine with `trtlm build`)")

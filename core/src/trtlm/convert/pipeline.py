@@ -20,6 +20,7 @@ from trtlm.convert.writer import RankFileWriter
 from trtlm.errors import UserError
 from trtlm.fsutil import atomic_dir
 from trtlm.hf_config import torch_dtype_name
+from trtlm.modeldir import detect_format, read_json  # noqa: F401  (re-exported)
 from trtlm.plugins import FamilyEntry, FamilyHooks, get_registry
 from trtlm.sources import DummySource
 from trtlm.weights import LoadedModel
@@ -34,35 +35,6 @@ class ConvertResult:
     config: dict[str, Any]
     num_tensors: int
     bytes_written: int
-
-
-def detect_format(path: Path) -> str:
-    """``hf`` | ``trtllm`` | ``engine`` | ``ft`` for a directory, by its marker files."""
-    if not path.is_dir():
-        raise UserError(f"{path}: no such directory")
-    cfg = path / "config.json"
-    if cfg.exists():
-        try:
-            data = json.loads(cfg.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{cfg}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if "build_config" in data and "pretrained_config" in data:
-            return "engine"
-        if "architecture" in data and ("mapping" in data or list(path.glob("rank*.safetensors"))):
-            return "trtllm"
-        return "hf"
-    if (path / "config.ini").exists() or list(path.glob("*-gpu/config.ini")):
-        return "ft"
-    raise UserError(f"{path}: no config.json (Hugging Face, TensorRT-LLM or engine) or config.ini (FasterTransformer)")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def resolve_model(model_dir: Path | None, family: str | None) -> tuple[FamilyEntry, str]:

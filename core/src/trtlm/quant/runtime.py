@@ -221,3 +221,26 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any])
         else:
             out[name] = t
     return out
+
+
+def merge_quantized_ranks(config: dict[str, Any], ranks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """All ranks of a quantized checkpoint -> the *quantized* tensors of the tp=pp=1 checkpoint.
+
+    Unlike :func:`dequantize_tensors` this keeps the format, so the merged single-process model
+    emulates activation and KV quantization too and computes what the tp=1 quantized engine
+    computes (every scale is computed on the full tensor before sharding: per-tensor scales are
+    replicated, per-channel and group scales follow their weight's rows or columns, see
+    :func:`trtlm.layout.split_rule`).  Packed int4 weights are unpacked for the merge (a
+    tensor-parallel split cuts whole output rows) and packed again.
+    """
+    from trtlm.runtime.checkpoint import merge_ranks
+
+    algo = str(_qconf(config).get("quant_algo") or "").upper()
+    int4 = algo in ("W4A16_AWQ", "W4A16", "W4A8_AWQ")
+
+    def is_packed(name: str, t: torch.Tensor) -> bool:
+        return int4 and name.endswith(".weight") and t.dtype == torch.int8
+
+    unpacked = [{n: (qf.unpack_int4(t) if is_packed(n, t) else t) for n, t in r.items()} for r in ranks]
+    merged = merge_ranks(config, unpacked)
+    return {n: (qf.pack_int4(t) if is_packed(n, t) else t) for n, t in merged.items()}

@@ -22,6 +22,7 @@ that a replay must equal bit for bit.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -30,12 +31,17 @@ from trtlm.runtime.fast import make_forward
 from trtlm.runtime.model import Transformer
 
 
+#: ``TRTLM_COMPILE=1``: the GPU path also compiles its elementwise pieces with torch.compile.
+COMPILE_ENV = "TRTLM_COMPILE"
+
+
 class GraphForward:
     """``forward(tokens [B, T], start, pad) -> logits [B, T, V]`` over one preallocated KV cache.
 
     :param model: a loaded single-process :class:`Transformer` (parameters on their device).
     :param fast: use :class:`~trtlm.runtime.fast.FastForward` where it handles the model.
-    :param compile: compile the fast path's elementwise pieces (``torch.compile``).
+    :param compile: compile the fast path's elementwise pieces (``torch.compile``); default: whether
+        the environment sets ``TRTLM_COMPILE=1`` (so ``LLM``/``trtlm run`` can opt in).
     :param graphs: capture decode steps in CUDA graphs (default: when the model is on a GPU).
     :param bucket: cache-length granularity of the decode graphs (``0``: always the whole cache).
     """
@@ -43,8 +49,10 @@ class GraphForward:
     #: how often a Runner driving this forward reads tokens back to the host (EOS checks)
     SYNC_EVERY = 16
 
-    def __init__(self, model: Transformer, *, fast: bool = True, compile: bool = False,
+    def __init__(self, model: Transformer, *, fast: bool = True, compile: bool | None = None,
                  graphs: bool | None = None, bucket: int = 128):
+        if compile is None:
+            compile = os.environ.get(COMPILE_ENV, "") == "1"
         self.model = model
         self.impl = make_forward(model, fast=fast, compile=compile)
         self.device = next(model.parameters()).device
@@ -61,6 +69,7 @@ class GraphForward:
         if self.shape == (batch, max_seq):
             return
         self._captured.clear()
+        self._pool = None  # a pool must not outlive its graphs
         self.cache = None
         self.cache = self.model.new_cache(batch, max_seq, self.device)
         self.static_pad = torch.zeros(batch, dtype=torch.long, device=self.device)

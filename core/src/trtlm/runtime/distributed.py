@@ -261,6 +261,10 @@ class BroadcastSampler:
         return nxt
 
 
+class RemoteError(UserError):
+    """An error another rank raised and shared (this rank fails as a consequence)."""
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (requests are small: prompts and settings)."""
     import torch.distributed as dist
@@ -274,8 +278,10 @@ def is_peer_failure(exc: BaseException) -> bool:
     """Whether ``exc`` means another rank went away (a consequence, not the cause)."""
     import torch.distributed as dist
 
-    if isinstance(exc, dist.DistError):
+    if isinstance(exc, (dist.DistError, RemoteError)):
         return True
+    if isinstance(exc, UserError):
+        return False
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
@@ -306,6 +312,10 @@ def maybe_inject_fault(rank: int, call: int) -> None:
     elif mode == "raise":
         raise RuntimeError(f"injected fault at forward call {call} ({FAULT_ENV})")
     elif mode == "hang":
+        import sys
+
+        sys.stderr.write(f"rank {rank}: hanging at forward call {call} ({FAULT_ENV})\n")
+        sys.stderr.flush()
         while True:
             time.sleep(3600)
     else:

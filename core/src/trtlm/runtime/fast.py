@@ -82,19 +82,70 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * g
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query token per sequence: ``q [B, KV, rep, D]`` (query head ``h`` reads KV head
+    ``h // rep``), ``keys``/``values`` ``[B, KV, L, D]`` straight from the cache (no
+    ``repeat_interleave`` copies), ``bias [B, 1, 1, L]`` additive -> ``[B, KV, rep, D]``."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale + bias  # scale and bias fuse into the softmax
+    return torch.matmul(torch.softmax(scores, dim=-1), values)  # softmax accumulates in float32
+
+
+def moe_route(x: torch.Tensor, router: torch.Tensor, top_k: int, normalization_mode: int, experts: int):
+    """Routing plus the bookkeeping of :func:`grouped_experts`: ``(scales, pair order, the rows of
+    ``x`` sorted by expert, grouped_mm offsets)``; fixed shapes, no host synchronisation."""
+    from trtlm.runtime.moe import route
+
+    scales, ids = route(F.linear(x.float(), router.float()), top_k, normalization_mode)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = (flat[:, None] == torch.arange(experts, device=flat.device)).sum(0)
+    offs = counts.cumsum(0).to(torch.int32)
+    return scales, order, x.index_select(0, torch.div(order, top_k, rounding_mode="floor")), offs
+
+
+def moe_combine(ys: torch.Tensor, order: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Sorted pair outputs ``[T*k, H]`` -> ``[T, H]``: back to pair order, scaled and summed in float32."""
+    T, k = scales.shape
+    y = torch.empty_like(ys).index_copy_(0, order, ys)
+    return (y.view(T, k, -1).float() * scales.unsqueeze(-1)).sum(1).to(ys.dtype)
+
+
+class _Compiled:
+    """``torch.compile(fn)``, falling back to ``fn`` for good if compilation fails (an optional
+    speed-up must not take the runtime down)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        # one kernel per small softmax/norm row rather than a split two-kernel reduction
+        self.compiled: Callable | None = torch.compile(fn, fullgraph=True, dynamic=False,
+                                                       options={"split_reductions": False})
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
+                import warnings
+
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(exc).__name__}: {exc}); "
+                              f"running it eagerly", stacklevel=2)
+                self.compiled = None
+        return self.fn(*args)
+
+
 class Ops:
-    """The elementwise functions the fast path calls; ``compile=True`` wraps each in
-    ``torch.compile`` (one fused kernel each instead of 3-8 small ones)."""
+    """The non-GEMM pieces the fast path calls; ``compile=True`` wraps each in ``torch.compile``
+    (one or two fused kernels each instead of 3-8 small ones)."""
 
     def __init__(self, compile: bool = False):
         fns: dict[str, Callable] = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope": rope,
-                                    "swiglu": swiglu}
+                                    "swiglu": swiglu, "decode_attention": decode_attention,
+                                    "moe_route": moe_route, "moe_combine": moe_combine, "up_swiglu": up_swiglu}
         if compile:
-            fns = {k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in fns.items()}
-        self.rms_norm = fns["rms_norm"]
-        self.add_rms_norm = fns["add_rms_norm"]
-        self.rope = fns["rope"]
-        self.swiglu = fns["swiglu"]
+            fns = {k: _Compiled(f) for k, f in fns.items()}
+        for k, f in fns.items():
+            setattr(self, k, f)
         self.compiled = compile
 
 
@@ -110,19 +161,26 @@ def grouped_experts(x: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor, scale
     fixed shapes (the group offsets live on the device).  Sums in float32 like
     :func:`trtlm.runtime.moe.moe_forward`.
     """
-    T, k = expert_ids.shape
-    E = fc.shape[0]
+    k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = (flat[:, None] == torch.arange(E, device=flat.device)).sum(0)
+    counts = (flat[:, None] == torch.arange(fc.shape[0], device=flat.device)).sum(0)
     offs = counts.cumsum(0).to(torch.int32)
     xs = x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+    return moe_combine(grouped_swiglu(xs, fc, proj, offs), order, scales)
+
+
+def grouped_swiglu(xs: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor, offs: torch.Tensor,
+                   act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The experts' SwiGLU on rows grouped by expert (``offs``: cumulative rows per expert)."""
     h = F.grouped_mm(xs, fc.transpose(1, 2), offs=offs)  # [S, 2I]
+    return F.grouped_mm((act or up_swiglu)(h), proj.transpose(1, 2), offs=offs)  # [S, H]
+
+
+def up_swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of an expert's ``[..., 2I]`` product (``up`` rows first)."""
     up, gate = h.chunk(2, dim=-1)
-    a = F.silu(gate) * up
-    ys = F.grouped_mm(a, proj.transpose(1, 2), offs=offs)  # [S, H]
-    y = torch.empty_like(ys).index_copy_(0, order, ys)  # back to pair order t*k + j
-    return (y.view(T, k, -1).float() * scales.unsqueeze(-1)).sum(1).to(x.dtype)
+    return F.silu(gate) * up
 
 
 def grouped_mm_available(device: torch.device) -> bool:
@@ -153,7 +211,9 @@ class FastForward:
         self.scale = 1.0 / math.sqrt(d.head_size)
         self.rope_base = float(model.config.get("rotary_base", 10000.0))
         device = next(model.parameters()).device
-        self.grouped_moe = grouped_mm_available(device) if grouped_moe is None else grouped_moe
+        if grouped_moe is None:  # CUDA's grouped_mm kernels take bf16 only
+            grouped_moe = grouped_mm_available(device) and (device.type != "cuda" or model.dtype == torch.bfloat16)
+        self.grouped_moe = grouped_moe
         for block in model.transformer.layers:
             if isinstance(block.mlp, GatedMLP):
                 block.mlp.fuse()
@@ -223,11 +283,8 @@ class FastForward:
             vc.index_copy_(2, step.start, v.transpose(1, 2))
         keys, values = kc[:, :, :step.length], vc[:, :, :step.length]
         if T == 1:
-            # [B, KV, rep, D] @ [B, KV, D, L]: query head h reads KV head h // rep, no cache copies
-            qg = (q.reshape(B, KV, H // KV, D) * self.scale)
-            scores = torch.matmul(qg, keys.transpose(-1, -2)) + bias  # bias [B, 1, 1, L]
-            probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-            out = torch.matmul(probs, values).reshape(B, 1, H * D)
+            out = self.ops.decode_attention(q.reshape(B, KV, H // KV, D), keys, values, bias, self.scale)
+            out = out.reshape(B, 1, H * D)
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=bias,
                                                  enable_gqa=KV != H)
@@ -242,14 +299,13 @@ class FastForward:
             return mlp(x)
         if isinstance(mlp, MoE) and self.grouped_moe and mlp.expert_offset == 0 \
                 and mlp.fc.weight.shape[0] == mlp.router.weight.shape[0]:
-            from trtlm.runtime.moe import route
-
             B, T, Hd = x.shape
             flat = x.reshape(B * T, Hd)
-            logits = F.linear(flat.float(), mlp.router.weight.float())
-            scales, ids = route(logits, mlp.top_k, mlp.normalization_mode)
-            out = grouped_experts(flat, mlp.fc.weight, mlp.proj.weight, scales, ids)
-            return mlp.comm.all_reduce(out.view(B, T, Hd))
+            fc, proj = mlp.fc.weight, mlp.proj.weight
+            scales, order, xs, offs = self.ops.moe_route(flat, mlp.router.weight, mlp.top_k,
+                                                         mlp.normalization_mode, fc.shape[0])
+            ys = grouped_swiglu(xs, fc, proj, offs, self.ops.up_swiglu)
+            return mlp.comm.all_reduce(self.ops.moe_combine(ys, order, scales).view(B, T, Hd))
         return mlp(x)
 
 

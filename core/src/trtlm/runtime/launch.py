@@ -106,16 +106,21 @@ def _forward_output(stream, out) -> None:
     """Copy a child's stdout to ours as it comes (streaming output stays live)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     fd = stream.fileno()
+    broken = False
     while True:
-        chunk = os.read(fd, 65536)
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        text = decoder.decode(chunk, final=not chunk)
+        if text and not broken:
+            try:
+                out.write(text)
+                out.flush()
+            except (BrokenPipeError, ValueError):  # our reader went away: keep draining the child
+                broken = True
         if not chunk:
             break
-        out.write(decoder.decode(chunk))
-        out.flush()
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        out.write(tail)
-        out.flush()
 
 
 def failure_of(rank: int, code: int, error_file: Path) -> tuple[str, bool]:
@@ -166,7 +171,8 @@ def watch(procs: list[subprocess.Popen], error_dir: Path) -> None:
             if primary or now - first_seen >= SETTLE_S or all(c is not None for c in codes):
                 kill_all(procs)
                 rank = min(primary) if primary else min(reports)
-                raise UserError(f"rank {rank} failed: {reports[rank][0]}")
+                hint = "" if primary else " (while waiting for another rank)"
+                raise UserError(f"rank {rank} failed: {reports[rank][0]}{hint}")
         time.sleep(POLL_S)
 
 

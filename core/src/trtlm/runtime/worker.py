@@ -62,13 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         run_rank(request, env)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
         peer = False
-        if not isinstance(exc, UserError):
-            try:
-                from trtlm.runtime.distributed import is_peer_failure
+        try:
+            from trtlm.runtime.distributed import is_peer_failure
 
-                peer = is_peer_failure(exc)
-            except Exception:  # noqa: BLE001 - report the original error regardless
-                pass
+            peer = is_peer_failure(exc)
+        except Exception:  # noqa: BLE001 - report the original error regardless
+            pass
         _report(exc, peer)
         if not isinstance(exc, UserError) and not peer:
             rank = os.environ.get("RANK", "?")

@@ -44,8 +44,7 @@ def _load_hf(family, model_dir: Path, options: ConvertOptions) -> LoadedModel:
     loaded = default_load(family=family, model_dir=model_dir, options=options)
     hf = loaded.hf_config
     if not options.dummy_weights and hf.get("no_bias") is False:
-        keys = set(loaded.source.keys())
-        if "transformer.blocks.0.attn.Wqkv.bias" not in keys and not any(k.endswith(".bias") for k in keys):
+        if not any(k.endswith(".bias") for k in loaded.source.keys()):
             # transformers' MptForCausalLM has no biases whatever no_bias says: the model computes without them.
             log.info("%s: config.json says no_bias=false but the checkpoint holds no bias tensors "
                      "(a transformers MPT save); converting it as a bias-free model", model_dir)

@@ -1,0 +1,209 @@
+"""The GPU path of the torch runtime (fast forward, CUDA-graph decode, chunked host sync) and `trtlm bench`.
+
+CPU tests check that the fast forward and the static-shape decode compute what the model's own
+forward computes, and that reading tokens back every n steps changes nothing; GPU tests (skipped
+without CUDA) check bf16 logits against transformers and that CUDA-graph replay equals the same
+steps run eagerly.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trtlm.bench import dummy_model, weight_bytes_per_step
+from trtlm.runtime.cuda_graph import GraphForward
+from trtlm.runtime.fast import FastForward, grouped_experts
+from trtlm.runtime.generate import Runner, SamplingParams
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PROMPTS = [[5, 6, 7, 8, 9] * 5, [11, 12, 13]]  # 25 + 20 tokens cross the tiny Mistral's 32-token window
+
+
+def _model(family: str, dtype: str = "float32", device: str = "cpu"):
+    model = dummy_model(family, "tiny", dtype, device, seed=1).model
+    with torch.no_grad():  # larger weights than fill_random's: logits that separate tokens
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2, generator=torch.Generator(p.device).manual_seed(p.numel()))
+    return model
+
+
+def _eager_runner(model, sync_every: int = 1) -> Runner:
+    state = {}
+
+    def new_cache(batch, max_seq):
+        state["cache"] = model.new_cache(batch, max_seq)
+
+    def forward(tokens, start, pad):
+        return model(tokens, model.step(start, tokens.shape[1], pad), state["cache"])
+
+    return Runner(forward, new_cache, next(model.parameters()).device, sync_every=sync_every)
+
+
+def _generate(runner: Runner, n: int = 20, **kw):
+    return runner.generate(PROMPTS, SamplingParams(n, stop_at_eos=False, **kw), keep_logits=True)
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_static_fast_decode_matches_model_forward(family):
+    """GraphForward without graphs runs the exact step a graph would capture (device-side
+    start, bucketed static length, fast forward): same tokens and logits as the model's forward."""
+    model = _model(family)
+    ref = _generate(_eager_runner(model))
+    gf = GraphForward(model, graphs=False, bucket=8)
+    assert isinstance(gf.impl, FastForward)
+    out = _generate(Runner(gf, gf.new_cache, torch.device("cpu"), sync_every=4))
+    assert out.output_ids == ref.output_ids
+    torch.testing.assert_close(out.prompt_logits, ref.prompt_logits, atol=1e-4, rtol=1e-4)
+    assert len(out.step_logits) == len(ref.step_logits) == 19
+    for a, b in zip(out.step_logits, ref.step_logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the cache (and its graphs) is reused when the shape repeats: a second generation is the same
+    again = _generate(Runner(gf, gf.new_cache, torch.device("cpu")))
+    assert again.output_ids == ref.output_ids
+
+
+def test_sync_every_changes_nothing():
+    """Reading tokens back every 5 steps: same outputs, on_tokens calls and kept logits as every step,
+    also when every sequence stops at EOS in the middle of a chunk."""
+    model = _model("mistral")
+    free = _generate(_eager_runner(model), 12).output_ids
+    eos = (free[0][3], free[1][6])  # sequence 0 ends at step 3, sequence 1 at step 6 (mid-chunk)
+    results = []
+    for n in (1, 5):
+        calls = []
+        gen = _eager_runner(model, sync_every=n).generate(
+            PROMPTS, SamplingParams(12, eos_ids=eos), on_tokens=lambda i, t: calls.append((i, t)), keep_logits=True)
+        results.append((gen, calls))
+    (a, calls_a), (b, calls_b) = results
+    assert a.output_ids == b.output_ids
+    assert calls_a == calls_b
+    assert len(a.step_logits) == len(b.step_logits) == 6
+    for x, y in zip(a.step_logits, b.step_logits):
+        assert torch.equal(x, y)
+    assert a.output_ids[0][-1] in eos and len(a.output_ids[0]) <= 4
+
+
+def test_grouped_experts_match_moe_forward():
+    from trtlm.runtime.moe import moe_forward, route
+
+    g = torch.Generator().manual_seed(0)
+    E, H, I, T, k = 6, 32, 48, 7, 2
+    x = torch.randn(T, H, generator=g)
+    router = torch.randn(E, H, generator=g)
+    fc, proj = torch.randn(E, 2 * I, H, generator=g) / 6, torch.randn(E, H, I, generator=g) / 7
+    scales, ids = route(x @ router.t(), k, 1)
+    ours = grouped_experts(x, fc, proj, scales, ids)
+    ref = moe_forward(x, router, fc, proj, k, 1, strategy="dense")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_mlp_fuse_keeps_state_dict():
+    model = _model("mistral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, model.d.hidden)
+    mlp = model.transformer.layers[0].mlp
+    y = mlp(x)
+    mlp.fuse()
+    assert mlp.fused is not None
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(mlp(x), y)
+    # loading a checkpoint after fusing updates the fused weight too
+    new = {k: torch.randn_like(v) for k, v in before.items()}
+    model.load_state_dict(new)
+    fc_rows = new["transformer.layers.0.mlp.fc.weight"]
+    assert torch.equal(mlp.fused[0][:fc_rows.shape[0]], fc_rows)
+
+
+def test_weight_bytes_count_routed_experts_only():
+    model = dummy_model("mixtral", "tiny", "float32", "cpu").model
+    moe = model.transformer.layers[0].mlp
+    E, k = moe.fc.weight.shape[0], moe.top_k
+    expert = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dim() == 3)
+    emb = model.transformer.vocab_embedding.weight
+    rest = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dim() != 3) - emb.numel() * 4
+    assert weight_bytes_per_step(model, 1) == int(rest + emb.shape[1] * 4 + expert * k / E)
+
+
+def test_bench_cli_cpu(tmp_path):
+    from trtlm.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", "--family", "mixtral", "--preset", "tiny", "--dummy-weights", "--device", "cpu",
+          "--dtype", "float32", "--batch-size", "1,2", "--input-len", "4", "--output-len", "3", "--reps", "1",
+          "--mode", "graph,eager", "--compare-hf", "--hf-batch-size", "1", "--json", "--output", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["layers"] == 2 and doc["copy_bandwidth_GBps"] > 0
+    assert [(r["mode"], r["batch_size"]) for r in doc["results"]] == [
+        ("graph", 1), ("graph", 2), ("eager", 1), ("eager", 2)]
+    for r in doc["results"]:
+        for key in ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s_per_seq", "decode_tokens_per_s_total",
+                    "decode_step_ms", "roofline_fraction", "weight_bytes_per_step"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["cuda_graphs"] is False and r["peak_gpu_memory_gb"] is None
+        assert r["decode_tokens_per_s_total"] == pytest.approx(r["batch_size"] * r["decode_tokens_per_s_per_seq"])
+    assert doc["hf"][0]["batch_size"] == 1 and doc["hf"][0]["ttft_ms"] > 0
+    assert "speedup_vs_hf" in doc["results"][0]
+
+
+def test_bench_cli_errors(capsys):
+    from trtlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--family", "mistral", "--preset", "tiny", "--device", "cpu"])
+    assert "--dummy-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--family", "mistral", "--preset", "tiny", "--dummy-weights", "--device", "cpu",
+              "--batch-size", "1,x"])
+    assert "--batch-size" in capsys.readouterr().err
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+@CUDA
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_cuda_graph_decode_identical_to_eager(family):
+    """Replaying the captured decode step gives bit-identical logits to running that step eagerly."""
+    model = _model(family, "bfloat16", "cuda")
+    results = []
+    for graphs in (False, True):
+        gf = GraphForward(model, graphs=graphs, bucket=16)
+        results.append(_generate(Runner(gf, gf.new_cache, torch.device("cuda"), sync_every=8)))
+    eager, graph = results
+    assert graph.output_ids == eager.output_ids
+    assert len(graph.step_logits) == len(eager.step_logits) == 19
+    for a, b in zip(graph.step_logits, eager.step_logits):
+        assert torch.equal(a, b)
+
+
+@CUDA
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_bf16_logits_match_transformers_on_gpu(family, tmp_path):
+    """LLM on CUDA (fast forward + CUDA graphs) against transformers' model, both bf16 on the GPU:
+    prompt logits and the decode logits of the generated continuation (teacher-forced through
+    transformers) within a relative error of 3e-2 (bf16 rounding of two different kernel orders)."""
+    from trtlm.api import LLM
+    from trtlm.convert.options import ConvertOptions
+    from trtlm.convert.pipeline import convert
+    from trtlm.runtime.engine import BuildOptions, build
+    from trtlm.testing.models import make_tiny_model, transformers_class
+
+    model_dir = make_tiny_model(family, tmp_path / "hf")
+    convert(model_dir, tmp_path / "ckpt", ConvertOptions(dtype="bfloat16"))
+    build(tmp_path / "ckpt", tmp_path / "engine", BuildOptions())
+    llm = LLM(tmp_path / "engine", device="cuda")
+    prompt = PROMPTS[0]
+    out = llm.generate([prompt], max_new_tokens=12, keep_logits=True)[0]["output_ids"]
+    gen = llm.last_generation
+    config = json.loads((model_dir / "config.json").read_text())
+    hf = transformers_class(config).from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + out[:-1]], device="cuda")
+        ref = hf(ids).logits.float()[0]
+    ours = torch.cat([gen.prompt_logits[0].float()] + [s.float() for s in gen.step_logits], 0)
+    assert ours.shape == ref.shape
+    err = (ours - ref).norm() / ref.norm()
+    assert err < 3e-2, f"relative error {err:.3g}"
