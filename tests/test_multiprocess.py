@@ -258,7 +258,7 @@ def test_rank_exception_is_reported_in_one_line(engine, monkeypatch):
 
 @pytest.mark.multiprocess
 def test_hung_rank_ends_at_the_collective_timeout(engine, monkeypatch):
-    res = run_faulty(monkeypatch, engine("mistral", tp_size=2), "1:2:hang", "--dist-timeout", "3")
+    res = run_faulty(monkeypatch, engine("mistral", tp_size=2), "1:2:hang", "--dist-timeout", "5")
     assert res.exit_code == 1
     [line] = res.stderr_lines
     assert line.startswith("error: rank 0 failed: ") and "imed out" in line, line

@@ -582,29 +582,30 @@ def test_fast_commands_do_not_import_torch(plugin_site, args):
 
 
 # --------------------------------------------------------------------------- inspect
-TINY_MISTRAL = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                    sliding_window=16, tie_word_embeddings=False, rope_theta=10000.0)
+def llama_parameters(cfg: dict[str, Any]) -> int:
+    """Parameter count of a Llama-style HF config (untied embeddings), from the config alone."""
+    h, i, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    q, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // q
+    per_layer = (q + 2 * kv) * d * h + h * q * d + 3 * i * h + 2 * h
+    return 2 * v * h + n * per_layer + h
 
 
 @pytest.fixture(scope="module")
-def mistral_dirs(tmp_path_factory) -> dict[str, Any]:
-    """A tiny HF Mistral (transformers, random weights), its tp2 x pp2 float16 checkpoint and engine."""
-    transformers = pytest.importorskip("transformers")
-    import torch
-
+def mistral_dirs(tiny_mistral_dir, tmp_path_factory) -> dict[str, Any]:
+    """conftest's tiny HF Mistral (vocab 1001, 4 heads / 2 KV heads), its float16 checkpoint for
+    tp4 x pp2 (vocabulary padded to 1004 rows, KV heads duplicated across ranks) and its engine."""
     root = tmp_path_factory.mktemp("inspect")
-    torch.manual_seed(0)
-    model = transformers.MistralForCausalLM(transformers.MistralConfig(**TINY_MISTRAL)).eval()
-    model.save_pretrained(root / "hf", safe_serialization=True)
+    cfg = json.loads((tiny_mistral_dir / "config.json").read_text())
+    assert cfg["vocab_size"] % 4 and cfg["num_key_value_heads"] < 4, "the fixture no longer exercises padding"
     plugins_mod.reset_registry()
-    convert = invoke("convert", "--model-dir", str(root / "hf"), "--output-dir", str(root / "ckpt"),
-                     "--dtype", "float16", "--tp-size", "2", "--pp-size", "2")
+    convert = invoke("convert", "--model-dir", str(tiny_mistral_dir), "--output-dir", str(root / "ckpt"),
+                     "--dtype", "float16", "--tp-size", "4", "--pp-size", "2")
     assert convert.exit_code == 0, (convert.output, convert.exception)
     build = invoke("build", "--checkpoint-dir", str(root / "ckpt"), "--output-dir", str(root / "engine"))
     assert build.exit_code == 0, (build.output, build.exception)
-    return {"hf": root / "hf", "ckpt": root / "ckpt", "engine": root / "engine",
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {"hf": tiny_mistral_dir, "ckpt": root / "ckpt", "engine": root / "engine", "config": cfg,
+            "parameters": llama_parameters(cfg)}
 
 
 def inspect_json(path: Path) -> dict[str, Any]:
@@ -618,6 +619,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def test_inspect_hf_dir(clean_env, mistral_dirs):
+    cfg = mistral_dirs["config"]
     info = inspect_json(mistral_dirs["hf"])
     assert info["format"] == "hf"
     assert (info["architecture"], info["family"], info["plugin"], info["distribution"]) == (
@@ -626,7 +628,7 @@ def test_inspect_hf_dir(clean_env, mistral_dirs):
     assert info["dtype"] == "float32" and info["dtypes"] == {"F32": mistral_dirs["parameters"]}
     assert info["parallel"] == {"tp_size": 1, "pp_size": 1}
     assert info["size_bytes"] == dir_bytes(mistral_dirs["hf"])
-    assert (info["layers"], info["hidden_size"]) == (2, 32)
+    assert (info["layers"], info["hidden_size"]) == (cfg["num_hidden_layers"], cfg["hidden_size"])
 
 
 def test_inspect_checkpoint_dir(clean_env, mistral_dirs):
@@ -634,12 +636,12 @@ def test_inspect_checkpoint_dir(clean_env, mistral_dirs):
     assert info["format"] == "trtllm"
     assert (info["architecture"], info["family"], info["plugin"]) == ("MistralForCausalLM", "mistral", "mistral")
     # Merged across tensor-parallel ranks the checkpoint holds exactly the HF model's parameters;
-    # the raw sum counts every replicated norm once per rank.
+    # the raw sum also counts replicated norms and duplicated KV heads once per rank, and padding.
     assert info["parameters"] == mistral_dirs["parameters"]
     assert info["parameters_all_ranks"] > info["parameters"]
     assert info["dtype"] == "float16" and set(info["dtypes"]) == {"F16"}
-    assert info["parallel"]["tp_size"] == 2 and info["parallel"]["pp_size"] == 2
-    assert info["rank_files"] == [f"rank{r}.safetensors" for r in range(4)]
+    assert info["parallel"]["tp_size"] == 4 and info["parallel"]["pp_size"] == 2
+    assert info["rank_files"] == [f"rank{r}.safetensors" for r in range(8)]
     assert info["size_bytes"] == dir_bytes(mistral_dirs["ckpt"])
 
 
@@ -649,7 +651,7 @@ def test_inspect_engine_dir(clean_env, mistral_dirs):
     assert (info["family"], info["plugin"], info["distribution"]) == ("mistral", "mistral", "trtlm-plugin-mistral")
     assert info["build_config"]["backend"] == "torch"
     assert info["parameters"] == mistral_dirs["parameters"]
-    assert info["parallel"]["world_size"] == 4
+    assert info["parallel"]["world_size"] == 8
     text = invoke("inspect", str(mistral_dirs["engine"]))
     assert text.exit_code == 0
     rows = dict(line.split(None, 1) for line in text.output.splitlines())
@@ -709,13 +711,6 @@ def test_inspect_rejects_what_is_not_a_model_dir(tmp_path):
 
 
 # --------------------------------------------------------------------------- a third-party family end to end
-def acme_parameters(cfg: dict[str, Any]) -> int:
-    h, i, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    d, q, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    per_layer = (q + 2 * kv) * d * h + h * q * d + 3 * i * h + 2 * h
-    return 2 * v * h + n * per_layer + h
-
-
 def build_acme_engine(tmp_path: Path) -> Path:
     ckpt, engine = tmp_path / "ckpt", tmp_path / "engine"
     result = invoke("convert", "--family", "acme", "--preset", "tiny", "--dummy-weights", "--tp-size", "2",
@@ -743,7 +738,7 @@ def test_third_party_family_converts_builds_runs_and_inspects(with_test_plugins,
     assert (info["family"], info["plugin"], info["distribution"]) == ("acme", "acme", "trtlm-plugin-acme")
     from trtlm_acme import FAMILY
 
-    assert info["parameters"] == acme_parameters(FAMILY.presets["tiny"])
+    assert info["parameters"] == llama_parameters(FAMILY.presets["tiny"])
 
 
 @pytest.mark.multiprocess

@@ -218,6 +218,7 @@ class DistributedLLM(LLM):
                                DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
         self.device = self.state.device
         self.model = load_rank_model(self.engine_dir, self.config, self.state)
+        self.state.ready()
         self.pipeline = PipelineForward(self.model, self.state)
         self.runner = Runner(self.pipeline, self.pipeline.new_cache, self.device, BroadcastSampler(self.state))
 
@@ -228,6 +229,7 @@ class DistributedLLM(LLM):
     def _generate(self, request: dict[str, Any] | None, on_tokens) -> list[dict[str, Any]]:
         from trtlm.runtime.distributed import RemoteError, broadcast_object
 
+        # The default group (long timeout): the other ranks wait here for rank 0's next request.
         request = broadcast_object(request, src=0)
         if "error" in request:  # rank 0 refused the request: every rank raises the same error
             raise (UserError if self.rank == 0 else RemoteError)(request["error"])

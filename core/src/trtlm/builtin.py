@@ -46,6 +46,8 @@ def trtlm_map_layers(family, hf_config: dict[str, Any], options):
 
 @hookimpl(trylast=True)
 def trtlm_quantize(family, plan, loaded, options):
+    """Per-tensor generic quantization (:func:`trtlm.quant.plan.quantize_plan`); the plan unchanged
+    when neither ``--quant`` nor ``--kv-cache-dtype`` is given."""
     if not options.quant and not options.kv_cache_dtype:
         return plan
     from trtlm.quant.plan import quantize_plan
@@ -55,6 +57,8 @@ def trtlm_quantize(family, plan, loaded, options):
 
 @hookimpl(trylast=True)
 def trtlm_shard(family, plan, mapping):
+    """Rule-driven placement (:func:`trtlm.convert.plan.default_shard`): layers on pipeline stages,
+    tensor-parallel splits from :mod:`trtlm.layout`."""
     from trtlm.convert.plan import default_shard
 
     return default_shard(plan, mapping)
@@ -62,6 +66,8 @@ def trtlm_shard(family, plan, mapping):
 
 @hookimpl(trylast=True)
 def trtlm_build_network(family, config: dict[str, Any], backend: str, options):
+    """torch: ``functools.partial(Transformer, config)``, the config-driven decoder of
+    :mod:`trtlm.runtime.model`; tensorrt-llm: TensorRT-LLM's own builder, imported on use."""
     if backend == "torch":
         from functools import partial
 

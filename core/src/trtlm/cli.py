@@ -22,6 +22,7 @@ COMMANDS = {
     "build": "trtlm.commands.build:build_cmd",
     "run": "trtlm.commands.run:run_cmd",
     "quickstart": "trtlm.commands.quickstart:quickstart_cmd",
+    "eval": "trtlm.commands.eval:eval_cmd",
     "bench": "trtlm.commands.bench:bench_cmd",
     "new-plugin": "trtlm.commands.new_plugin:new_plugin_cmd",
 }

@@ -108,6 +108,7 @@ def trtlm_quantize(family: Family, plan: ConversionPlan, loaded: LoadedModel, op
     sharing scales, routers that must stay float32) mark them in
     ``map_layers`` or implement this hook.
 
+    :param family: the resolved family.
     :param plan: the plan from :func:`trtlm_map_layers`.
     :param loaded: the weights, for scales that depend on data.
     :param options: ``options.quant`` is ``None`` when no quantization was asked.
@@ -128,6 +129,8 @@ def trtlm_shard(family: Family, plan: ConversionPlan, mapping: Mapping) -> list[
     :class:`~trtlm.convert.plan.TensorSpec` carries.  Implement it only for
     a placement that rules cannot express.
 
+    :param family: the resolved family.
+    :param plan: the (quantized) plan from :func:`trtlm_quantize`.
     :param mapping: world, tensor, pipeline and expert parallel sizes.
     :return: one :class:`~trtlm.convert.plan.RankPlan` per rank, rank order.
 
@@ -143,8 +146,12 @@ def trtlm_export(family: Family, fmt: str, loaded: LoadedModel, options: Convert
     into ``output_dir`` (a temporary directory the core renames into place
     when the hook returns).
 
+    :param family: the resolved family.
     :param fmt: the requested format, one of the family's
         ``capabilities.formats_out`` other than ``"trtllm"``.
+    :param loaded: the model from :func:`trtlm_load_weights`.
+    :param options: all conversion options.
+    :param output_dir: the temporary directory to write into.
     :return: the directory written, or ``None`` if this plugin cannot.
 
     ``firstresult``: stops at the first non-``None`` value.
@@ -165,6 +172,7 @@ def trtlm_build_network(family: Family, config: dict[str, Any], backend: str, op
     For ``"tensorrt-llm"`` it returns an object whose ``build(checkpoint_dir,
     engine_dir)`` runs TensorRT-LLM's builder.
 
+    :param family: the family the checkpoint's architecture resolved to.
     :param config: the checkpoint's ``config.json`` (with ``mapping``).
     :param backend: ``"torch"`` or ``"tensorrt-llm"``.
     :param options: build options (max batch size, sequence lengths, ...).

@@ -52,7 +52,8 @@ def _count(headers: list[dict[str, Any]]) -> tuple[int, dict[str, int]]:
 def checkpoint_parameters(config: dict[str, Any], headers: list[dict[str, Any]]) -> int:
     """Parameters of a TensorRT-LLM checkpoint: every tensor merged across its tensor-parallel
     ranks with the split rules of :mod:`trtlm.layout` (on shapes only), so replicated tensors
-    count once and duplicated KV heads are undone; pipeline stages hold disjoint tensors."""
+    count once, duplicated KV heads are undone and vocabulary padding is left out; pipeline
+    stages hold disjoint tensors."""
     from trtlm.convert.mapping import Mapping
 
     mapping = Mapping.from_config(config)
@@ -60,7 +61,9 @@ def checkpoint_parameters(config: dict[str, Any], headers: list[dict[str, Any]])
         return _count(headers)[0]
     import torch
 
-    from trtlm.layout import split_rule
+    from trtlm.layout import Split, split_rule
+
+    vocab = int(config.get("vocab_size") or 0)
 
     total = 0
     for pp_rank in range(mapping.pp_size):
@@ -70,10 +73,13 @@ def checkpoint_parameters(config: dict[str, Any], headers: list[dict[str, Any]])
             if len(parts) != mapping.tp_size:
                 raise UserError(f"tensor {name} is missing from some tensor-parallel ranks of stage {pp_rank}")
             try:
-                merged = split_rule(name, config, tuple(info["shape"])).merge(parts, mapping)
-            except (ValueError, RuntimeError, IndexError):  # a layout the rules do not know: keep it exact per rank
-                merged = torch.empty(sum(math.prod(p.shape) for p in parts), device="meta")
-            total += math.prod(merged.shape)
+                rule = split_rule(name, config, tuple(info["shape"]))
+                shape = list(rule.merge(parts, mapping).shape)
+            except (ValueError, RuntimeError, IndexError):  # a layout the rules do not know: count what is stored
+                rule, shape = None, [sum(math.prod(p.shape) for p in parts)]
+            if isinstance(rule, Split) and rule.pad and vocab and shape[rule.dim] > vocab:
+                shape[rule.dim] = vocab  # rows padded to a multiple of tp
+            total += math.prod(shape)
     return total
 
 

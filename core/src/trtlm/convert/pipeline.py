@@ -237,13 +237,12 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
 def copy_tokenizer(model_dir: Path | None, out: Path) -> None:
     """Carry the tokenizer files along (TensorRT-LLM ignores extra files), so an
     engine built from this checkpoint can decode text without --tokenizer-dir."""
-    from trtlm.runtime.engine import TOKENIZER_FILES
+    from trtlm.runtime.tokenizer import tokenizer_files
 
     if model_dir is None:
         return
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out / name)
+    for path in tokenizer_files(model_dir):
+        shutil.copy2(path, out / path.name)
 
 
 def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,

@@ -41,6 +41,8 @@ from trtlm.runtime.launch import STORE_ENV, STORE_FD_ENV, RankEnv, rank_env  # n
 #: Environment of the test-only fault injection (see :func:`maybe_inject_fault`).
 FAULT_ENV = "TRTLM_TEST_FAULT"
 DEFAULT_TIMEOUT_S = 300.0
+#: Least time joining the job may take (imports and weight loading differ between ranks).
+RENDEZVOUS_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -115,6 +117,7 @@ class RankState:
     rank: int
     device: torch.device
     comm: Any
+    group: Any = None  #: all ranks, with the collective timeout (pipeline send/recv, token broadcast)
 
     @property
     def world_size(self) -> int:
@@ -150,13 +153,26 @@ class RankState:
         """Tp rank 0 of the last stage: the one rank that samples."""
         return (self.mapping.pp_size - 1) * self.mapping.tp_size
 
+    def ready(self) -> None:
+        """Wait (with the long rendezvous timeout) until every rank has loaded its
+        weights, so the collective timeout measures generation, not start-up skew."""
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
 
 def init_rank(mapping: Mapping, env: RankEnv, device: str | torch.device = "cpu",
               timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> RankState:
-    """Join the job's process group and create the tensor-parallel groups.
+    """Join the job's process group and create its groups.
 
-    ``timeout_s`` bounds every collective: a rank that stops answering makes
-    the others fail after that long instead of hanging.
+    ``timeout_s`` bounds every collective of generation: a rank that stops
+    answering makes the others fail after that long instead of hanging.
+    Joining (and :meth:`RankState.ready`) waits up to ``RENDEZVOUS_TIMEOUT_S``
+    (or ``timeout_s`` when longer): ranks start and load weights at different
+    speeds, and a rank that dies meanwhile is the launcher's (or torchrun's) to notice.
     """
     import torch.distributed as dist
 
@@ -167,29 +183,31 @@ def init_rank(mapping: Mapping, env: RankEnv, device: str | torch.device = "cpu"
     dev = rank_device(device, env.local_rank)
     backend = backend or default_backend(dev)
     timeout = timedelta(seconds=timeout_s)
+    rendezvous = timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S))
     if not dist.is_initialized():
         store = None
         if os.environ.get(STORE_ENV):  # started by trtlm.runtime.launch: rank 0 serves on the launcher's socket
             host, port = os.environ[STORE_ENV].rsplit(":", 1)
             fd = os.environ.get(STORE_FD_ENV)
             if fd is not None:
-                store = dist.TCPStore(host, int(port), env.world_size, True, timeout, master_listen_fd=int(fd))
+                store = dist.TCPStore(host, int(port), env.world_size, True, rendezvous, master_listen_fd=int(fd))
             else:
-                store = dist.TCPStore(host, int(port), env.world_size, False, timeout)
+                store = dist.TCPStore(host, int(port), env.world_size, False, rendezvous)
         kwargs: dict[str, Any] = {"store": store} if store is not None else {"init_method": "env://"}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
-    group = None
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=rendezvous, **kwargs)
+    # Groups with the collective timeout; every rank creates every group, in the same order.
+    world = dist.new_group(list(range(env.world_size)), timeout=timeout)
     tp = mapping.tp_size
-    for stage in range(mapping.pp_size):  # every rank creates every group, in the same order
+    group = None
+    for stage in range(mapping.pp_size):
         ranks = list(range(stage * tp, (stage + 1) * tp))
-        g = dist.group.WORLD if mapping.pp_size == 1 else (dist.new_group(ranks, timeout=timeout)
-                                                           if tp > 1 else None)
+        g = world if mapping.pp_size == 1 else (dist.new_group(ranks, timeout=timeout) if tp > 1 else None)
         if env.rank in ranks:
             group = g
     comm = TorchDistComm(group, tp, mapping.tp_rank(env.rank))
-    return RankState(mapping, env.rank, dev, comm)
+    return RankState(mapping, env.rank, dev, comm, world)
 
 
 def shutdown() -> None:
@@ -226,17 +244,17 @@ class PipelineForward:
             x = tokens
         else:
             x = torch.empty(B, T, model.d.hidden, dtype=model.dtype, device=st.device)
-            dist.recv(x, st.prev_rank)
+            dist.recv(x, st.prev_rank, group=st.group)
         out = model(x, step, self.cache)
         if not st.last:
-            dist.send(out.contiguous(), st.next_rank)
+            dist.send(out.contiguous(), st.next_rank, group=st.group)
             out = None
         if self.logits_to_rank0 and st.sampling_rank != 0:  # rank 0 is not on the last stage
             if st.rank == st.sampling_rank:
-                dist.send(out.contiguous(), 0)
+                dist.send(out.contiguous(), 0, group=st.group)
             elif st.rank == 0:
                 out = torch.empty(B, T, model.d.vocab, dtype=model.dtype, device=st.device)
-                dist.recv(out, st.sampling_rank)
+                dist.recv(out, st.sampling_rank, group=st.group)
         return out
 
 
@@ -257,7 +275,7 @@ class BroadcastSampler:
         else:
             nxt = torch.empty(batch, dtype=torch.long, device=st.device)
         if st.world_size > 1:
-            dist.broadcast(nxt, st.sampling_rank)
+            dist.broadcast(nxt, st.sampling_rank, group=st.group)
         return nxt
 
 
@@ -265,12 +283,12 @@ class RemoteError(UserError):
     """An error another rank raised and shared (this rank fails as a consequence)."""
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
     """``obj`` of rank ``src`` on every rank (requests are small: prompts and settings)."""
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 

@@ -117,8 +117,9 @@ def build(checkpoint_dir: Path, output_dir: Path, options: BuildOptions) -> dict
 
         with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
             list(pool.map(place, range(world)))
-        for name in TOKENIZER_FILES:
-            if (checkpoint_dir / name).exists():
-                shutil.copy2(checkpoint_dir / name, tmp / name)
+        from trtlm.runtime.tokenizer import tokenizer_files
+
+        for path in tokenizer_files(checkpoint_dir):
+            shutil.copy2(path, tmp / path.name)
         (tmp / "config.json").write_text(json.dumps(engine_config, indent=2) + "\n")
     return build_config

@@ -29,7 +29,7 @@ from trtlm import PLUGIN_API_VERSION, Capabilities, Family, hookimpl
 TRTLM_PLUGIN_API = PLUGIN_API_VERSION
 
 _ATTN = {
-    "alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0.0,
+    "alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0,
     "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
     "prefix_lm": False, "qk_ln": False, "softmax_scale": None,
 }

@@ -1,0 +1,291 @@
+"""Conversion speed and memory: ``trtlm convert`` against ``cp -r`` of the same checkpoint.
+
+Creates once (cached under ``--work-dir``, default /tmp/trtlm-bench) a ~1.5 GB
+sharded bf16 checkpoint of the Mistral architecture with random weights
+(hidden 2048, 14 layers, 16 heads / 4 KV heads, intermediate 5632, vocab 32000;
+safetensors shards written directly, no transformers needed), then measures,
+interleaved over ``--repeat`` rounds:
+
+* ``cp``: ``cp -r`` of the checkpoint's files, then ``fsync`` of every copied
+  file (the converter fsyncs its rank files before its atomic rename, so both
+  sides include getting the bytes to disk);
+* ``convert``: ``trtlm convert --tp-size 2 --dtype bfloat16`` (and ``--workers 2``)
+  as a fresh process, as a user runs it.
+
+Cache method: the page cache cannot be dropped without privileges, so instead
+every measurement starts *warm*: the source files are read once (to
+/dev/null) right before it, and the previous output is deleted.  Both sides
+therefore read from memory and write through the page cache to disk.
+
+Memory: while the convert process runs, ``/proc/<pid>/status`` is polled every
+2 ms for ``RssAnon`` (anonymous resident memory: tensors, Python, torch; not
+the page cache and not the mmapped safetensors pages) and ``VmHWM`` (the
+kernel's own high-water mark of the whole RSS, file-backed pages included).
+The child's ``ru_maxrss`` (from ``wait4``) is reported too: it equals VmHWM
+at exit and so is an upper bound that counts mmapped source pages.
+
+Targets: peak RssAnon <= 0.5 x checkpoint size + 0.6 GB; convert time <= 3 x cp time.
+
+    python bench/convert_bench.py                      # JSON on stdout
+    python bench/convert_bench.py --repeat 5 --work-dir /data/trtlm-bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+GB = 1e9
+
+CONFIG = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000, "hidden_size": 2048,
+    "intermediate_size": 5632, "num_hidden_layers": 14, "num_attention_heads": 16, "num_key_value_heads": 4,
+    "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "sliding_window": 4096, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    "dtype": "bfloat16",
+}
+SHARD_BYTES = 400_000_000
+
+
+def hf_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """HF Mistral tensor names and shapes for ``cfg``."""
+    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    D, heads, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (heads * D, H), p + "self_attn.k_proj.weight": (kv * D, H),
+            p + "self_attn.v_proj.weight": (kv * D, H), p + "self_attn.o_proj.weight": (H, heads * D),
+            p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
+        })
+    shapes["model.norm.weight"] = (H,)
+    shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+def make_checkpoint(model_dir: Path, cfg: dict) -> None:
+    """Write random bf16 shards + index + config.json, shard by shard (bounded memory)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shape in hf_tensor_shapes(cfg).items():
+        nbytes = 2 * int(torch.Size(shape).numel())
+        if size and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = None  # placeholder: filled when the shard is written
+        size += nbytes
+    shapes = hf_tensor_shapes(cfg)
+    weight_map, total = {}, 0
+    for n, names in enumerate(shards, 1):
+        fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            shape = shapes[name]
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            weight_map[name] = fname
+            total += tensors[name].numel() * 2
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tmp.rename(model_dir)
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def warm_read(d: Path) -> None:
+    """Read every file once so the measurement starts with the source in the page cache."""
+    buf = bytearray(16 << 20)
+    for f in sorted(d.iterdir()):
+        if f.is_file():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+
+
+def fsync_tree(d: Path) -> None:
+    for f in sorted(d.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def rusage_cpu(ru) -> float:
+    return ru.ru_utime + ru.ru_stime
+
+
+def time_cp(src: Path, dst: Path) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    warm_read(src)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["cp", "-r", str(src), str(dst)])
+    _, status, ru = os.wait4(proc.pid, 0)
+    t_copy = time.perf_counter() - t0
+    fsync_tree(dst)
+    t_total = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit("cp failed")
+    return {"wall_s": t_total, "wall_without_fsync_s": t_copy, "cpu_s": rusage_cpu(ru)}
+
+
+class StatusPoller(threading.Thread):
+    """Polls /proc/<pid>/status for the peak RssAnon and VmHWM (kB) of a running process."""
+
+    def __init__(self, pid: int, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_anon_kb = 0
+        self.hwm_kb = 0
+        self.samples = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        path = f"/proc/{self.pid}/status"
+        while not self.stop.is_set():
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except OSError:
+                return
+            for line in text.splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_anon_kb = max(self.peak_anon_kb, int(line.split()[1]))
+                elif line.startswith("VmHWM:"):
+                    self.hwm_kb = max(self.hwm_kb, int(line.split()[1]))
+            self.samples += 1
+            time.sleep(self.interval)
+
+
+def trtlm_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "trtlm"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "trtlm.cli"]
+
+
+def time_convert(src: Path, dst: Path, tp: int, workers: int) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    warm_read(src)
+    cmd = trtlm_cmd() + ["convert", "--model-dir", str(src), "--output-dir", str(dst), "--tp-size", str(tp),
+                         "--dtype", "bfloat16", "--workers", str(workers)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    poller = StatusPoller(proc.pid)
+    poller.start()
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    poller.stop.set()
+    poller.join()
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"convert failed: {err.strip()}")
+    return {"wall_s": wall, "cpu_s": rusage_cpu(ru), "peak_rss_anon_gb": poller.peak_anon_kb * 1024 / GB,
+            "vm_hwm_gb": poller.hwm_kb * 1024 / GB, "ru_maxrss_gb": ru.ru_maxrss * 1024 / GB,
+            "polls": poller.samples, "stdout": out.strip()}
+
+
+def time_startup() -> float:
+    """Fixed cost inside every convert run: a fresh interpreter importing torch and the pipeline."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import trtlm.convert.pipeline, trtlm.plugins; "
+                    "trtlm.plugins.get_registry()"], check=True)
+    return time.perf_counter() - t0
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/trtlm-bench"))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tp-size", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
+    args = ap.parse_args(argv)
+
+    cfg = dict(CONFIG, num_hidden_layers=args.layers)
+    work = args.work_dir
+    model = work / f"mistral-bf16-h{cfg['hidden_size']}-l{cfg['num_hidden_layers']}"
+    created = False
+    if not (model / "config.json").exists():
+        print(f"creating {model} ...", file=sys.stderr)
+        make_checkpoint(model, cfg)
+        created = True
+    size = dir_bytes(model)
+
+    cp_runs: list[dict] = []
+    conv_runs: dict[int, list[dict]] = {w: [] for w in args.workers}
+    startup = []
+    for i in range(args.repeat):
+        cp_runs.append(time_cp(model, work / "cp-out"))
+        for w in args.workers:
+            conv_runs[w].append(time_convert(model, work / "convert-out", args.tp_size, w))
+        startup.append(time_startup())
+        print(f"round {i + 1}/{args.repeat}: cp {cp_runs[-1]['wall_s']:.2f}s, convert "
+              + ", ".join(f"w{w} {conv_runs[w][-1]['wall_s']:.2f}s" for w in args.workers), file=sys.stderr)
+    out_size = dir_bytes(work / "convert-out")
+    shutil.rmtree(work / "cp-out", ignore_errors=True)
+    shutil.rmtree(work / "convert-out", ignore_errors=True)
+
+    cp_s = median_of(cp_runs, "wall_s")
+    mem_target = 0.5 * size / GB + 0.6
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_at_end": os.getloadavg()},
+        "checkpoint": {"path": str(model), "bytes": size, "gb": size / GB, "created_now": created,
+                       "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                      "vocab_size", "num_attention_heads", "num_key_value_heads")}},
+        "method": "warm source (read once before each run), previous output deleted, medians of "
+                  f"{args.repeat} interleaved rounds; cp = cp -r + fsync of copied files; convert = fresh "
+                  "`trtlm convert` process (fsyncs its rank files); memory polled from /proc/<pid>/status every 2 ms",
+        "cp": {"median_wall_s": cp_s, "median_wall_without_fsync_s": median_of(cp_runs, "wall_without_fsync_s"),
+               "runs": cp_runs},
+        "startup_import_s": statistics.median(startup),
+        "convert": {},
+        "targets": {"peak_rss_anon_gb_max": mem_target, "time_ratio_max": 3.0},
+        "output_bytes": out_size,
+    }
+    for w, runs in conv_runs.items():
+        wall = median_of(runs, "wall_s")
+        peak = max(r["peak_rss_anon_gb"] for r in runs)
+        result["convert"][f"workers={w}"] = {
+            "command": " ".join(["trtlm", "convert", "--model-dir", "MODEL", "--output-dir", "OUT", "--tp-size",
+                                 str(args.tp_size), "--dtype", "bfloat16", "--workers", str(w)]),
+            "median_wall_s": wall, "median_cpu_s": median_of(runs, "cpu_s"),
+            "time_ratio_vs_cp": wall / cp_s,
+            "peak_rss_anon_gb": peak, "max_vm_hwm_gb": max(r["vm_hwm_gb"] for r in runs),
+            "max_ru_maxrss_gb": max(r["ru_maxrss_gb"] for r in runs),
+            "meets_time_target": wall <= 3.0 * cp_s, "meets_memory_target": peak <= mem_target,
+            "runs": [{k: v for k, v in r.items() if k != "stdout"} for r in runs],
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
