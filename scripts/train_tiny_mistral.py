@@ -294,6 +294,7 @@ def train_model(stream: torch.Tensor, eval_ids: list[int], vocab_size: int, log)
                 msg += f"  eval_ppl {eval_ppl(model, eval_ids):.3f}"
             log(msg)
     train_time = time.time() - t0
+    log(f"load average {os.getloadavg()}")
     model.eval()
     return model, losses, train_time
 
@@ -388,7 +389,9 @@ Python {py_version} stdlib (`{stdlib}`), torch {torch_version}, transformers
 
 ## Results
 
-- Training wall time: {train_time:.0f} s ({train_min:.1f} min) on this machine ({cpu}).
+- Training wall time: {train_time:.0f} s ({train_min:.1f} min) on this machine ({cpu};
+  1-min load average when training ended: {load:.1f}; other processes competing for
+  the cores inflate this number).
 - Final train loss (mean of last 50 steps): {final_loss:.4f} (last step {last_loss:.4f}).
 - Held-out perplexity, first {eval_tokens} tokens of `eval.txt` in chunks of {eval_chunk}
   (each chunk fed as `[BOS] + chunk`): **{ppl_2048:.3f}**; over all of `eval.txt`
@@ -446,6 +449,7 @@ def main():
         f"data prep {time.time() - t_start:.0f}s")
 
     model, losses, train_time = train_model(stream, eval_ids, vocab, log)
+    load = os.getloadavg()[0]
 
     ppl_2048 = eval_ppl(model, eval_ids)
     ppl_all = eval_ppl(model, eval_ids, n_tokens=len(eval_ids))
@@ -530,6 +534,7 @@ def main():
         train_time=train_time,
         train_min=train_time / 60,
         cpu=f"{platform.machine()}, {os.cpu_count()} cores",
+        load=load,
         final_loss=final_loss,
         last_loss=losses[-1],
         eval_tokens=EVAL_TOKENS,

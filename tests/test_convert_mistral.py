@@ -187,7 +187,7 @@ def test_single_kv_head_is_duplicated(tp, make_tiny_mistral, tmp_path):
         assert torch.equal(qkv[(4 // tp) * 16:(4 // tp + 1) * 16], k)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bytes copied as they are / cast
 def test_sharded_tied_input(dtype, make_tiny_mistral, tmp_path):
     """A sharded safetensors checkpoint (model.safetensors.index.json) with tied embeddings:
     lm_head.weight is written as a copy of the embedding."""

@@ -6,13 +6,13 @@ torchrun works too).  Greedy tokens must equal the single-process engine's
 (ranks merged in one process) and transformers'.  Faults are injected with the
 test-only ``TRTLM_TEST_FAULT=RANK:CALL:MODE`` hook of trtlm.runtime.distributed.
 
-Kept small: tiny models, 2-4 processes, one thread each, a few tokens.
+Kept small: tiny models, 2-4 processes, one thread each, a few tokens.  Tests that start
+processes are marked ``multiprocess`` (``-m "not multiprocess"`` leaves them out).
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -338,7 +338,7 @@ def test_build_workers_prepare_ranks_in_parallel(engine, tmp_path):
         assert res.exit_code == 0, res.stderr
         outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert outs[1] == outs[4]
-    assert {f"config.json", *(f"rank{r}.safetensors" for r in range(4))} <= set(outs[4])
+    assert {"config.json", *(f"rank{r}.safetensors" for r in range(4))} <= set(outs[4])
 
     bad = tmp_path / "bad"
     bad.mkdir()

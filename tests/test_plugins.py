@@ -334,12 +334,18 @@ def test_families_hook_failures_leave_nothing_registered():
         def trtlm_families(self):
             raise RuntimeError("cannot declare")
 
+    class Exits(_Plugin):
+        @hookimpl
+        def trtlm_families(self):
+            raise SystemExit(2)
+
     registry = fresh_registry()
     assert registry.add_plugin(Raises(), "raises", "d", "1").error == "RuntimeError: cannot declare"
+    assert registry.add_plugin(Exits(), "exits", "d", "1").error == "SystemExit: 2"
     assert registry.pm.get_plugin("raises") is None
     record = registry.add_plugin(_Plugin("not a family"), "notfamily", "d", "1")
     assert record.status == "broken" and "expected trtlm.Family" in record.error
-    assert [r.status for r in registry.records] == ["ok", "broken", "broken"]
+    assert [r.status for r in registry.records] == ["ok", "broken", "broken", "broken"]
 
 
 def test_a_working_plugin_keeps_working_next_to_broken_ones():
@@ -352,6 +358,16 @@ def test_a_working_plugin_keeps_working_next_to_broken_ones():
 
 
 # --------------------------------------------------------------------------- conflicts
+def test_two_distributions_with_one_plugin_name():
+    registry = fresh_registry()
+    assert registry.add_plugin(_Plugin(family("one")), "same", "dist-a", "1").status == "ok"
+    record = registry.add_plugin(_Plugin(family("two")), "same", "dist-b", "2")
+    assert record.status == "broken"
+    assert record.error == "plugin name 'same' is used by both dist-a and dist-b; uninstall one of them"
+    assert registry.resolve_hf({"architectures": ["OneForCausalLM"]}).distribution == "dist-a"
+    assert "two" not in registry.families
+
+
 def test_conflicting_architecture_is_an_error_naming_both_distributions(with_test_plugins):
     with_test_plugins.setenv("TRTLM_PLUGINS", "conflict,mistral")
     registry = plugins_mod.get_registry()

@@ -25,13 +25,13 @@ MAX_TOKENS = 4096
 
 #: mode -> (convert options, largest allowed relative perplexity increase over float32)
 BOUNDS = {
-    "fp8": (dict(quant="fp8"), 0.02),
-    "fp8+fp8kv": (dict(quant="fp8", kv_cache_dtype="fp8"), 0.02),
-    "int8-wo": (dict(quant="int8-wo"), 0.01),
-    "int4-wo": (dict(quant="int4-wo"), 0.12),
-    "int4-awq": (dict(quant="int4-awq"), 0.08),
-    "int8-sq": (dict(quant="int8-sq"), 0.05),
-    "int8kv": (dict(kv_cache_dtype="int8"), 0.01),
+    "fp8": (dict(quant="fp8"), 0.01),
+    "fp8+fp8kv": (dict(quant="fp8", kv_cache_dtype="fp8"), 0.015),
+    "int8-wo": (dict(quant="int8-wo"), 0.005),
+    "int4-wo": (dict(quant="int4-wo"), 0.04),
+    "int4-awq": (dict(quant="int4-awq"), 0.03),
+    "int8-sq": (dict(quant="int8-sq"), 0.02),
+    "int8kv": (dict(kv_cache_dtype="int8"), 0.005),
 }
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file() or not EVAL.is_file(),
@@ -40,7 +40,9 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file() or n
 
 def _engine(tmp: Path, name: str, **opts) -> Path:
     ck, eng = tmp / f"ck-{name}", tmp / f"eng-{name}"
-    convert(MODEL, ck, ConvertOptions(dtype="float32", **opts))
+    # a smaller calibration set than the CLI default keeps the test fast (the table in
+    # docs/quantization.md uses the defaults)
+    convert(MODEL, ck, ConvertOptions(dtype="float32", calib_size=16, calib_max_seq_len=128, **opts))
     build(ck, eng, BuildOptions())
     return eng
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from trtlm.convert.mapping import Mapping
+from trtlm.meta import cat
 
 
 class SplitRule:
@@ -56,11 +57,11 @@ class Split(SplitRule):
             padded = -(-size // n) * n
             pad_shape = list(t.shape)
             pad_shape[self.dim] = padded - size
-            t = torch.cat([t, t.new_zeros(pad_shape)], dim=self.dim)
+            t = cat([t, t.new_zeros(pad_shape)], dim=self.dim)
         return t.chunk(n, dim=self.dim)[tp_rank]
 
     def merge(self, parts, mapping):
-        return torch.cat(parts, dim=self.dim)
+        return cat(parts, dim=self.dim)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class QKVSplit(SplitRule):
             head = tp_rank * self.num_kv_heads // n
             sl = slice(head * self.head_size, (head + 1) * self.head_size)
             k, v = k[sl], v[sl]
-        return torch.cat([q, k, v], dim=0)
+        return cat([q, k, v], dim=0)
 
     def merge(self, parts, mapping):
         n = len(parts)
@@ -105,7 +106,7 @@ class QKVSplit(SplitRule):
         if self.num_kv_heads < n:  # undo the duplication: every (tp/kv)-th rank's copy
             step = n // self.num_kv_heads
             ks, vs = ks[::step], vs[::step]
-        return torch.cat(qs + ks + vs, dim=0)
+        return cat(qs + ks + vs, dim=0)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class ExpertSplit(SplitRule):
         for h in halves:
             if h.shape[self.inner_dim] % mtp:
                 raise ValueError(f"expert dimension {h.shape[self.inner_dim]} does not divide by moe_tp={mtp}")
-        return torch.cat([h.chunk(mtp, dim=self.inner_dim)[r] for h in halves], dim=self.inner_dim)
+        return cat([h.chunk(mtp, dim=self.inner_dim)[r] for h in halves], dim=self.inner_dim)
 
     def merge(self, parts, mapping):
         ep, mtp = mapping.moe_ep_size, mapping.moe_tp_size
@@ -140,9 +141,9 @@ class ExpertSplit(SplitRule):
                 blocks.append(ranks[0])
                 continue
             halves = [r.chunk(self.halves, dim=self.inner_dim) for r in ranks]
-            blocks.append(torch.cat([torch.cat([h[i] for h in halves], dim=self.inner_dim)
+            blocks.append(cat([cat([h[i] for h in halves], dim=self.inner_dim)
                                      for i in range(self.halves)], dim=self.inner_dim))
-        return torch.cat(blocks, dim=0)
+        return cat(blocks, dim=0)
 
 
 _LAYER = re.compile(r"^transformer\.layers\.\d+\.")

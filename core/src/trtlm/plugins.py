@@ -221,6 +221,12 @@ class Registry:
                     f"(set TRTLM_PLUGIN_API = {PLUGIN_API_VERSION} after porting the plugin)"
                 )
             record.hooks = self._check_hookimpls(plugin)
+            taken = next((r for r in self.records if r.name == name and r.status == "ok" and r is not record), None)
+            if taken is not None:
+                raise PluginError(
+                    f"plugin name {name!r} is used by both {taken.distribution} and {distribution}; "
+                    f"uninstall one of them"
+                )
             self.pm.register(plugin, name=name)
             try:
                 families = plugin.trtlm_families() if "trtlm_families" in record.hooks else []
@@ -228,7 +234,9 @@ class Registry:
             except BaseException:
                 self.pm.unregister(plugin)
                 raise
-        except Exception as exc:  # the error boundary: record, never propagate
+        except BaseException as exc:  # the error boundary: record, never propagate (even SystemExit)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             record.status = "broken"
             record.error = describe_error(exc)
         return record
@@ -438,6 +446,7 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
 #: A registry installed by :func:`use_registry` (tests) takes precedence over discovery.
 _override: Registry | None = None
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import os
 import struct
 import threading
 import zlib
@@ -21,6 +24,11 @@ _ST_DTYPES = {
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and sanity-check a safetensors header without reading tensor data."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header (``__metadata__`` removed) and the file offset where tensor data begins."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -33,7 +41,10 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             if n > size - 8:
                 raise UserError(f"{path}: truncated ({size} bytes, its header alone needs {8 + n}); re-download it")
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        if not isinstance(header, dict) or not all(
+                isinstance(v, dict) and "data_offsets" in v for k, v in header.items() if k != "__metadata__"):
+            raise ValueError("not a tensor table")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         raise UserError(f"{path}: corrupt safetensors header; re-download or re-save it") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
@@ -41,27 +52,45 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise UserError(f"{path}: truncated ({size} bytes, header needs {8 + n + end}); re-download it")
-    return header
+    return header, 8 + n
 
 
 class SafetensorsSource:
-    """Tensors from one or more safetensors files, read lazily one at a time."""
+    """Tensors from one or more safetensors files, read lazily one at a time.
+
+    Each file is memory-mapped once (private, copy-on-write) and ``get``
+    returns a tensor *on the mapping*: no copy is made, reading the data
+    faults in page-cache pages (file-backed memory the kernel can drop, not
+    anonymous memory), and a row block of it is written out straight from the
+    page cache.  Writing to a returned tensor copies only the touched pages
+    and never changes the file.
+    """
 
     def __init__(self, files: dict[str, Path]) -> None:
         """:param files: tensor name -> file holding it."""
         self._file_of = files
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._offset: dict[str, int] = {}
         for path in sorted(set(files.values())):
-            for name, info in read_safetensors_header(path).items():
+            header, base = _read_header(path)
+            for name, info in header.items():
                 if files.get(name) == path:
                     dt = _ST_DTYPES.get(info["dtype"])
                     if dt is None:
                         raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-                    self._meta[name] = (tuple(info["shape"]), dt)
+                    shape = tuple(int(d) for d in info["shape"])
+                    start, end = (int(o) for o in info["data_offsets"])
+                    if end - start != math.prod(shape) * dt.itemsize:
+                        raise UserError(f"{path}: corrupt safetensors header: tensor {name}'s byte range "
+                                        f"[{start}, {end}) does not hold {info['dtype']} {list(shape)}")
+                    self._meta[name] = (shape, dt)
+                    self._offset[name] = base + start
         missing = sorted(set(files) - set(self._meta))
         if missing:
             raise UserError(f"{files[missing[0]]}: tensor {missing[0]} is listed in the index but not in the file")
-        self._local = threading.local()
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "SafetensorsSource":
@@ -94,19 +123,45 @@ class SafetensorsSource:
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def _map(self, path: Path) -> mmap.mmap:
+        with self._lock:
+            mm = self._maps.get(path)
+            if mm is None:
+                try:
+                    with open(path, "rb") as f:
+                        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as exc:
+                    raise UserError(f"{path}: cannot read ({exc})") from None
+                self._maps[path] = mm
+            return mm
 
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
+    def locate(self, name: str) -> tuple[int, int]:
+        """``(fd, offset)`` of ``name``'s bytes (row-major, little-endian) in its file, for
+        copying ranges of it inside the kernel.  The fd stays open while this source lives."""
         path = self._file_of[name]
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt")
-        try:
-            return handles[path].get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types
-            raise UserError(f"{path}: cannot read tensor {name} ({exc})") from None
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        return fd, self._offset[name]
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def get(self, name: str) -> torch.Tensor:
+        shape, dtype = self._meta[name]
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        mm = self._map(self._file_of[name])
+        return torch.frombuffer(mm, dtype=dtype, count=numel, offset=self._offset[name]).view(shape)
 
 
 class StateDictSource:

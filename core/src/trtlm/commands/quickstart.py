@@ -30,7 +30,7 @@ def quickstart_cmd(model_dir, work_dir, prompts, tp_size, max_output_len, device
     from trtlm.runtime.engine import BuildOptions, build
 
     model_dir = model_dir or bundled_model_dir()
-    prompts = prompts or ("def fibonacci(n):\n", "import os\n\n\ndef ")
+    prompts = prompts or ("def ", "for i in range(", "    def __init__(self")
     ckpt, engine = work_dir / "checkpoint", work_dir / "engine"
     t0 = time.perf_counter()
     result = convert(model_dir, ckpt, ConvertOptions(tp_size=tp_size, force=True))

@@ -18,6 +18,7 @@ import torch
 from trtlm.convert.mapping import Mapping
 from trtlm.errors import UserError
 from trtlm.layout import SplitRule, split_rule
+from trtlm.meta import cat
 
 Combine = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -29,7 +30,7 @@ def take_first(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def concat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Combine for fused projections (qkv = cat(q, k, v))."""
-    return torch.cat(list(tensors), dim=0)
+    return cat(list(tensors), dim=0)
 
 
 @dataclass(frozen=True)

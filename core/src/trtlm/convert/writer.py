@@ -4,14 +4,18 @@ The header of a safetensors file lists every tensor's dtype, shape and byte
 range.  A conversion plan knows all of these before reading any weight, so
 each rank file is created at its final size with its header in place, and
 tensors are then written at their offsets (``os.pwrite``) in any order, by
-any number of worker threads, one tensor in memory per worker.
+any number of worker threads, one tensor in memory per worker.  Tensors that
+are plain byte ranges of source files are copied inside the kernel instead
+(:meth:`RankFileWriter.copy`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -48,6 +52,11 @@ class RankFileWriter:
         os.ftruncate(self._fd, self._base + offset)
         self._pending = set(layout)
 
+    def planned(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype the header promises for ``name``."""
+        _offset, _nbytes, shape, dtype = self._offsets[name]
+        return tuple(shape), dtype
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         offset, nbytes, shape, dtype = self._offsets[name]
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
@@ -59,8 +68,64 @@ class RankFileWriter:
             written += os.pwrite(self._fd, view[written:], self._base + offset + written)
         self._pending.discard(name)
 
+    def copy(self, name: str, segments: Sequence[tuple[int | None, int, int]]) -> None:
+        """Fill tensor ``name`` with byte ranges of other files, in order, inside the kernel.
+
+        :param segments: ``(fd, offset, nbytes)`` per range; ``fd`` ``None`` for zero bytes
+            (already there: the file was created at its full size, zero-filled).
+
+        ``os.copy_file_range`` moves page-cache pages to page-cache pages without a
+        round trip through this process (what ``cp`` does); where it is not
+        available (other OS, some cross-filesystem cases) it falls back to
+        ``pread``/``pwrite`` in 16 MB pieces.
+        """
+        offset, nbytes, _shape, _dtype = self._offsets[name]
+        if sum(n for _, _, n in segments) != nbytes:
+            raise AssertionError(f"{name}: planned {nbytes} bytes, segments hold {sum(n for _, _, n in segments)}")
+        pos = self._base + offset
+        for fd, src, n in segments:
+            if fd is not None:
+                copy_range(fd, src, self._fd, pos, n)
+            pos += n
+        self._pending.discard(name)
+
     def close(self) -> None:
         if self._pending:
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self._pending)[:3]}")
         os.fsync(self._fd)
         os.close(self._fd)
+        self._fd = -1
+
+    def discard(self) -> None:
+        """Close without checks (the conversion failed; the directory is being removed)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` between two files at the given offsets (``copy_file_range``, else pread/pwrite)."""
+    global _COPY_FILE_RANGE
+    done = 0
+    while done < nbytes and _COPY_FILE_RANGE:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            _COPY_FILE_RANGE = False
+            break
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of file copying {nbytes} bytes at offset {src_offset}")
+        done += n
+    while done < nbytes:
+        chunk = os.pread(src_fd, min(nbytes - done, 16 << 20), src_offset + done)
+        if not chunk:
+            raise OSError(errno.EIO, f"unexpected end of file copying {nbytes} bytes at offset {src_offset}")
+        view, written = memoryview(chunk), 0
+        while written < len(chunk):
+            written += os.pwrite(dst_fd, view[written:], dst_offset + done + written)
+        done += len(chunk)

@@ -118,6 +118,12 @@ class RankState:
     device: torch.device
     comm: Any
     group: Any = None  #: all ranks, with the collective timeout (pipeline send/recv, token broadcast)
+    backend: str = "gloo"
+
+    @property
+    def p2p_via_cpu(self) -> bool:
+        """gloo sends and receives only CPU tensors (its collectives do take CUDA tensors)."""
+        return self.backend == "gloo" and self.device.type != "cpu"
 
     @property
     def world_size(self) -> int:
@@ -207,7 +213,7 @@ def init_rank(mapping: Mapping, env: RankEnv, device: str | torch.device = "cpu"
         if env.rank in ranks:
             group = g
     comm = TorchDistComm(group, tp, mapping.tp_rank(env.rank))
-    return RankState(mapping, env.rank, dev, comm, world)
+    return RankState(mapping, env.rank, dev, comm, world, backend)
 
 
 def shutdown() -> None:
@@ -233,8 +239,6 @@ class PipelineForward:
         self.cache = self.model.new_cache(batch, max_seq, self.state.device)
 
     def __call__(self, tokens: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor | None:
-        import torch.distributed as dist
-
         st, model = self.state, self.model
         self.calls += 1
         maybe_inject_fault(st.rank, self.calls)
@@ -243,19 +247,31 @@ class PipelineForward:
         if st.first:
             x = tokens
         else:
-            x = torch.empty(B, T, model.d.hidden, dtype=model.dtype, device=st.device)
-            dist.recv(x, st.prev_rank, group=st.group)
+            x = self._recv((B, T, model.d.hidden), st.prev_rank)
         out = model(x, step, self.cache)
         if not st.last:
-            dist.send(out.contiguous(), st.next_rank, group=st.group)
+            self._send(out, st.next_rank)
             out = None
         if self.logits_to_rank0 and st.sampling_rank != 0:  # rank 0 is not on the last stage
             if st.rank == st.sampling_rank:
-                dist.send(out.contiguous(), 0, group=st.group)
+                self._send(out, 0)
             elif st.rank == 0:
-                out = torch.empty(B, T, model.d.vocab, dtype=model.dtype, device=st.device)
-                dist.recv(out, st.sampling_rank, group=st.group)
+                out = self._recv((B, T, model.d.vocab), st.sampling_rank)
         return out
+
+    def _send(self, x: torch.Tensor, dst: int) -> None:
+        import torch.distributed as dist
+
+        x = x.cpu() if self.state.p2p_via_cpu else x.contiguous()
+        dist.send(x, dst, group=self.state.group)
+
+    def _recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        st = self.state
+        x = torch.empty(shape, dtype=self.model.dtype, device="cpu" if st.p2p_via_cpu else st.device)
+        dist.recv(x, src, group=st.group)
+        return x.to(st.device)
 
 
 class BroadcastSampler:
