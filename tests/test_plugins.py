@@ -65,6 +65,17 @@ HOOK_NAMES = {n for n in dir(hookspecs) if n.startswith("trtlm_")}
 
 
 # --------------------------------------------------------------------------- fixtures / helpers
+def can_build_wheels_here() -> bool:
+    """This environment's setuptools can build a wheel: setuptools >= 70.1 has bdist_wheel built
+    in, older ones need the ``wheel`` package (a fresh Python 3.11 venv has setuptools 65 alone)."""
+    find = importlib.util.find_spec
+    try:
+        return find("setuptools") is not None and (
+            find("wheel") is not None or find("setuptools.command.bdist_wheel") is not None)
+    except ImportError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory) -> Path:
     """tests/plugins/* installed with pip into a fresh --target directory (built from a copy,
@@ -74,8 +85,9 @@ def plugin_site(tmp_path_factory) -> Path:
     shutil.copytree(TEST_PLUGINS, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
            "--disable-pip-version-check", "--target", str(site)]
-    if importlib.util.find_spec("setuptools") is not None:
+    if can_build_wheels_here():
         cmd += ["--no-build-isolation", "--no-index"]  # build with this environment's setuptools, offline
+    # else pip builds each project in an isolated environment with setuptools from the package index
     cmd += [str(p) for p in sorted(src.iterdir()) if (p / "pyproject.toml").exists()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -76,6 +76,6 @@ def test_eval_cli_matches_transformers(tmp_path):
     res = CliRunner().invoke(cli, ["eval", "--engine-dir", str(eng), "--dataset", str(EVAL), "--hf-model-dir",
                                    str(MODEL), "--max-tokens", "1024", "--json"])
     assert res.exit_code == 0, res.output
-    r = json.loads(res.output)
+    r = json.loads(res.stdout[res.stdout.index("{"):])
     assert r["trtlm"]["tokens"] == r["hf"]["tokens"] > 0
     assert abs(r["relative_delta"]) < 1e-4
