@@ -283,3 +283,60 @@ def test_matches_modelopt_export(name, tmp_path):
     want = read_ranks(ref_dir)
     for rank, (g, w) in enumerate(zip(got, want)):
         assert_same_tensors(g, w, f"{name} rank{rank}")
+
+
+# --------------------------------------------------------------------------------------------
+# The copy path: bytes that do not change are copied between files, not rebuilt as tensors
+# --------------------------------------------------------------------------------------------
+def test_unchanged_bytes_are_copied_as_file_ranges(tiny_mistral_dir, tmp_path):
+    """A same-dtype conversion copies row blocks (qkv heads, vocabulary rows with zero padding)
+    as file ranges; only splits of another dimension (row-parallel weights) build tensors.
+    The layout tests above check the bytes; this checks that the fast path is the one taken."""
+    from trtlm.convert.mapping import Mapping
+    from trtlm.convert.pipeline import direct_copies
+    from trtlm.convert.plan import default_shard
+    from trtlm.convert.writer import RankFileWriter
+    from trtlm.llama import llama_plan
+    from trtlm.sources import SafetensorsSource
+
+    hf_cfg = json.loads((tiny_mistral_dir / "config.json").read_text())
+    plan = llama_plan(hf_cfg, ConvertOptions(tp_size=2), "MistralForCausalLM")
+    mapping = Mapping(2, 1)
+    ranks = default_shard(plan, mapping)
+    source = SafetensorsSource.from_dir(tiny_mistral_dir)
+    expected = expected_ranks(*read_hf(tiny_mistral_dir), 2, 1, torch.float32)
+    writers = [RankFileWriter(tmp_path / f"r{rp.rank}", {rt.name: (tuple(expected[rp.rank][rt.name].shape),
+                                                                   torch.float32) for rt in rp.tensors})
+               for rp in ranks]
+    targets = {}
+    for w, rp in zip(writers, ranks):
+        for rt in rp.tensors:
+            targets.setdefault(rt.spec.name, []).append((w, rp, rt))
+
+    def segments(name):
+        return direct_copies(plan.spec(name), targets[name], source, mapping, torch.float32)
+
+    lm_head = segments("lm_head.weight")
+    assert [len(s) for s in lm_head] == [1, 2]  # rank 1: its 500 rows, then 1 zero padding row
+    assert lm_head[1][1] == (None, 0, 64 * 4)
+    assert [len(s) for s in segments("transformer.layers.0.attention.qkv.weight")] == [3, 3]  # q, k, v blocks
+    assert segments("transformer.layers.0.mlp.fc.weight") is not None
+    assert segments("transformer.layers.0.attention.dense.weight") is None  # split on dim 1
+    assert direct_copies(plan.spec("lm_head.weight"), targets["lm_head.weight"], source, mapping,
+                         torch.bfloat16) is None  # a cast changes bytes
+    for w in writers:
+        w.discard()
+
+
+def test_source_tensors_are_copy_on_write(tiny_mistral_dir, tmp_path):
+    """SafetensorsSource maps files privately: a caller may modify what it gets, the file never changes."""
+    from trtlm.sources import SafetensorsSource
+
+    model = tmp_path / "hf"
+    shutil.copytree(tiny_mistral_dir, model)
+    before = (model / "model.safetensors").read_bytes()
+    t = SafetensorsSource.from_dir(model).get("model.norm.weight")
+    t.mul_(0).add_(7)
+    assert (model / "model.safetensors").read_bytes() == before
+    assert torch.equal(SafetensorsSource.from_dir(model).get("model.norm.weight"),
+                       load_file(str(model / "model.safetensors"))["model.norm.weight"])

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -51,6 +52,7 @@ class RankFileWriter:
         os.pwrite(self._fd, len(blob).to_bytes(8, "little") + blob, 0)
         os.ftruncate(self._fd, self._base + offset)
         self._pending = set(layout)
+        self._flusher: ThreadPoolExecutor | None = None
 
     def planned(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype the header promises for ``name``."""
@@ -71,10 +73,20 @@ class RankFileWriter:
 
     def _written(self, offset: int, nbytes: int) -> None:
         """Start writing a finished tensor's pages to disk now, while the next ones are
-        converted, so the final ``fsync`` has little left to wait for (and a large
-        conversion does not pile up gigabytes of dirty page cache)."""
-        if _FADVISE and nbytes >= 1 << 20:
-            os.posix_fadvise(self._fd, self._base + offset, nbytes, os.POSIX_FADV_DONTNEED)
+        converted, so the final ``fsync`` has little left to wait for and a large
+        conversion does not pile up gigabytes of dirty page cache.  ``posix_fadvise``
+        (``DONTNEED`` starts writeback of dirty pages) blocks while it queues the I/O,
+        so it runs on this file's own background thread."""
+        if not _FADVISE or nbytes < 1 << 20:
+            return
+        if self._flusher is None:
+            self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtlm-writeback")
+        self._flusher.submit(os.posix_fadvise, self._fd, self._base + offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+    def _stop_flusher(self) -> None:
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
 
     def copy(self, name: str, segments: Sequence[tuple[int | None, int, int]]) -> None:
         """Fill tensor ``name`` with byte ranges of other files, in order, inside the kernel.
@@ -101,12 +113,14 @@ class RankFileWriter:
     def close(self) -> None:
         if self._pending:
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self._pending)[:3]}")
+        self._stop_flusher()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
 
     def discard(self) -> None:
         """Close without checks (the conversion failed; the directory is being removed)."""
+        self._stop_flusher()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
