@@ -29,15 +29,6 @@ def read_rank(directory: Path, rank: int) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def dequantize_if_needed(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Dense weights for merging a quantized checkpoint's ranks."""
-    if not (config.get("quantization") or {}).get("quant_algo"):
-        return tensors
-    from trtlm.quant.runtime import dequantize_tensors
-
-    return dequantize_tensors(tensors, config)
-
-
 def merge_ranks(config: dict[str, Any], ranks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """All ranks of a checkpoint -> the tensors of an equivalent tp=pp=1 checkpoint
     (vocabulary padding removed)."""

@@ -20,10 +20,6 @@ from typing import Any
 from trtlm.errors import UserError
 from trtlm.fsutil import atomic_dir
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "tokenizer.model.v3", "tekken.json", "generation_config.json")
-
-
 @dataclass
 class BuildOptions:
     backend: str = "torch"

@@ -32,6 +32,7 @@ Everything here is shape-static when ``Step`` is (``start`` a device tensor,
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import torch
@@ -78,6 +79,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+               start: torch.Tensor, heads: int) -> torch.Tensor:
+    """A static-shape step's attention input: RoPE on the queries and keys of the fused ``qkv``
+    product ``[B, T, (H + 2 KV) D]``, the keys and values written into the caches ``kc``/``vc``
+    ``[B, KV, max_seq, D]`` at slots ``start`` (a device tensor) -> the queries ``[B, T, H, D]``.
+
+    One function so that ``torch.compile`` makes it one kernel instead of three (rotate, two cache
+    writes): inductor writes the cache slots in place (its re-inplacing of ``index_copy_`` on a graph
+    input), it does not copy the cache."""
+    B, T, _ = qkv.shape
+    KV, D = kc.shape[1], kc.shape[-1]
+    qk = rope(qkv[..., :(heads + KV) * D].view(B, T, heads + KV, D), cos, sin)
+    kc.index_copy_(2, start, qk[:, :, heads:].transpose(1, 2))
+    vc.index_copy_(2, start, qkv[..., (heads + KV) * D:].view(B, T, KV, D).transpose(1, 2))
+    return qk[:, :, :heads]
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -144,6 +162,7 @@ class Ops:
 
     def __init__(self, compile: bool = False):
         fns: dict[str, Callable] = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope": rope,
+                                    "rope_write": rope_write,
                                     "swiglu": swiglu, "decode_attention": decode_attention,
                                     "moe_route": moe_route, "moe_combine": moe_combine, "up_swiglu": up_swiglu}
         if compile:
@@ -222,6 +241,9 @@ class FastForward:
             if isinstance(block.mlp, GatedMLP):
                 block.mlp.fuse()
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: static-shape steps: RoPE and both cache writes in one op (:func:`rope_write`);
+        #: ``TRTLM_FUSED_CACHE_WRITE=0`` keeps them apart (the A/B in bench/gpu_decode_ab.py)
+        self.fuse_cache_write = os.environ.get("TRTLM_FUSED_CACHE_WRITE", "1") != "0"
 
     def rope_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``/``sin`` ``[length, D]`` for positions ``0..length-1``, computed exactly as
@@ -274,6 +296,9 @@ class FastForward:
         qkv = F.linear(x, att.qkv.weight, att.qkv.bias)
         if att.clip_qkv:
             qkv = qkv.clamp(-att.clip_qkv, att.clip_qkv)
+        if att.use_rope and self.fuse_cache_write and not isinstance(step.start, int):
+            q = self.ops.rope_write(qkv, cos, sin, kc, vc, step.start, H)  # one kernel when compiled
+            return self.attend(att, q, step, kc, vc, bias)
         qk = qkv[..., :(H + KV) * D].view(B, T, H + KV, D)
         v = qkv[..., (H + KV) * D:].view(B, T, KV, D)
         if att.use_rope:
@@ -285,6 +310,12 @@ class FastForward:
         else:
             kc.index_copy_(2, step.start, k.transpose(1, 2))
             vc.index_copy_(2, step.start, v.transpose(1, 2))
+        return self.attend(att, q, step, kc, vc, bias)
+
+    def attend(self, att, q, step: Step, kc, vc, bias):
+        """Queries ``[B, T, H, D]`` over the cache (this step's keys/values already written)."""
+        B, T = q.shape[:2]
+        H, KV, D = self.heads, self.kv_heads, self.head_size
         keys, values = kc[:, :, :step.length], vc[:, :, :step.length]
         if T == 1:
             out = self.ops.decode_attention(q.reshape(B, KV, H // KV, D), keys, values, bias, self.scale)

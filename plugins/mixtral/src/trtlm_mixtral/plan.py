@@ -35,6 +35,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from trtlm import meta
 from trtlm.convert.mapping import Mapping
 from trtlm.convert.options import ConvertOptions
 from trtlm.convert.plan import ConversionPlan, TensorSpec
@@ -63,19 +64,19 @@ def expert_layout(names: Iterable[str]) -> str:
 def up_gate_from_experts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-expert sources ``(w3_0, w1_0, w3_1, w1_1, ...)`` -> ``[E, 2I, H]`` with
     ``fc[e] = cat(w3_e, w1_e)`` (up first, as TensorRT-LLM's MoE expects)."""
-    pairs = [torch.cat([tensors[j], tensors[j + 1]], dim=0) for j in range(0, len(tensors), 2)]
-    return torch.stack(pairs)
+    pairs = [meta.cat([tensors[j], tensors[j + 1]], dim=0) for j in range(0, len(tensors), 2)]
+    return meta.stack(pairs)
 
 
 def stack_experts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-expert ``w2`` sources -> ``[E, H, I]``."""
-    return torch.stack(list(tensors))
+    return meta.stack(list(tensors))
 
 
 def up_gate_from_fused(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """transformers 5's ``gate_up_proj`` ``[E, 2I, H]`` (gate first) -> up first."""
     gate, up = tensors[0].chunk(2, dim=1)
-    return torch.cat([up, gate], dim=1)
+    return meta.cat([up, gate], dim=1)
 
 
 def moe_settings(hf: dict[str, Any], options: ConvertOptions) -> dict[str, int]:
