@@ -10,6 +10,7 @@ build step's shape check and the conformance suite's round trip.
 """
 from __future__ import annotations
 
+import abc
 import math
 import re
 from dataclasses import dataclass
@@ -21,14 +22,16 @@ from trtlm.convert.mapping import Mapping
 from trtlm.meta import cat
 
 
-class SplitRule:
+class SplitRule(abc.ABC):
     """Take one tp rank's part of a full tensor, and put parts back together."""
 
+    @abc.abstractmethod
     def take(self, t: torch.Tensor, mapping: Mapping, tp_rank: int) -> torch.Tensor:
-        raise NotImplementedError  # abstract
+        """The part of full tensor ``t`` that tensor-parallel rank ``tp_rank`` holds."""
 
+    @abc.abstractmethod
     def merge(self, parts: list[torch.Tensor], mapping: Mapping) -> torch.Tensor:
-        raise NotImplementedError  # abstract
+        """The full tensor from every rank's part (inverse of :meth:`take`)."""
 
 
 @dataclass(frozen=True)

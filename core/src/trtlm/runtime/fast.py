@@ -32,7 +32,6 @@ Everything here is shape-static when ``Step`` is (``start`` a device tensor,
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable
 
 import torch
@@ -242,8 +241,8 @@ class FastForward:
                 block.mlp.fuse()
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         #: static-shape steps: RoPE and both cache writes in one op (:func:`rope_write`);
-        #: ``TRTLM_FUSED_CACHE_WRITE=0`` keeps them apart (the A/B in bench/gpu_decode_ab.py)
-        self.fuse_cache_write = os.environ.get("TRTLM_FUSED_CACHE_WRITE", "1") != "0"
+        #: ``False`` keeps them apart (the A/B in bench/gpu_decode_ab.py)
+        self.fuse_cache_write = True
 
     def rope_tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``/``sin`` ``[length, D]`` for positions ``0..length-1``, computed exactly as

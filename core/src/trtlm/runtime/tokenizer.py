@@ -2,6 +2,7 @@
 Mistral's own ``tokenizer.model`` files (mistral-common, optional)."""
 from __future__ import annotations
 
+import abc
 import json
 import re
 from pathlib import Path
@@ -9,16 +10,20 @@ from pathlib import Path
 from trtlm.errors import UserError
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
+    """What generation needs from a tokenizer: ids in, text out, BOS/EOS ids."""
+
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
     add_bos: bool = False
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError  # abstract
+        """Token ids of ``text`` (with BOS when the tokenizer adds one)."""
 
+    @abc.abstractmethod
     def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError  # abstract
+        """Text of ``ids``, special tokens skipped."""
 
 
 class HFTokenizer(Tokenizer):
