@@ -24,7 +24,10 @@ by arithmetic:
   routing and combining) compiled by ``torch.compile`` into one or two
   kernels each.  Measured on an H100 (docs/benchmarks.md, "GPU decode"):
   Mistral-7B batch-1 decode 132 -> 163 tok/s, because at batch 1 every small
-  kernel costs ~2.5 us and a step has ~500 of them.
+  kernel costs ~2.5 us and a step has ~500 of them;
+* in static-shape (decode) steps RoPE and both KV-cache writes as one op
+  (:func:`rope_write`), one kernel per layer instead of three when compiled:
+  163.0 -> 165.9 tok/s in one A/B run (bench/results/h100_run4).
 
 Everything here is shape-static when ``Step`` is (``start`` a device tensor,
 ``length`` fixed): :mod:`trtlm.runtime.cuda_graph` captures it in a CUDA graph.
@@ -138,6 +141,11 @@ class _Compiled:
 
     def __init__(self, fn: Callable):
         self.fn = fn
+        # dynamic=False compiles one graph per (batch size, cache-length bucket); past torch's
+        # default of 8 recompiles per function it would silently run eagerly again.
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         # one kernel per small softmax/norm row rather than a split two-kernel reduction
         self.compiled: Callable | None = torch.compile(fn, fullgraph=True, dynamic=False,
                                                        options={"split_reductions": False})

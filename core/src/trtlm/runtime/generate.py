@@ -45,8 +45,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
-                             1, generator=generator).squeeze(-1).to(logits.device)
+    if generator is not None and generator.device != probs.device:
+        # A seeded CPU generator gives the same tokens on every device.
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 #: ``sampler(last_logits [B, V] or None, params, generator, batch) -> next tokens [B]``.
