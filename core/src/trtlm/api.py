@@ -54,7 +54,7 @@ def prepare_engine(model_dir: Path, convert_options: ConvertOptions | None = Non
 
 
 def load_engine_config(engine_dir: Path) -> dict[str, Any]:
-    from trtlm.convert.pipeline import read_json
+    from trtlm.modeldir import read_json
 
     cfg = read_json(engine_dir / "config.json")
     if "pretrained_config" not in cfg:

@@ -3,7 +3,6 @@ memory-bandwidth roofline that decode reaches (see :mod:`trtlm.bench`)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click

@@ -31,7 +31,7 @@ class BuildOptions:
 
 
 def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
-    from trtlm.convert.pipeline import read_json
+    from trtlm.modeldir import read_json
 
     if not ckpt.is_dir():
         raise UserError(f"{ckpt}: no such directory")

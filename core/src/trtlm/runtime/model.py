@@ -26,7 +26,6 @@ with no host synchronisation inside.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
