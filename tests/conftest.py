@@ -139,6 +139,15 @@ def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     return _HF_MODELS[key]
 
 
+def edit_safetensors(path: Path, edit: Callable[[dict], Any]) -> None:
+    """Rewrite a safetensors file after ``edit`` changed its tensors in place (bad-input tests)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     """A writable copy of a (shared, read-only) model directory."""
     shutil.copytree(src, dst)

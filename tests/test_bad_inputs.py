@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_model, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import copy_model, edit_safetensors, run_cli
+from safetensors.torch import load_file
 
 
 @pytest.fixture
@@ -122,10 +122,7 @@ def test_index_lists_tensor_absent_from_shard(make_tiny_mistral, tmp_path, outs)
 # Tensors against config.json
 # --------------------------------------------------------------------------------------------
 def rewrite(model: Path, edit) -> None:
-    path = model / "model.safetensors"
-    tensors = load_file(str(path))
-    edit(tensors)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    edit_safetensors(model / "model.safetensors", edit)
 
 
 def test_missing_tensor(model, outs):

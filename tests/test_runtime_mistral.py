@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_hf_model, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import edit_safetensors, load_hf_model, run_cli
+from safetensors.torch import load_file
 
 from trtlm.api import LLM
 from trtlm.convert.options import ConvertOptions
@@ -316,10 +316,7 @@ def checkpoint(tiny_mistral_dir, tmp_path) -> Path:
 
 
 def edit_rank0(ckpt: Path, edit) -> None:
-    path = ckpt / "rank0.safetensors"
-    tensors = load_file(str(path))
-    edit(tensors)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    edit_safetensors(ckpt / "rank0.safetensors", edit)
 
 
 def test_build_rejects_missing_tensor(checkpoint, tmp_path):

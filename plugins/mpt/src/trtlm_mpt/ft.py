@@ -57,6 +57,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from trtlm_mpt.plan import mpt_kv_heads
+
 __all__ = [
     "FTUnsupported",
     "FTSource",
@@ -142,26 +144,6 @@ def _plain_dict(obj: Any) -> dict:
 
 def _attn(hf_config: dict) -> dict:
     return _plain_dict(hf_config.get("attn_config"))
-
-
-def _config_kv_heads(hf_config: dict) -> int:
-    """KV head count the config implies (llm-foundry semantics)."""
-    n_heads = int(hf_config["n_heads"])
-    attn = _attn(hf_config)
-    attn_type = attn.get("attn_type")
-    kv = attn.get("kv_n_heads")
-    if attn_type is None:
-        # No attn_type: follow TensorRT-LLM, which treats a kv_n_heads key as MQA/GQA.
-        return int(kv) if kv is not None else n_heads
-    if attn_type == "multihead_attention":
-        return n_heads
-    if attn_type == "multiquery_attention":
-        return 1
-    if attn_type == "grouped_query_attention":
-        if kv is None:
-            raise ValueError("attn_config.attn_type is grouped_query_attention but kv_n_heads is missing")
-        return int(kv)
-    raise FTUnsupported(f"attn_config.attn_type={attn_type!r} is not an attention type FT supports")
 
 
 def _first_id(value: Any) -> Any:
@@ -326,7 +308,7 @@ def write_ft(
     if (qkv_rows - d) % (2 * hd) or qkv_rows <= d:
         raise ValueError(f"attn.Wqkv.weight has {qkv_rows} rows, not d_model + 2*kv_heads*head_dim")
     kv = (qkv_rows - d) // (2 * hd)
-    kv_cfg = _config_kv_heads(cfg)
+    kv_cfg = mpt_kv_heads(cfg)  # the same llm-foundry semantics the converter uses
     if kv != kv_cfg:
         raise ValueError(
             f"attn_config implies {kv_cfg} KV heads (attn_type={_attn(cfg).get('attn_type')!r}, "
