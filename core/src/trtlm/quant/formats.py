@@ -52,6 +52,8 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from trtlm.errors import UserError
+
 __all__ = [
     "FP8_MAX", "INT8_MAX", "INT4_MAX", "AWQ_VOCAB_MULTIPLE",
     "amax", "fp8_weight_scale", "fp8_expert_weight_scale", "fp8_per_channel_scale",
@@ -581,4 +583,5 @@ def dequantize(
         if s.dim() == w.dim() - 1:  # per-channel int4: one group spanning the whole row
             s = s.unsqueeze(-1)
         return dequantize_int4(w, s, dtype, prequant=p)
-    raise NotImplementedError(f"dequantize: quant_algo {kind!r} is not supported")
+    raise UserError(f"quant_algo {kind!r} is not one trtlm's runtime executes (FP8, FP8_PER_CHANNEL_PER_TOKEN, "
+                    f"W8A16, W8A8_SQ_*, W4A16, W4A16_AWQ, W4A8_AWQ); rebuild the checkpoint with a supported --quant")
