@@ -481,6 +481,14 @@ def test_reference_matches_transformers(hf_models):
     got = ref_logits(t, cfg, prompts(256)[0])
     assert (got.float() - refs[0][0]).abs().max() < TOL
 
+def assert_ranks_and_engine_match(ckpt: Path, ids: list[int], want: torch.Tensor) -> None:
+    """Prefill logits of every rank run and of the built engine are within TOL of ``want``."""
+    for first, _ in run_ranks(ckpt, ids, 0):
+        assert (first - want).abs().max() < TOL
+    _, logits = llm_run(to_engine(ckpt), [ids], 1)
+    assert (logits[0] - want).abs().max() < TOL
+
+
 
 @pytest.mark.parametrize("kv,tp", [(2, 1), (2, 2), (1, 1)])
 def test_gqa_mqa_against_reference(tmp_path, kv, tp):
@@ -499,10 +507,7 @@ def test_gqa_mqa_against_reference(tmp_path, kv, tp):
         assert torch.equal(part, want)
     ids = prompts(128)[0]
     want = ref_logits(t, cfg, ids).float()
-    for first, _ in run_ranks(ckpt, ids, 0):
-        assert (first - want).abs().max() < TOL
-    _, logits = llm_run(to_engine(ckpt), [ids], 1)
-    assert (logits[0] - want).abs().max() < TOL
+    assert_ranks_and_engine_match(ckpt, ids, want)
 
 
 def test_alibi_bias_max_is_honoured(tmp_path):
@@ -533,10 +538,7 @@ def test_biases_folded_and_match_reference(tmp_path, tp):
     assert ranks[0]["transformer.layers.0.mlp.fc.bias"].shape == (128 // tp,)
     ids = prompts(128)[0]
     want = ref_logits(t, cfg, ids).float()
-    for first, _ in run_ranks(ckpt, ids, 0):
-        assert (first - want).abs().max() < TOL
-    _, logits = llm_run(to_engine(ckpt), [ids], 1)
-    assert (logits[0] - want).abs().max() < TOL
+    assert_ranks_and_engine_match(ckpt, ids, want)
 
 
 def test_transformers_save_with_no_bias_false(tmp_path):
