@@ -158,12 +158,8 @@ class LLM:
 
 def load_model(engine_dir: Path, config: dict[str, Any], device: torch.device):
     """All ranks of an engine as one single-process network (ranks merged)."""
-    from trtlm.plugins import get_registry
     from trtlm.runtime.checkpoint import merge_ranks, read_rank, single_process_config
-    from trtlm.runtime.distributed import rank_network
 
-    registry = get_registry()
-    hooks = registry.hooks(registry.resolve_trtllm(config["architecture"], where=str(engine_dir / "config.json")))
     mapping = Mapping.from_config(config)
     if mapping.world_size == 1:
         tensors = read_rank(engine_dir, 0)
@@ -177,10 +173,23 @@ def load_model(engine_dir: Path, config: dict[str, Any], device: torch.device):
             tensors = merge_quantized_ranks(config, ranks)
         else:
             tensors = merge_ranks(config, ranks)
-    model = rank_network(hooks, cfg, Mapping.from_config(cfg), 0, BuildOptions(), device=device)
+    return load_network(engine_dir, cfg, tensors, Mapping.from_config(cfg), 0, device, where=str(engine_dir))
+
+
+def load_network(engine_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], mapping: Mapping,
+                 rank: int, device: torch.device, comm: Any = None, where: str = "") -> torch.nn.Module:
+    """Rank ``rank``'s network, built through the family's ``build_network`` hook, with ``tensors`` loaded.
+
+    Plugins load in whichever process calls this (every rank of a multi-process job does)."""
+    from trtlm.plugins import get_registry
+    from trtlm.runtime.distributed import rank_network
+
+    registry = get_registry()
+    hooks = registry.hooks(registry.resolve_trtllm(config["architecture"], where=str(engine_dir / "config.json")))
+    model = rank_network(hooks, config, mapping, rank, BuildOptions(), device=device, comm=comm)
     missing, _unexpected = model.load_state_dict(tensors, strict=False)
     if missing:
-        raise UserError(f"{engine_dir}: engine lacks tensor {missing[0]} (rebuild it with `trtlm build`)")
+        raise UserError(f"{where}: engine lacks tensor {missing[0]} (rebuild the engine with `trtlm build`)")
     return model.eval()
 
 
@@ -268,16 +277,7 @@ class DistributedLLM(LLM):
 def load_rank_model(engine_dir: Path, config: dict[str, Any], state):
     """This rank's network with its own rank file (``state`` from
     :func:`trtlm.runtime.distributed.init_rank`)."""
-    from trtlm.plugins import get_registry
     from trtlm.runtime.checkpoint import read_rank
-    from trtlm.runtime.distributed import rank_network
 
-    registry = get_registry()  # every rank loads the plugins itself
-    hooks = registry.hooks(registry.resolve_trtllm(config["architecture"], where=str(engine_dir / "config.json")))
-    model = rank_network(hooks, config, state.mapping, state.rank, BuildOptions(), device=state.device,
-                         comm=state.comm)
-    missing, _unexpected = model.load_state_dict(read_rank(engine_dir, state.rank), strict=False)
-    if missing:
-        raise UserError(f"{engine_dir}/rank{state.rank}.safetensors lacks tensor {missing[0]} "
-                        f"(rebuild the engine with `trtlm build`)")
-    return model.eval()
+    return load_network(engine_dir, config, read_rank(engine_dir, state.rank), state.mapping, state.rank,
+                        state.device, comm=state.comm, where=str(engine_dir / f"rank{state.rank}.safetensors"))
