@@ -26,8 +26,14 @@ at exit and so is an upper bound that counts mmapped source pages.
 
 Targets: peak RssAnon <= 0.5 x checkpoint size + 0.6 GB; convert time <= 3 x cp time.
 
+``--disk-speed`` measures instead the goal of the torch-free path (docs/benchmarks.md,
+"Conversion at disk speed"): a 2.5 GB two-shard bf16 checkpoint (25 layers) converted to tp2
+against ``dd bs=16M`` of the same shard files, ``sync`` before each run, source warm, best of
+``--repeat``; the 1-minute load average before each run is recorded.  Target: convert <= 2 x dd.
+
     python bench/convert_bench.py                      # JSON on stdout
     python bench/convert_bench.py --repeat 5 --work-dir /data/trtlm-bench
+    python bench/convert_bench.py --disk-speed         # 2.5 GB, 2 shards, tp2 vs dd bs=16M
 """
 from __future__ import annotations
 
@@ -73,7 +79,7 @@ def hf_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def make_checkpoint(model_dir: Path, cfg: dict) -> None:
+def make_checkpoint(model_dir: Path, cfg: dict, shard_bytes: int = SHARD_BYTES) -> None:
     """Write random bf16 shards + index + config.json, shard by shard (bounded memory)."""
     import torch
     from safetensors.torch import save_file
@@ -86,7 +92,7 @@ def make_checkpoint(model_dir: Path, cfg: dict) -> None:
     size = 0
     for name, shape in hf_tensor_shapes(cfg).items():
         nbytes = 2 * int(torch.Size(shape).numel())
-        if size and size + nbytes > SHARD_BYTES:
+        if size and size + nbytes > shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = None  # placeholder: filled when the shard is written
@@ -216,6 +222,57 @@ def time_startup() -> float:
     return time.perf_counter() - t0
 
 
+def time_dd(src: Path, dst: Path) -> float:
+    """``dd bs=16M`` of every shard file (a user-space copy of the same bytes), as one timed run."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        subprocess.run(["dd", f"if={f}", f"of={dst / f.name}", "bs=16M", "status=none"], check=True)
+    return time.perf_counter() - t0
+
+
+def disk_speed(args) -> dict:
+    """2.5 GB two-shard bf16 -> tp2 against dd bs=16M; sync + warm source before each run; best of N."""
+    cfg = dict(CONFIG, num_hidden_layers=25)
+    model = args.work_dir / "mistral-bf16-h2048-l25-2shards"
+    total = sum(2 * int(__import__("math").prod(s)) for s in hf_tensor_shapes(cfg).values())
+    if not (model / "config.json").exists():
+        print(f"creating {model} ...", file=sys.stderr)
+        make_checkpoint(model, cfg, shard_bytes=total // 2 + (1 << 20))
+    runs: dict[str, list[dict]] = {"dd": [], "convert": []}
+    for i in range(args.repeat):
+        for kind in ("dd", "convert"):
+            out = args.work_dir / f"{kind}-out"
+            shutil.rmtree(out, ignore_errors=True)
+            warm_read(model)
+            subprocess.run(["sync"], check=True)
+            load = os.getloadavg()[0]
+            if kind == "dd":
+                wall = time_dd(model, out)
+                runs[kind].append({"wall_s": wall, "load1": load})
+            else:
+                r = time_convert(model, out, args.tp_size, 1)
+                runs[kind].append({"wall_s": r["wall_s"], "load1": load, "peak_rss_anon_gb": r["peak_rss_anon_gb"],
+                                   "cpu_s": r["cpu_s"]})
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"round {i + 1}/{args.repeat}: dd {runs['dd'][-1]['wall_s']:.2f}s, "
+              f"convert {runs['convert'][-1]['wall_s']:.2f}s (load {runs['convert'][-1]['load1']:.2f})",
+              file=sys.stderr)
+    best = {k: min(r["wall_s"] for r in v) for k, v in runs.items()}
+    return {
+        "checkpoint": {"path": str(model), "bytes": dir_bytes(model),
+                       "shards": len(list(model.glob("*.safetensors")))},
+        "command": f"trtlm convert --model-dir MODEL --output-dir OUT --tp-size {args.tp_size} --dtype bfloat16 "
+                   f"--workers 1",
+        "baseline": "for f in MODEL/*.safetensors: dd if=$f of=OUT/$f bs=16M",
+        "method": f"source read once before each run, `sync` before each run, best of {args.repeat}",
+        "best_s": best, "ratio": best["convert"] / best["dd"], "target_ratio_max": 2.0,
+        "peak_rss_anon_gb": max(r["peak_rss_anon_gb"] for r in runs["convert"]),
+        "runs": runs, "loadavg_at_end": os.getloadavg(),
+    }
+
+
 def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -227,7 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tp-size", type=int, default=2)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
+    ap.add_argument("--disk-speed", action="store_true", help="2.5 GB two-shard checkpoint, tp2, against dd bs=16M")
     args = ap.parse_args(argv)
+    if args.disk_speed:
+        print(json.dumps(disk_speed(args), indent=2))
+        return
 
     cfg = dict(CONFIG, num_hidden_layers=args.layers)
     work = args.work_dir

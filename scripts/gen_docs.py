@@ -96,7 +96,12 @@ HOOK_CALLERS = {
     "trtlm_shard": "`trtlm convert`, after quantization; the rank plans it returns are written one "
                    "`rank{r}.safetensors` per rank.",
     "trtlm_export": "`trtlm convert --to FMT` with FMT other than `trtllm`, instead of map/quantize/shard. "
-                    "No default: without an implementation the command fails with one line.",
+                    "The default writes `--to mcore`; for other formats without an implementation the "
+                    "command fails with one line.",
+    "trtlm_mcore_layout": "`trtlm convert --to mcore` (to write every rank file) and `trtlm convert` / "
+                          "`trtlm run --model-dir MCORE_CKPT` (to read one), after `trtlm_mcore_config`.",
+    "trtlm_mcore_config": "`trtlm convert` / `trtlm run --model-dir MCORE_CKPT`, first step on a Megatron "
+                          "checkpoint: its `args` become the Hugging Face config the conversion starts from.",
     "trtlm_build_network": "`trtlm build` (on the meta device, to check every rank file against the "
                            "network's parameters) and every runtime that loads an engine (`trtlm run`, "
                            "`LLM`, each rank of a multi-process run), once per rank.",
@@ -232,6 +237,8 @@ def _type_text(param: Any) -> str:
         return "path"
     if isinstance(t, click.types.FuncParamType):
         return "text"
+    if isinstance(t, (click.IntRange, click.FloatRange)):  # e.g. "int, x>=1"
+        return ("int" if isinstance(t, click.IntRange) else "float") + ", " + t._describe_range()
     return {"integer": "int", "float": "float", "text": "text", "boolean": "bool"}.get(t.name, t.name)
 
 

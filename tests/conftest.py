@@ -16,8 +16,12 @@ Factories (session scoped):
 * ``tiny_tokenizer_dir``: ``tokenizer.json`` + ``tokenizer_config.json`` of a
   small byte-level BPE (ids 0/1/2 = unk/bos/eos), for text prompts.
 
-Helpers: :func:`load_hf_model` (cached ``from_pretrained``), :func:`run_cli`
-(``trtlm.cli.main`` in this process with stdout/stderr captured).
+* ``make_engine(hf_dir, build_options=None, **convert_options)`` -> ``Path`` of an engine
+  converted (float32 unless ``dtype`` says) and built from a HF checkpoint, cached per argument set.
+
+Helpers: :func:`load_hf_model` (cached ``from_pretrained``), :func:`transformers_greedy`
+(transformers' greedy continuation of each prompt alone, the reference for generation
+tests), :func:`run_cli` (``trtlm.cli.main`` in this process with stdout/stderr captured).
 """
 from __future__ import annotations
 
@@ -125,6 +129,29 @@ def write_tiny_tokenizer(directory: Path, vocab_size: int = 400) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
 
 
+@pytest.fixture(scope="session")
+def make_engine(tmp_path_factory) -> Callable[..., Path]:
+    """Factory: ``make_engine(hf_dir, build_options=None, **convert_options)`` -> engine directory
+    (convert + build), cached for the session per argument set (``dtype`` defaults to float32)."""
+    from trtlm.build import BuildOptions, build
+    from trtlm.convert.options import ConvertOptions
+    from trtlm.convert.pipeline import convert
+
+    cache: dict[str, Path] = {}
+
+    def make(hf_dir: Path, build_options: dict[str, Any] | None = None, **options: Any) -> Path:
+        options.setdefault("dtype", "float32")
+        key = repr((str(hf_dir), sorted((build_options or {}).items()), sorted(options.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp("engine")
+            convert(Path(hf_dir), root / "ckpt", ConvertOptions(**options))
+            build(root / "ckpt", root / "engine", BuildOptions(**(build_options or {})))
+            cache[key] = root / "engine"
+        return cache[key]
+
+    return make
+
+
 _HF_MODELS: dict[Path, Any] = {}
 
 
@@ -137,6 +164,24 @@ def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
         _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, attn_implementation="eager").eval()
     return _HF_MODELS[key]
+
+
+def transformers_greedy(model_dir: Path, prompts: list[list[int]], new: int | list[int]) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt on its own (no padding), cut after EOS;
+    ``new``: tokens per prompt (one number for all, or one per prompt)."""
+    model = load_hf_model(model_dir)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    news = list(new) if isinstance(new, (list, tuple)) else [new] * len(prompts)
+    outs = []
+    with torch.no_grad():
+        for p, n in zip(prompts, news):
+            ids = torch.tensor([p])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            cut = next((i + 1 for i, t in enumerate(out) if t in eos), len(out))
+            outs.append(out[:cut])
+    return outs
 
 
 def edit_safetensors(path: Path, edit: Callable[[dict], Any]) -> None:

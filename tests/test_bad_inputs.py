@@ -1,4 +1,5 @@
-"""Bad inputs to ``trtlm convert``, through the real command line.
+"""Bad inputs to ``trtlm convert`` (and, in one table, bad invocations of every command), through
+the real command line.
 
 Every case must fail the same clean way: a non-zero exit, exactly one line on
 stderr starting with ``error:`` that names the problem (file, tensor or flag),
@@ -7,8 +8,12 @@ output directory nor the ``.NAME.tmp-*`` sibling the pipeline writes into
 before its final rename.
 
 Most cases call ``trtlm.cli.main`` in this process (:func:`conftest.run_cli`,
-which turns an escaping exception into a traceback on stderr); two run the
-installed console script in a subprocess to check the real process's stderr.
+which turns an escaping exception into a traceback on stderr); a representative
+subset runs the installed console script in a subprocess to check the real
+process's stderr.  ``BAD_INVOCATIONS`` is the table: out-of-range numbers
+(rejected by click's types at the CLI boundary, exit 2), impossible
+combinations, missing or wrong paths, unavailable devices, token ids outside
+the vocabulary and prompts longer than the engine allows (exit 1).
 """
 from __future__ import annotations
 
@@ -171,13 +176,19 @@ def test_existing_output_dir_needs_force(tiny_mistral_dir, tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    res = run_cli(*convert_args(tiny_mistral_dir, out))
-    assert res.exit_code != 0 and "Traceback" not in res.stderr
-    assert len(res.stderr_lines) == 1 and res.stderr_lines[0].startswith("error: ")
-    assert str(out) in res.stderr and "--force" in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary sibling
+    for force in ([], ["--force"]):  # not an earlier trtlm output: refused even with --force
+        res = run_cli(*convert_args(tiny_mistral_dir, out, *force))
+        assert res.exit_code != 0 and "Traceback" not in res.stderr
+        assert len(res.stderr_lines) == 1 and res.stderr_lines[0].startswith("error: ")
+        assert str(out) in res.stderr and "not an earlier trtlm output" in res.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # untouched
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary sibling
 
+    (out / "keep.txt").unlink()
+    assert run_cli(*convert_args(tiny_mistral_dir, out)).exit_code == 0  # empty: written
+    (out / "keep.txt").write_text("mine")
+    res = run_cli(*convert_args(tiny_mistral_dir, out))  # an earlier output: needs --force
+    assert res.exit_code != 0 and len(res.stderr_lines) == 1 and "--force" in res.stderr
     res = run_cli(*convert_args(tiny_mistral_dir, out, "--force"))
     assert res.exit_code == 0, res.stderr
     assert "keep.txt" not in {p.name for p in out.iterdir()} and (out / "rank0.safetensors").exists()
@@ -252,3 +263,226 @@ def test_console_script_prints_one_line(model, outs):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert list(outs.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Bad invocations of every command: one table
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_engine(tmp_path_factory, make_tiny_mistral) -> dict[str, Path]:
+    """A tiny Mistral (vocab 1001, with tokenizer) converted and built with --max-batch-size 2
+    --max-input-len 8, and the paths the table refers to."""
+    root = tmp_path_factory.mktemp("bad-invocations")
+    model = make_tiny_mistral(tokenizer=True)
+    ckpt, engine = root / "ckpt", root / "engine"
+    assert run_cli("convert", "--model-dir", model, "--output-dir", ckpt, "--dtype", "float32").exit_code == 0
+    res = run_cli("build", "--checkpoint-dir", ckpt, "--output-dir", engine, "--max-batch-size", "2",
+                  "--max-input-len", "8")
+    assert res.exit_code == 0, res.stderr
+    (root / "a-file").write_text("not a directory\n")
+    (root / "data.txt").write_text("def f():\n    return 1\n" * 20)
+    return {"model": model, "ckpt": ckpt, "engine": engine, "file": root / "a-file", "data": root / "data.txt",
+            "missing": root / "no-such-dir"}
+
+
+def _cuda_case() -> tuple[str, str]:
+    """`--device cuda` where no GPU is visible; a GPU index past the visible ones otherwise."""
+    if not torch.cuda.is_available():
+        return "cuda", "use --device cpu"
+    return f"cuda:{torch.cuda.device_count()}", "CUDA GPU(s) visible"
+
+
+CUDA_DEVICE, CUDA_NEEDLE = _cuda_case()
+NINE_IDS = ",".join(str(i) for i in range(10, 19))
+
+#: (id, argv with {placeholders}, needles the one error line must contain)
+BAD_INVOCATIONS: list[tuple[str, list[str], list[str]]] = [
+    # convert: numbers at the CLI boundary
+    ("convert-tp-0", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--tp-size", "0"], ["--tp-size", "0"]),
+    ("convert-pp-negative", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--pp-size", "-1"],
+     ["--pp-size", "-1"]),
+    ("convert-moe-ep-0", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--moe-ep-size", "0"],
+     ["--moe-ep-size", "0"]),
+    ("convert-moe-tp-0", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--moe-tp-size", "0"],
+     ["--moe-tp-size"]),
+    ("convert-moe-ep-not-dividing", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--tp-size", "2",
+                                     "--moe-ep-size", "3"], ["--moe-ep-size 3", "--tp-size 2", "valid --moe-ep-size: 1, 2"]),
+    ("convert-moe-product", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--tp-size", "4",
+                             "--moe-tp-size", "3", "--moe-ep-size", "2"],
+     ["--moe-tp-size 3 x --moe-ep-size 2 = 6", "--tp-size 4", "4x1, 2x2, 1x4"]),
+    ("convert-workers-0", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--workers", "0"], ["--workers"]),
+    ("convert-calib-size-0", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--quant", "fp8",
+                              "--calib-size", "0"], ["--calib-size"]),
+    ("convert-calib-seq-0", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--calib-max-seq-len", "0"],
+     ["--calib-max-seq-len"]),
+    ("convert-group-0", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--quant", "int4-wo",
+                         "--awq-group-size", "0"], ["--awq-group-size"]),
+    ("convert-alpha-above-1", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--quant", "int8-sq",
+                               "--smoothquant-alpha", "1.5"], ["--smoothquant-alpha", "1.5"]),
+    ("convert-alpha-negative", ["convert", "--model-dir", "{model}", "--output-dir", "{out}",
+                                "--smoothquant-alpha", "-0.1"], ["--smoothquant-alpha"]),
+    ("convert-tp-not-a-number", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--tp-size", "two"],
+     ["--tp-size", "two"]),
+    ("convert-unknown-quant", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--quant", "int3"],
+     ["--quant", "int3"]),
+    ("convert-unknown-option", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--tp", "2"],
+     ["--tp", "trtlm convert --help"]),
+    ("convert-no-output-dir", ["convert", "--model-dir", "{model}"], ["--output-dir"]),
+    ("convert-output-below-a-file", ["convert", "--model-dir", "{model}", "--output-dir", "{file}/ckpt"],
+     ["a-file", "is a file"]),
+    ("convert-output-unwritable", ["convert", "--model-dir", "{model}", "--output-dir", "/proc/trtlm-no/ckpt"],
+     ["--output-dir", "/proc/trtlm-no"]),
+    ("convert-preset-and-model", ["convert", "--model-dir", "{model}", "--output-dir", "{out}", "--preset", "tiny"],
+     ["--preset"]),
+    ("convert-missing-model", ["convert", "--model-dir", "{missing}", "--output-dir", "{out}"],
+     ["no-such-dir", "no such directory"]),
+    # build
+    ("build-batch-0", ["build", "--checkpoint-dir", "{ckpt}", "--output-dir", "{out}", "--max-batch-size", "0"],
+     ["--max-batch-size"]),
+    ("build-input-len-0", ["build", "--checkpoint-dir", "{ckpt}", "--output-dir", "{out}", "--max-input-len", "0"],
+     ["--max-input-len"]),
+    ("build-seq-len-0", ["build", "--checkpoint-dir", "{ckpt}", "--output-dir", "{out}", "--max-seq-len", "0"],
+     ["--max-seq-len"]),
+    ("build-workers-0", ["build", "--checkpoint-dir", "{ckpt}", "--output-dir", "{out}", "--workers", "0"],
+     ["--workers"]),
+    ("build-input-longer-than-seq", ["build", "--checkpoint-dir", "{ckpt}", "--output-dir", "{out}",
+                                     "--max-input-len", "64", "--max-seq-len", "32"],
+     ["--max-input-len 64", "--max-seq-len 32"]),
+    ("build-from-hf-dir", ["build", "--checkpoint-dir", "{model}", "--output-dir", "{out}"],
+     ["config.json", "not a TensorRT-LLM checkpoint"]),
+    ("build-output-below-a-file", ["build", "--checkpoint-dir", "{ckpt}", "--output-dir", "{file}/engine"],
+     ["is a file"]),
+    # run
+    ("run-id-outside-vocab", ["run", "--engine-dir", "{engine}", "--input-ids", "1,2,99999"],
+     ["99999", "vocabulary", "[0, 1001)"]),
+    ("run-negative-id", ["run", "--engine-dir", "{engine}", "--input-ids", "1,-1"], ["--input-ids", "negative"]),
+    ("run-id-not-a-number", ["run", "--engine-dir", "{engine}", "--input-ids", "1,x"], ["--input-ids", "'x'"]),
+    ("run-prompt-too-long", ["run", "--engine-dir", "{engine}", "--input-ids", NINE_IDS],
+     ["9 tokens", "max_input_len 8"]),
+    ("run-text-prompt-too-long", ["run", "--engine-dir", "{engine}", "--launch", "single", "--input-text",
+                                  "The quick brown fox jumps over the lazy dog. " * 3], ["max_input_len 8"]),
+    ("run-max-output-negative", ["run", "--engine-dir", "{engine}", "--input-ids", "1,2", "--max-output-len", "-3"],
+     ["--max-output-len", "-3"]),
+    ("run-max-output-0", ["run", "--engine-dir", "{engine}", "--input-ids", "1,2", "--max-output-len", "0"],
+     ["--max-output-len"]),
+    ("run-negative-temperature", ["run", "--engine-dir", "{engine}", "--input-ids", "1", "--temperature", "-1"],
+     ["--temperature", "-1"]),
+    ("run-top-p-above-1", ["run", "--engine-dir", "{engine}", "--input-ids", "1", "--top-p", "1.5"], ["--top-p"]),
+    ("run-negative-top-k", ["run", "--engine-dir", "{engine}", "--input-ids", "1", "--top-k", "-2"], ["--top-k"]),
+    ("run-misspelled-device", ["run", "--engine-dir", "{engine}", "--input-ids", "1", "--device", "cdua"],
+     ["--device", "cdua", "did you mean 'cuda'"]),
+    ("run-unavailable-cuda", ["run", "--engine-dir", "{engine}", "--input-ids", "1", "--launch", "single",
+                              "--device", CUDA_DEVICE], ["--device", CUDA_NEEDLE]),
+    ("run-no-prompt", ["run", "--engine-dir", "{engine}"], ["--input-text", "--input-ids"]),
+    ("run-streaming-batch", ["run", "--engine-dir", "{engine}", "--input-text", "a", "--input-text", "b",
+                             "--streaming"], ["--streaming", "got 2"]),
+    ("run-streaming-json", ["run", "--engine-dir", "{engine}", "--input-text", "a", "--streaming", "--json"],
+     ["--streaming", "--json"]),
+    ("run-missing-engine", ["run", "--engine-dir", "{missing}", "--input-ids", "1"], ["--engine-dir", "no such directory"]),
+    ("run-hf-dir-as-engine", ["run", "--engine-dir", "{model}", "--input-ids", "1"],
+     ["--engine-dir", "Hugging Face checkpoint", "trtlm build"]),
+    ("run-missing-input-file", ["run", "--engine-dir", "{engine}", "--input-file", "{missing}"], ["--input-file"]),
+    ("run-dist-timeout-0", ["run", "--engine-dir", "{engine}", "--input-ids", "1", "--dist-timeout", "0"],
+     ["--dist-timeout"]),
+    ("run-no-cache-with-engine", ["run", "--engine-dir", "{engine}", "--input-ids", "1", "--no-cache"], ["--no-cache"]),
+    # eval
+    ("eval-missing-engine", ["eval", "--engine-dir", "{missing}", "--dataset", "{data}"], ["--engine-dir"]),
+    ("eval-missing-dataset", ["eval", "--engine-dir", "{engine}", "--dataset", "{missing}"], ["--dataset"]),
+    ("eval-seq-len-1", ["eval", "--engine-dir", "{engine}", "--dataset", "{data}", "--max-seq-len", "1"],
+     ["--max-seq-len"]),
+    ("eval-misspelled-device", ["eval", "--engine-dir", "{engine}", "--dataset", "{data}", "--device", "gpu"],
+     ["--device", "'gpu'"]),
+    # quickstart, inspect, new-plugin, cache, the group itself
+    ("quickstart-tp-0", ["quickstart", "--work-dir", "{out}", "--tp-size", "0"], ["--tp-size"]),
+    ("quickstart-output-0", ["quickstart", "--work-dir", "{out}", "--max-output-len", "0"], ["--max-output-len"]),
+    ("quickstart-missing-model", ["quickstart", "--model-dir", "{missing}", "--work-dir", "{out}"],
+     ["--model-dir", "no such directory"]),
+    ("inspect-missing", ["inspect", "{missing}"], ["no-such-dir"]),
+    ("new-plugin-installed-name", ["new-plugin", "mistral", "--directory", "{out}"],
+     ["mistral", "trtlm-plugin-mistral", "already"]),
+    ("new-plugin-bad-name", ["new-plugin", "Bad-Name", "--directory", "{out}"], ["Bad-Name"]),
+    ("new-plugin-bad-architecture", ["new-plugin", "zeta", "--hf-architecture", "1Bad", "--directory", "{out}"],
+     ["--hf-architecture"]),
+    ("cache-clear-unknown-key", ["cache", "clear", "0123456789abcdef"], ["0123456789abcdef", "trtlm cache list"]),
+    ("unknown-command", ["conver"], ["conver"]),
+]
+
+#: run through the installed console script in a subprocess (the rest in this process)
+SUBPROCESS = {"convert-tp-0", "convert-moe-ep-not-dividing", "build-batch-0", "run-id-outside-vocab",
+              "run-misspelled-device", "convert-output-below-a-file", "new-plugin-installed-name"}
+
+
+def test_help_describes_every_option():
+    """`--help` of convert, build and run says what each option does."""
+    import click
+
+    from trtlm.cli import cli
+
+    ctx = click.Context(cli, info_name="trtlm")
+    for name in ("convert", "build", "run"):
+        for param in cli.get_command(ctx, name).params:
+            if isinstance(param, click.Option):
+                assert param.help and len(param.help) > 10, f"trtlm {name} {param.opts[0]} has no help text"
+
+
+def test_the_table_is_big_enough():
+    assert len(BAD_INVOCATIONS) >= 30
+    assert len({case[0] for case in BAD_INVOCATIONS}) == len(BAD_INVOCATIONS)
+    commands = {argv[0] for _, argv, _ in BAD_INVOCATIONS}
+    assert {"convert", "build", "run", "eval", "quickstart", "inspect", "new-plugin", "cache"} <= commands
+
+
+@pytest.mark.parametrize("case_id,argv,needles", BAD_INVOCATIONS, ids=[c[0] for c in BAD_INVOCATIONS])
+def test_bad_invocation(case_id, argv, needles, small_engine, outs, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    paths = {**{k: str(v) for k, v in small_engine.items()}, "out": str(outs / "target")}
+    args = [a.format(**paths) for a in argv]
+    before = sorted(p.name for p in small_engine["engine"].parent.iterdir())
+    if case_id in SUBPROCESS:
+        proc = subprocess.run(console_script() + args, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, TRTLM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"))
+        assert proc.stdout == "", proc.stdout
+        from conftest import CliResult
+
+        res = CliResult(proc.returncode, proc.stdout, proc.stderr)
+    else:
+        res = run_cli(*args)
+    line = assert_clean_failure(res, outs, *needles)
+    assert res.exit_code in (1, 2), line  # 2: click rejected the value (a usage error), 1: the input
+    # nothing written next to the inputs either (no temporary or output directory)
+    assert sorted(p.name for p in small_engine["engine"].parent.iterdir()) == before
+
+
+# --------------------------------------------------------------------------------------------
+# A shard truncated while it is being converted
+# --------------------------------------------------------------------------------------------
+def test_shard_truncated_after_its_header_was_read(model):
+    """The header said the data is there; then the file shrank (a re-download overwriting it).
+    Reading a tensor past the new end through the memory map would be SIGBUS (the process dies with
+    no message): it must be the one-line error instead."""
+    from trtlm.errors import UserError
+    from trtlm.sources import SafetensorsSource, read_safetensors_header
+
+    path = model / "model.safetensors"
+    source = SafetensorsSource.from_dir(model)
+    header = read_safetensors_header(path)
+    last = max(header, key=lambda n: header[n]["data_offsets"][1])  # its bytes will lie past the end
+    first = source.get("model.embed_tokens.weight").clone()  # readable before
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(UserError, match="truncated while converting") as info:
+        source.get(last).sum()
+    assert str(path) in str(info.value) and last in str(info.value) and "\n" not in str(info.value)
+    assert first.numel() > 0
+
+
+def test_placeholder_paths_are_one_line_errors():
+    """README's snippet with its placeholder path: the check LLM calls before touching the path."""
+    from trtlm.errors import UserError
+    from trtlm.modeldir import check_model_path
+
+    with pytest.raises(UserError, match=r"^model_dir path/to/hf-checkpoint: no such directory \(expected a Hugging"):
+        check_model_path("path/to/hf-checkpoint", "model", "model_dir")
+    with pytest.raises(UserError, match="engine_dir path/to/engine: no such directory.*trtlm build"):
+        check_model_path("path/to/engine", "engine", "engine_dir")

@@ -292,7 +292,7 @@ def test_unchanged_bytes_are_copied_as_file_ranges(tiny_mistral_dir, tmp_path):
     """A same-dtype conversion copies row blocks (qkv heads, vocabulary rows with zero padding)
     as file ranges; only splits of another dimension (row-parallel weights) build tensors.
     The layout tests above check the bytes; this checks that the fast path is the one taken."""
-    from trtlm.convert.mapping import Mapping
+    from trtlm.mapping import Mapping
     from trtlm.convert.execute import direct_copies
     from trtlm.convert.plan import default_shard
     from trtlm.convert.writer import RankFileWriter

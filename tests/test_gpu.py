@@ -1,9 +1,8 @@
-"""The GPU path of the torch runtime (fast forward, CUDA-graph decode, chunked host sync) and `trtlm bench`.
+"""The GPU path of the engine (Triton paged attention, CUDA-graph decode, grouped MoE) and `trtlm bench`.
 
-CPU tests check that the fast forward and the static-shape decode compute what the model's own
-forward computes, and that reading tokens back every n steps changes nothing; GPU tests (skipped
-without CUDA) check bf16 logits against transformers and that CUDA-graph replay equals the same
-steps run eagerly.
+CPU tests check the pieces that also run there (fused SwiGLU, weight-byte accounting, the bench
+command in both modes); GPU tests (skipped without CUDA) check bf16 logits against transformers
+and that CUDA-graph replay equals the same engine steps run eagerly.
 """
 from __future__ import annotations
 
@@ -14,9 +13,6 @@ import pytest
 import torch
 
 from trtlm.bench import dummy_model, weight_bytes_per_step
-from trtlm.runtime.cuda_graph import GraphForward
-from trtlm.runtime.fast import FastForward, grouped_experts
-from trtlm.runtime.generate import Runner, SamplingParams
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[5, 6, 7, 8, 9] * 5, [11, 12, 13]]  # 25 + 20 tokens cross the tiny Mistral's 32-token window
@@ -31,64 +27,9 @@ def _model(family: str, dtype: str = "float32", device: str = "cpu"):
     return model
 
 
-def _eager_runner(model, sync_every: int = 1) -> Runner:
-    state = {}
-
-    def new_cache(batch, max_seq):
-        state["cache"] = model.new_cache(batch, max_seq)
-
-    def forward(tokens, start, pad):
-        return model(tokens, model.step(start, tokens.shape[1], pad), state["cache"])
-
-    return Runner(forward, new_cache, next(model.parameters()).device, sync_every=sync_every)
-
-
-def _generate(runner: Runner, n: int = 20, **kw):
-    return runner.generate(PROMPTS, SamplingParams(n, stop_at_eos=False, **kw), keep_logits=True)
-
-
-@pytest.mark.parametrize("family", ["mistral", "mixtral"])
-def test_static_fast_decode_matches_model_forward(family):
-    """GraphForward without graphs runs the exact step a graph would capture (device-side
-    start, bucketed static length, fast forward): same tokens and logits as the model's forward."""
-    model = _model(family)
-    ref = _generate(_eager_runner(model))
-    gf = GraphForward(model, graphs=False, bucket=8)
-    assert isinstance(gf.impl, FastForward)
-    out = _generate(Runner(gf, gf.new_cache, torch.device("cpu"), sync_every=4))
-    assert out.output_ids == ref.output_ids
-    torch.testing.assert_close(out.prompt_logits, ref.prompt_logits, atol=1e-4, rtol=1e-4)
-    assert len(out.step_logits) == len(ref.step_logits) == 19
-    for a, b in zip(out.step_logits, ref.step_logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    # the cache (and its graphs) is reused when the shape repeats: a second generation is the same
-    again = _generate(Runner(gf, gf.new_cache, torch.device("cpu")))
-    assert again.output_ids == ref.output_ids
-
-
-def test_sync_every_changes_nothing():
-    """Reading tokens back every 5 steps: same outputs, on_tokens calls and kept logits as every step,
-    also when every sequence stops at EOS in the middle of a chunk."""
-    model = _model("mistral")
-    free = _generate(_eager_runner(model), 12).output_ids
-    eos = (free[0][3], free[1][6])  # sequence 0 ends at step 3, sequence 1 at step 6 (mid-chunk)
-    results = []
-    for n in (1, 5):
-        calls = []
-        gen = _eager_runner(model, sync_every=n).generate(
-            PROMPTS, SamplingParams(12, eos_ids=eos), on_tokens=lambda i, t: calls.append((i, t)), keep_logits=True)
-        results.append((gen, calls))
-    (a, calls_a), (b, calls_b) = results
-    assert a.output_ids == b.output_ids
-    assert calls_a == calls_b
-    assert len(a.step_logits) == len(b.step_logits) == 6
-    for x, y in zip(a.step_logits, b.step_logits):
-        assert torch.equal(x, y)
-    assert a.output_ids[0][-1] in eos and len(a.output_ids[0]) <= 4
-
-
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="this torch has no grouped_mm")
 def test_grouped_experts_match_moe_forward():
-    from trtlm.runtime.moe import moe_forward, route
+    from trtlm.runtime.moe import grouped_experts, moe_forward, route
 
     g = torch.Generator().manual_seed(0)
     E, H, I, T, k = 6, 32, 48, 7, 2
@@ -130,22 +71,32 @@ def test_weight_bytes_count_routed_experts_only():
 
 
 def test_bench_cli_cpu(tmp_path):
+    """Both modes on CPU, through the engine: latency rows with a roofline fraction, offline rows for
+    continuous and static batching of the same requests, and transformers alongside."""
     from trtlm.cli import main
 
     out = tmp_path / "bench.json"
     main(["bench", "--family", "mixtral", "--preset", "tiny", "--dummy-weights", "--device", "cpu",
           "--dtype", "float32", "--batch-size", "1,2", "--input-len", "4", "--output-len", "3", "--reps", "1",
-          "--mode", "graph,eager", "--compare-hf", "--hf-batch-size", "1", "--json", "--output", str(out)])
+          "--mode", "latency,offline", "--num-requests", "6", "--input-range", "3-9", "--output-range", "2-5",
+          "--max-batch-size", "4", "--compare-hf", "--hf-batch-size", "1", "--json", "--output", str(out)])
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu" and doc["layers"] == 2 and doc["copy_bandwidth_GBps"] > 0
-    assert [(r["mode"], r["batch_size"]) for r in doc["results"]] == [
-        ("graph", 1), ("graph", 2), ("eager", 1), ("eager", 2)]
+    assert [(r["mode"], r["batch_size"]) for r in doc["results"]] == [("latency", 1), ("latency", 2)]
     for r in doc["results"]:
         for key in ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s_per_seq", "decode_tokens_per_s_total",
                     "decode_step_ms", "roofline_fraction", "weight_bytes_per_step"):
             assert math.isfinite(r[key]) and r[key] > 0, key
-        assert r["cuda_graphs"] is False and r["peak_gpu_memory_gb"] is None
+        assert r["peak_gpu_memory_gb"] is None
         assert r["decode_tokens_per_s_total"] == pytest.approx(r["batch_size"] * r["decode_tokens_per_s_per_seq"])
+    batching = [r["batching"] for r in doc["offline"]]
+    assert batching == ["continuous", "static", "transformers-generate"]
+    continuous, static = doc["offline"][:2]
+    assert continuous["output_tokens"] == static["output_tokens"]  # the same requests, every token generated
+    for r in (continuous, static):
+        assert r["requests"] == 6 and 6 * 2 <= r["output_tokens"] <= 6 * 5
+        assert r["ttft_ms"]["p50"] > 0 and 0 < r["kv_blocks_peak"] <= r["kv_blocks_total"]
+    assert doc["continuous_over_static"] > 0
     assert doc["hf"][0]["batch_size"] == 1 and doc["hf"][0]["ttft_ms"] > 0
     assert "speedup_vs_hf" in doc["results"][0]
 
@@ -163,20 +114,34 @@ def test_bench_cli_errors(capsys):
 
 
 # -- GPU ------------------------------------------------------------------------------------------
+def _engine_on(model, device, graphs: bool):
+    from trtlm.runtime.engine import Engine, EngineConfig
+    from trtlm.runtime.executor import LocalExecutor
+
+    return Engine(LocalExecutor(model, torch.device(device), use_cuda_graphs=graphs), max_seq_len=128,
+                  vocab_size=model.d.vocab, max_batch_size=4, config=EngineConfig(use_cuda_graphs=graphs))
+
+
 @CUDA
 @pytest.mark.parametrize("family", ["mistral", "mixtral"])
 def test_cuda_graph_decode_identical_to_eager(family):
-    """Replaying the captured decode step gives bit-identical logits to running that step eagerly."""
+    """Replaying captured decode steps gives the same tokens and bit-identical logits to running the
+    same steps eagerly (same kernels, same inputs)."""
+    from trtlm.runtime.sampling import SamplingParams
+
     model = _model(family, "bfloat16", "cuda")
     results = []
     for graphs in (False, True):
-        gf = GraphForward(model, graphs=graphs, bucket=16)
-        results.append(_generate(Runner(gf, gf.new_cache, torch.device("cuda"), sync_every=8)))
+        engine = _engine_on(model, "cuda", graphs)
+        assert (engine.executor.graphs is not None) == graphs
+        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True), keep_logits=True)
+        results.append(outs)
     eager, graph = results
-    assert graph.output_ids == eager.output_ids
-    assert len(graph.step_logits) == len(eager.step_logits) == 19
-    for a, b in zip(graph.step_logits, eager.step_logits):
-        assert torch.equal(a, b)
+    for a, b in zip(eager, graph):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(a.step_logits) == len(b.step_logits) == 19
+        for x, y in zip(a.step_logits, b.step_logits):
+            assert torch.equal(x, y)
 
 
 @CUDA
@@ -188,7 +153,7 @@ def test_bf16_logits_match_transformers_on_gpu(family, tmp_path):
     from trtlm.api import LLM
     from trtlm.convert.options import ConvertOptions
     from trtlm.convert.pipeline import convert
-    from trtlm.runtime.engine import BuildOptions, build
+    from trtlm.build import BuildOptions, build
     from trtlm.testing.models import make_tiny_model, transformers_class
 
     model_dir = make_tiny_model(family, tmp_path / "hf")

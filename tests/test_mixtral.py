@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trtlm.convert.mapping import Mapping
+from trtlm.mapping import Mapping
 from trtlm.convert.options import ConvertOptions
 from trtlm.convert.pipeline import convert
 from trtlm.errors import UserError
@@ -63,7 +63,7 @@ def tiny(tmp_path_factory):
 
 
 def convert_build(hf_dir: Path, out: Path, **options) -> Path:
-    from trtlm.runtime.engine import BuildOptions, build
+    from trtlm.build import BuildOptions, build
 
     options.setdefault("dtype", "float32")
     convert(hf_dir, out / "ckpt", ConvertOptions(**options))
@@ -325,7 +325,7 @@ def test_default_normalization_is_renormalize(tmp_path, tiny):
 
 def test_tiny_preset_with_dummy_weights_runs(tmp_path):
     from trtlm.api import LLM
-    from trtlm.runtime.engine import BuildOptions, build
+    from trtlm.build import BuildOptions, build
 
     convert(None, tmp_path / "ck", ConvertOptions(dtype="float32", dummy_weights=True, tp_size=2, moe_ep_size=2),
             family="mixtral", preset="tiny")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_hf_model, run_cli
+from conftest import run_cli, transformers_greedy
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch built without torch.distributed / gloo")
@@ -56,40 +56,9 @@ def hf_dir(make_tiny_hf):
 
 
 @pytest.fixture(scope="module")
-def engine(hf_dir, tmp_path_factory):
+def engine(hf_dir, make_engine):
     """``engine(model_type, tp_size=, pp_size=, moe_tp_size=, moe_ep_size=)`` -> engine dir (cached)."""
-    from trtlm.convert.options import ConvertOptions
-    from trtlm.convert.pipeline import convert
-    from trtlm.runtime.engine import BuildOptions, build
-
-    cache: dict[str, Path] = {}
-
-    def make(model_type: str, **mapping) -> Path:
-        key = f"{model_type}-" + "-".join(f"{k}{v}" for k, v in sorted(mapping.items()))
-        if key not in cache:
-            root = tmp_path_factory.mktemp(key)
-            convert(hf_dir(model_type), root / "ckpt", ConvertOptions(**mapping))
-            build(root / "ckpt", root / "engine", BuildOptions())
-            cache[key] = root / "engine"
-        return cache[key]
-
-    return make
-
-
-def transformers_greedy(model_dir: Path, prompts: list[list[int]], new: int) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt on its own (no padding), cut after EOS."""
-    model = load_hf_model(model_dir)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 do_sample=False, pad_token_id=0)[0, len(p):].tolist()
-            cut = next((i + 1 for i, t in enumerate(out) if t in eos), len(out))
-            outs.append(out[:cut])
-    return outs
+    return lambda model_type, **mapping: make_engine(hf_dir(model_type), **mapping)
 
 
 def single_process(engine_dir: Path, prompts=PROMPTS, new: int = NEW) -> list[list[int]]:
@@ -269,8 +238,8 @@ def test_rank0_refusal_reaches_every_rank(engine):
     res = run_cli("run", "--engine-dir", engine("mistral", tp_size=2), "--input-ids", "5,6", "--max-output-len",
                   "5000")
     assert res.exit_code == 1
-    assert res.stderr_lines == ["error: rank 0 failed: prompt + --max-output-len = 5002 tokens exceeds the engine's "
-                                "max_seq_len 512"]
+    assert res.stderr_lines == ["error: rank 0 failed: prompt (2 tokens) + max_tokens (5000) = 5002 exceeds the "
+                                "engine's max_seq_len 512"]
     assert live_workers(os.getpid()) == []
 
 

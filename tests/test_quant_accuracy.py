@@ -17,7 +17,7 @@ from trtlm.cli import cli
 from trtlm.convert.options import ConvertOptions
 from trtlm.convert.pipeline import convert
 from trtlm.evaluate import evaluate
-from trtlm.runtime.engine import BuildOptions, build
+from trtlm.build import BuildOptions, build
 
 MODEL = Path(__file__).resolve().parents[1] / "core" / "src" / "trtlm" / "data" / "tiny-mistral"
 EVAL = MODEL / "eval.txt"

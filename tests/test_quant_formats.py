@@ -10,8 +10,11 @@ Fixtures (tests/fixtures/modelopt, copied from the project's reference exports):
 
 modelopt calibrated on 4 batches of ``torch.randint(0, 1000, (2, 32))`` drawn right after
 ``torch.manual_seed(0)``, on the fp32 model.  Re-running that calibration with transformers
-reproduces its activation statistics exactly, which lets the SmoothQuant, AWQ-lite and W4A8
-tests demand bit-identical tensors too (they are skipped when transformers is missing).
+reproduces its activation statistics up to fp32 summation order, which differs between CPUs
+(~1e-7 relative); the SmoothQuant, AWQ-lite, W4A8 and activation-scale tests therefore compare
+the calibration-derived tensors within one float16 ulp (codes: one step, rarely), see
+tests/calib_tolerance.py for why that bound; weights and weight-only scales stay bit-identical.
+They are skipped when transformers is missing.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from calib_tolerance import assert_calibrated_close
 from trtlm.quant import formats as qf
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "modelopt"
@@ -299,7 +303,7 @@ def test_fp8_activation_scales_from_calibration(calib_inputs):
         for linear in LINEARS:
             key = f"transformer.layers.{i}.{linear}.activation_scaling_factor"
             scale = qf.fp8_activation_scale(_channel_amax(_linear_inputs(calib_inputs, i, linear)))
-            _assert_same(scale, ref[key], key)
+            assert_calibrated_close(scale, ref[key], key)
 
 
 def test_smoothquant_matches_modelopt(calib_inputs):
@@ -310,8 +314,8 @@ def test_smoothquant_matches_modelopt(calib_inputs):
             out = qf.quantize_smoothquant(_parts(hf, i, linear), _channel_amax(_linear_inputs(calib_inputs, i, linear)),
                                           alpha=1.0)
             out["prequant_scaling_factor"] = out["prequant_scaling_factor"].half()  # export dtype
-            for name, value in out.items():
-                _assert_same(value, ref[f"{key}.{name}"], f"{key}.{name}")
+            for name, value in out.items():  # all of them depend on the calibrated smoother
+                assert_calibrated_close(value, ref[f"{key}.{name}"], f"{key}.{name}")
     # alpha = 1: every activation scale is exactly 1/127
     assert ref["transformer.layers.0.attention.qkv.activation_scaling_factor"].item() == pytest.approx(1 / 127)
 
@@ -337,8 +341,8 @@ def test_awq_lite_matches_modelopt(awq_search):
             alphas += [r.alpha for r in awq_search[i, linear]]
             out = qf.quantize_awq(_parts(hf, i, linear), prequants, group_size=128)
             out["prequant_scaling_factor"] = out["prequant_scaling_factor"].half()
-            for name, value in out.items():
-                _assert_same(value, ref[f"{key}.{name}"], f"{key}.{name}")
+            for name, value in out.items():  # all of them depend on the calibrated AWQ scales
+                assert_calibrated_close(value, ref[f"{key}.{name}"], f"{key}.{name}", packed_int4=name == "weight")
     assert len(set(alphas)) > 1  # the search really chose between alphas
 
 
@@ -351,8 +355,8 @@ def test_w4a8_awq_matches_modelopt(calib_inputs, awq_search):
             act_amax = _channel_amax(_linear_inputs(calib_inputs, i, linear))
             out = qf.quantize_w4a8_awq(_parts(hf, i, linear), prequants, act_amax, group_size=128)
             out["prequant_scaling_factor"] = out["prequant_scaling_factor"].half()
-            for name, value in out.items():
-                _assert_same(value, ref[f"{key}.{name}"], f"{key}.{name}")
+            for name, value in out.items():  # all of them depend on the calibrated AWQ scales
+                assert_calibrated_close(value, ref[f"{key}.{name}"], f"{key}.{name}", packed_int4=name == "weight")
 
 
 # ----------------------------------------------------------------------------- round trips and runtime helpers

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from trtlm.api import LLM
 from trtlm.convert.options import ConvertOptions
 from trtlm.convert.pipeline import convert
-from trtlm.runtime.engine import BuildOptions, build
+from trtlm.build import BuildOptions, build
 
 NEW_TOKENS = 40
 LOW_PRECISION_TOL = {"bfloat16": 0.02, "float16": 0.003}
@@ -296,14 +296,14 @@ def test_run_json_document(make_tiny_mistral, tmp_path, monkeypatch):
 
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     for out in doc["outputs"]:
-        assert sorted(out) == ["output_ids", "text"]
+        assert sorted(out) == ["finish_reason", "output_ids", "text"]
         assert 1 <= len(out["output_ids"]) <= 5 and all(isinstance(i, int) for i in out["output_ids"])
         assert out["text"] == tok.decode(out["output_ids"], skip_special_tokens=True)
 
     res = run_cli("run", "--model-dir", model, "--input-ids", "1,2,3", "--max-output-len", "3", "--json")
     assert res.exit_code == 0, res.stderr
     [out] = json.loads(res.stdout)["outputs"]
-    assert sorted(out) == ["output_ids", "text"] and out["text"] is None
+    assert sorted(out) == ["finish_reason", "output_ids", "text"] and out["text"] is None
 
 
 # --------------------------------------------------------------------------------------------

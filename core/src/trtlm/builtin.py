@@ -45,14 +45,14 @@ def trtlm_map_layers(family, hf_config: dict[str, Any], options):
 
 
 @hookimpl(trylast=True)
-def trtlm_quantize(family, plan, loaded, options):
+def trtlm_quantize(family, plan, loaded, options, hooks):
     """Per-tensor generic quantization (:func:`trtlm.quant.plan.quantize_plan`); the plan unchanged
     when neither ``--quant`` nor ``--kv-cache-dtype`` is given."""
     if not options.quant and not options.kv_cache_dtype:
         return plan
     from trtlm.quant.plan import quantize_plan
 
-    return quantize_plan(plan, loaded, options, family=family)
+    return quantize_plan(plan, loaded, options, hooks)
 
 
 @hookimpl(trylast=True)
@@ -62,6 +62,39 @@ def trtlm_shard(family, plan, mapping):
     from trtlm.convert.plan import default_shard
 
     return default_shard(plan, mapping)
+
+
+@hookimpl(trylast=True)
+def trtlm_export(family, fmt: str, loaded, options, output_dir: Path, hooks):
+    """``--to mcore``: a Megatron-Core checkpoint (:func:`trtlm.mcore.writer.export_mcore`), laid out by
+    the family's ``trtlm_mcore_layout``; ``None`` for any other format."""
+    if fmt != "mcore":
+        return None
+    from trtlm.mcore.writer import export_mcore
+
+    return export_mcore(family, hooks, loaded, options, output_dir)
+
+
+@hookimpl(trylast=True)
+def trtlm_mcore_layout(family, hf_config: dict[str, Any], tp_size: int, pp_size: int, ep_size: int):
+    """Llama-style decoders (:func:`trtlm.mcore.layout.llama_layout`): dense SwiGLU MLP, TE names."""
+    from trtlm.mcore.layout import llama_layout
+
+    return llama_layout(hf_config, tp_size, pp_size, ep_size)
+
+
+@hookimpl(trylast=True)
+def trtlm_mcore_config(family, args: dict[str, Any]):
+    """The recorded or derived Llama-style config (:func:`trtlm.mcore.config.llama_hf_config`);
+    refuses Mixture-of-Experts args, which need a family with experts."""
+    from trtlm.errors import UserError
+    from trtlm.mcore.config import llama_hf_config, recorded_hf_config
+
+    if args.get("num_experts") and recorded_hf_config(args) is None:
+        raise UserError(f"a Mixture-of-Experts Megatron checkpoint (num_experts={args['num_experts']}): "
+                        f"family {family.name} has no experts; pass --family of one that has")
+    model_type = family.hf_model_types[0] if family.hf_model_types else family.name
+    return llama_hf_config(args, family.hf_architectures[0], model_type, where="args")
 
 
 @hookimpl(trylast=True)

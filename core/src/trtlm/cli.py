@@ -21,10 +21,13 @@ COMMANDS = {
     "convert": "trtlm.commands.convert:convert_cmd",
     "build": "trtlm.commands.build:build_cmd",
     "run": "trtlm.commands.run:run_cmd",
+    "serve": "trtlm.commands.serve:serve_cmd",
     "quickstart": "trtlm.commands.quickstart:quickstart_cmd",
     "eval": "trtlm.commands.eval:eval_cmd",
     "bench": "trtlm.commands.bench:bench_cmd",
     "new-plugin": "trtlm.commands.new_plugin:new_plugin_cmd",
+    "triton-repo": "trtlm.commands.triton_repo:triton_repo_cmd",
+    "cache": "trtlm.commands.cache:cache_cmd",
 }
 
 
@@ -61,6 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # One line too (exit 2): the option and value click rejected, and where the options are listed.
+        where = exc.ctx.command_path if exc.ctx is not None else "trtlm"
+        message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip())
+        click.echo(f"error: {message} (see: {where} --help)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

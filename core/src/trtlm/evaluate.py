@@ -79,13 +79,16 @@ def score(logits_fn: Callable[[torch.Tensor], torch.Tensor], chunks: list[list[i
     return Perplexity(nll, count)
 
 
-def trtlm_logits_fn(model, device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Prefill logits of a single-process trtlm network (an :class:`trtlm.api.LLM`'s ``model``)."""
+def engine_logits_fn(engine) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Prompt logits from the engine itself (the path generation takes: paged KV cache, chunked
+    prefill), one request per row, each asking for one token and keeping its prompt's logits."""
+    from trtlm.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
+
     def fn(ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(device)
-        B, T = ids.shape
-        step = model.step(0, T, torch.zeros(B, dtype=torch.long, device=device))
-        return model(ids, step, model.new_cache(B, T, device))
+        outs = engine.generate(ids.tolist(), params, keep_logits=True)
+        return torch.stack([o.prompt_logits for o in outs])
     return fn
 
 
@@ -107,8 +110,8 @@ def evaluate(engine_dir: Path, dataset: Path, hf_model_dir: Path | None = None, 
     from trtlm.api import LLM
 
     llm = LLM(engine_dir, device=device)
-    engine_max = int(llm.build_config.get("max_seq_len") or max_seq_len)
-    seq = min(max_seq_len, engine_max)
+    engine = llm.engine
+    seq = min(max_seq_len, engine.max_input_len, engine.max_seq_len - 1)  # each chunk asks for one more token
     ids = llm.tokenizer.encode(read_dataset(dataset))
     chunks = chunk_ids(ids, seq, max_tokens)
     if not chunks:
@@ -116,7 +119,7 @@ def evaluate(engine_dir: Path, dataset: Path, hf_model_dir: Path | None = None, 
     q = llm.config.get("quantization") or {}
     result = {"dataset": str(dataset), "engine_dir": str(engine_dir), "max_seq_len": seq, "chunks": len(chunks),
               "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
-              "trtlm": score(trtlm_logits_fn(llm.model, llm.device), chunks).to_dict()}
+              "trtlm": score(engine_logits_fn(engine), chunks).to_dict()}
     if hf_model_dir is not None:
         hf = score(hf_logits_fn(hf_model_dir), chunks)
         result["hf"] = hf.to_dict()

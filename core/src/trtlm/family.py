@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trtlm.quant import schemes as _quant_schemes  # pure data, no torch
+
 ALL_DTYPES = ("float32", "float16", "bfloat16")
 ALL_PARALLEL = ("tp", "pp")
-ALL_QUANT = ("fp8", "int8-wo", "int4-wo", "int4-awq", "int8-sq")
+ALL_QUANT = _quant_schemes.names()  #: every registered quantization format (trtlm.quant.schemes)
+ALL_KV_QUANT = _quant_schemes.kv_names()
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ own.  All per-family hooks are ``firstresult``: the first non-``None`` return
 value wins, so returning ``None`` means "use the default".
 
 Type names in the signatures refer to :mod:`trtlm.convert.plan`
-(``ConversionPlan``, ``TensorSpec``, ``RankPlan``, ``Mapping``),
-:mod:`trtlm.convert.options` (``ConvertOptions``), :mod:`trtlm.weights`
-(``TensorSource``, ``LoadedModel``) and :mod:`trtlm.runtime.engine`
+(``ConversionPlan``, ``TensorSpec``, ``RankPlan``), :mod:`trtlm.mapping` (``Mapping``),
+:mod:`trtlm.convert.options` (``ConvertOptions``), :mod:`trtlm.registry` (``FamilyHooks``), :mod:`trtlm.weights`
+(``TensorSource``, ``LoadedModel``), :mod:`trtlm.mcore.layout` (``MCoreLayout``) and :mod:`trtlm.build`
 (``BuildOptions``).
 """
 from __future__ import annotations
@@ -28,9 +28,12 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - type names only, nothing heavy at import
     from trtlm.convert.options import ConvertOptions
-    from trtlm.convert.plan import ConversionPlan, Mapping, RankPlan
+    from trtlm.convert.plan import ConversionPlan, RankPlan
+    from trtlm.mapping import Mapping
     from trtlm.family import Family
-    from trtlm.runtime.engine import BuildOptions
+    from trtlm.mcore.layout import MCoreLayout
+    from trtlm.registry import FamilyHooks
+    from trtlm.build import BuildOptions
     from trtlm.weights import LoadedModel
 
 hookspec = pluggy.HookspecMarker("trtlm")
@@ -96,7 +99,8 @@ def trtlm_map_layers(family: Family, hf_config: dict[str, Any], options: Convert
 
 
 @hookspec(firstresult=True)
-def trtlm_quantize(family: Family, plan: ConversionPlan, loaded: LoadedModel, options: ConvertOptions) -> ConversionPlan | None:
+def trtlm_quantize(family: Family, plan: ConversionPlan, loaded: LoadedModel, options: ConvertOptions,
+                   hooks: FamilyHooks) -> ConversionPlan | None:
     """Rewrite a plan for ``options.quant`` / ``options.kv_cache_dtype``.
 
     Runs *before* :func:`trtlm_shard` on the unsharded tensors, so every
@@ -112,6 +116,9 @@ def trtlm_quantize(family: Family, plan: ConversionPlan, loaded: LoadedModel, op
     :param plan: the plan from :func:`trtlm_map_layers`.
     :param loaded: the weights, for scales that depend on data.
     :param options: ``options.quant`` is ``None`` when no quantization was asked.
+    :param hooks: this family's hook callers (:class:`trtlm.registry.FamilyHooks`), for
+        calibration to build the unquantized network through ``trtlm_build_network``
+        without reaching for the process-wide registry.
     :return: the rewritten plan (``quantization`` filled in the config).
 
     ``firstresult``: stops at the first non-``None`` value.
@@ -139,10 +146,13 @@ def trtlm_shard(family: Family, plan: ConversionPlan, mapping: Mapping) -> list[
 
 
 @hookspec(firstresult=True)
-def trtlm_export(family: Family, fmt: str, loaded: LoadedModel, options: ConvertOptions, output_dir: Path) -> Path | None:
+def trtlm_export(family: Family, fmt: str, loaded: LoadedModel, options: ConvertOptions, output_dir: Path,
+                 hooks: FamilyHooks) -> Path | None:
     """Write a format other than a TensorRT-LLM checkpoint (``trtlm convert --to FMT``).
 
-    The MPT plugin writes FasterTransformer directories through it.  Write
+    The MPT plugin writes FasterTransformer directories through it; the
+    core's default writes ``--to mcore`` (Megatron-Core) for families that
+    list ``"mcore"`` in ``capabilities.formats_out``.  Write
     into ``output_dir`` (a temporary directory the core renames into place
     when the hook returns).
 
@@ -152,7 +162,60 @@ def trtlm_export(family: Family, fmt: str, loaded: LoadedModel, options: Convert
     :param loaded: the model from :func:`trtlm_load_weights`.
     :param options: all conversion options.
     :param output_dir: the temporary directory to write into.
+    :param hooks: this family's hook callers (:class:`trtlm.registry.FamilyHooks`): the
+        core's ``--to mcore`` writer asks them for :func:`trtlm_mcore_layout`.
     :return: the directory written, or ``None`` if this plugin cannot.
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_mcore_layout(family: Family, hf_config: dict[str, Any], tp_size: int, pp_size: int, ep_size: int) -> MCoreLayout | None:
+    """Name and layout table between Hugging Face tensors and Megatron-Core's GPT state dict.
+
+    One table serves both directions: ``trtlm convert --to mcore`` walks it
+    to write each ``mp_rank_*`` file, and reading a Megatron checkpoint
+    (``--model-dir MCORE_CKPT``) walks it backwards to present Hugging Face
+    tensors to the ordinary conversion.  The default,
+    :func:`trtlm.mcore.layout.llama_layout`, maps Llama-style decoders
+    (fused ``linear_qkv`` per query group, ``[gate; up]`` ``linear_fc1``,
+    padded vocabulary, Transformer-Engine names); a family whose
+    feed-forward differs calls it with its own ``mlp`` callback (the
+    Mixtral plugin adds the router and the experts, placed by expert index
+    on expert-parallel ranks) and adds its ``args`` (``num_experts``, ...).
+
+    :param family: the resolved family.
+    :param hf_config: the model's Hugging Face ``config.json`` as a dict.
+    :param tp_size: Megatron's tensor parallel size.
+    :param pp_size: Megatron's pipeline parallel size.
+    :param ep_size: Megatron's expert parallel size (1 for dense models).
+    :return: a :class:`trtlm.mcore.layout.MCoreLayout` (tensors with global
+        layer and expert indices, and the Megatron ``args`` of the model).
+    :raises trtlm.errors.UserError: for parallel sizes the model cannot be split by.
+
+    ``firstresult``: stops at the first non-``None`` value.
+    """
+
+
+@hookspec(firstresult=True)
+def trtlm_mcore_config(family: Family, args: dict[str, Any]) -> dict[str, Any] | None:
+    """Describe a Megatron checkpoint's model as a Hugging Face ``config.json``.
+
+    Called with the ``args`` Namespace of a Megatron-LM checkpoint (as a
+    dict) before :func:`trtlm_mcore_layout`.  The default,
+    :func:`trtlm.mcore.config.llama_hf_config`, returns the config trtlm
+    recorded in ``args.trtlm_hf_config`` when it wrote the checkpoint, or
+    derives a Llama-style one from the model arguments and refuses settings
+    it cannot express (and Mixture-of-Experts args, which need a family
+    with experts); the Mixtral plugin adds ``num_local_experts`` and
+    ``num_experts_per_tok``.
+
+    :param family: the family the checkpoint was resolved to (``--family``,
+        the recorded architecture, or by whether ``args.num_experts`` is set).
+    :param args: ``vars()`` of the checkpoint's ``args``.
+    :return: a Hugging Face style config dict.
+    :raises trtlm.errors.UserError: for models the family cannot map.
 
     ``firstresult``: stops at the first non-``None`` value.
     """
@@ -189,5 +252,7 @@ FAMILY_HOOKS = (
     "trtlm_quantize",
     "trtlm_shard",
     "trtlm_export",
+    "trtlm_mcore_layout",
+    "trtlm_mcore_config",
     "trtlm_build_network",
 )

@@ -49,21 +49,22 @@ def _count(headers: list[dict[str, Any]]) -> tuple[int, dict[str, int]]:
     return params, dtypes
 
 
-def checkpoint_parameters(config: dict[str, Any], headers: list[dict[str, Any]]) -> int:
+def checkpoint_parameters(config: "CheckpointConfig | dict[str, Any]", headers: list[dict[str, Any]]) -> int:
     """Parameters of a TensorRT-LLM checkpoint: every tensor merged across its tensor-parallel
     ranks with the split rules of :mod:`trtlm.layout` (on shapes only), so replicated tensors
     count once, duplicated KV heads are undone and vocabulary padding is left out; pipeline
     stages hold disjoint tensors."""
-    from trtlm.convert.mapping import Mapping
+    from trtlm.config import as_checkpoint_config
 
-    mapping = Mapping.from_config(config)
+    cfg = as_checkpoint_config(config)
+    mapping = cfg.mapping
     if mapping.tp_size == 1:
         return _count(headers)[0]
     import torch
 
     from trtlm.layout import Split, split_rule
 
-    vocab = int(config.get("vocab_size") or 0)
+    vocab = cfg.vocab_size
 
     total = 0
     for pp_rank in range(mapping.pp_size):
@@ -73,7 +74,7 @@ def checkpoint_parameters(config: dict[str, Any], headers: list[dict[str, Any]])
             if len(parts) != mapping.tp_size:
                 raise UserError(f"tensor {name} is missing from some tensor-parallel ranks of stage {pp_rank}")
             try:
-                rule = split_rule(name, config, tuple(info["shape"]))
+                rule = split_rule(name, cfg, tuple(info["shape"]))
                 shape = list(rule.merge(parts, mapping).shape)
             except (ValueError, RuntimeError, IndexError):  # a layout the rules do not know: count what is stored
                 rule, shape = None, [sum(math.prod(p.shape) for p in parts)]
@@ -117,14 +118,16 @@ def inspect_path(path: Path) -> dict[str, Any]:
         if fmt == "engine":
             build_cfg, cfg = cfg.get("build_config"), cfg["pretrained_config"]
         entry = registry.resolve_trtllm(cfg.get("architecture", "?"), where=str(path / "config.json"))
+        from trtlm.config import CheckpointConfig
+
+        ckpt = CheckpointConfig.from_dict(cfg, where=str(path / "config.json"))
         files = sorted(path.glob("rank*.safetensors"), key=lambda f: int(f.stem[4:]) if f.stem[4:].isdigit() else -1)
         headers = [_header(f) for f in files]
         stored, dtypes = _count(headers)
-        world = int((cfg.get("mapping") or {}).get("world_size", 1))
-        info.update(architecture=cfg.get("architecture"), layers=cfg.get("num_hidden_layers"),
-                    hidden_size=cfg.get("hidden_size"),
-                    parameters=checkpoint_parameters(cfg, headers) if len(files) == world else None,
-                    parameters_all_ranks=stored, dtype=cfg.get("dtype"), dtypes=dtypes,
+        info.update(architecture=ckpt.architecture, layers=ckpt.num_hidden_layers,
+                    hidden_size=ckpt.hidden_size,
+                    parameters=checkpoint_parameters(ckpt, headers) if len(files) == ckpt.mapping.world_size else None,
+                    parameters_all_ranks=stored, dtype=ckpt.dtype, dtypes=dtypes,
                     parallel=cfg.get("mapping"), quantization=cfg.get("quantization"),
                     rank_files=[f.name for f in files])
         if build_cfg is not None:

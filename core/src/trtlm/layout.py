@@ -14,12 +14,14 @@ import abc
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from trtlm.convert.mapping import Mapping
+from trtlm.config import CheckpointConfig, as_checkpoint_config
+from trtlm.mapping import Mapping
 from trtlm.meta import cat
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 class SplitRule(abc.ABC):
@@ -33,6 +35,14 @@ class SplitRule(abc.ABC):
     def merge(self, parts: list[torch.Tensor], mapping: Mapping) -> torch.Tensor:
         """The full tensor from every rank's part (inverse of :meth:`take`)."""
 
+    def index(self, shape: tuple[int, ...], mapping: Mapping, tp_rank: int) -> tuple[int, list[int]] | None:
+        """What :meth:`take` selects from a full tensor of ``shape``, without torch:
+        ``(dim, indices)`` when the part is the full tensor indexed along ``dim`` (``-1`` marks a
+        zero padding slice), ``None`` when it is something else.  The byte-copying converter
+        (:mod:`trtlm.convert.bytecopy`) turns it into file ranges; tests check it against
+        :meth:`take`.  Raises ``ValueError`` where :meth:`take` would."""
+        return None
+
 
 @dataclass(frozen=True)
 class Replicate(SplitRule):
@@ -41,6 +51,9 @@ class Replicate(SplitRule):
 
     def merge(self, parts, mapping):
         return parts[0]
+
+    def index(self, shape, mapping, tp_rank):
+        return 0, list(range(shape[0])) if shape else [0]
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,13 @@ class Split(SplitRule):
 
     def merge(self, parts, mapping):
         return cat(parts, dim=self.dim)
+
+    def index(self, shape, mapping, tp_rank):
+        n, size = mapping.tp_size, shape[self.dim]
+        if size % n and not self.pad:
+            raise ValueError(f"dimension {self.dim} of size {size} does not divide by tp={n}")
+        step = -(-size // n)
+        return self.dim % len(shape), [i if i < size else -1 for i in range(tp_rank * step, (tp_rank + 1) * step)]
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,23 @@ class QKVSplit(SplitRule):
             sl = slice(head * self.head_size, (head + 1) * self.head_size)
             k, v = k[sl], v[sl]
         return cat([q, k, v], dim=0)
+
+    def index(self, shape, mapping, tp_rank):
+        n, d = mapping.tp_size, self.head_size
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        if shape[0] != q + 2 * kv:
+            raise ValueError(f"fused qkv has {shape[0]} rows, expected {q + 2 * kv}")
+        if q % n or (self.num_kv_heads >= n and kv % n):
+            return None  # torch.chunk's uneven parts: leave it to take()
+        qs = q // n
+        rows = list(range(tp_rank * qs, (tp_rank + 1) * qs))
+        if self.num_kv_heads >= n:
+            ks = kv // n
+            k = range(q + tp_rank * ks, q + (tp_rank + 1) * ks)
+        else:
+            head = tp_rank * self.num_kv_heads // n
+            k = range(q + head * d, q + (head + 1) * d)
+        return 0, rows + list(k) + [i + kv for i in k]
 
     def merge(self, parts, mapping):
         n = len(parts)
@@ -135,6 +172,16 @@ class ExpertSplit(SplitRule):
                 raise ValueError(f"expert dimension {h.shape[self.inner_dim]} does not divide by moe_tp={mtp}")
         return cat([h.chunk(mtp, dim=self.inner_dim)[r] for h in halves], dim=self.inner_dim)
 
+    def index(self, shape, mapping, tp_rank):
+        ep = mapping.moe_ep_size
+        if self.inner_dim is not None and mapping.moe_tp_size != 1:
+            return None
+        if shape[0] % ep:
+            raise ValueError(f"{shape[0]} experts do not divide by moe_ep={ep}")
+        per = shape[0] // ep
+        first = mapping.moe_ep_rank(tp_rank) * per
+        return 0, list(range(first, first + per))
+
     def merge(self, parts, mapping):
         ep, mtp = mapping.moe_ep_size, mapping.moe_tp_size
         blocks = []
@@ -155,7 +202,7 @@ _COLUMN = ("attention.qkv", "mlp.fc", "mlp.gate")
 _ROW = ("attention.dense", "mlp.proj")
 
 
-def split_rule(name: str, config: dict[str, Any], shape: tuple[int, ...] | None = None) -> SplitRule:
+def split_rule(name: str, config: CheckpointConfig | dict[str, Any], shape: tuple[int, ...] | None = None) -> SplitRule:
     """The split rule of TensorRT-LLM tensor ``name`` (full ``shape``) under ``config``.
 
     Quantization tensors follow their weight: per-output-channel scales split
@@ -165,18 +212,17 @@ def split_rule(name: str, config: dict[str, Any], shape: tuple[int, ...] | None 
     (one element, or ``[E, 1]`` per expert) are replicated across tensor
     ranks (expert ranks still take their own experts' rows).
     """
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_size = int(config.get("head_size") or config["hidden_size"] // heads)
+    cfg = as_checkpoint_config(config)  # callers splitting many tensors parse once and pass the object
+    heads, kv, head_size = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     if name in ("lm_head.weight", "lm_head.bias"):
         return Split(0, pad=True)
     if name == "transformer.vocab_embedding.weight":
-        if not config.get("use_parallel_embedding", False):
+        if not cfg.use_parallel_embedding:
             return Replicate()
-        return Split(int(config.get("embedding_sharding_dim", 0)), pad=True)
+        return Split(cfg.embedding_sharding_dim, pad=True)
     module, _, param = _LAYER.sub("", name).rpartition(".")
     per_tensor = shape is not None and math.prod(shape) == 1 and param != "weight"
-    if config.get("moe") and module in ("mlp.fc", "mlp.proj"):
+    if cfg.moe is not None and module in ("mlp.fc", "mlp.proj"):
         if param == "weight":
             return ExpertSplit(1 if module == "mlp.fc" else 2, halves=2 if module == "mlp.fc" else 1)
         if param == "weights_scaling_factor" and shape is not None and len(shape) >= 2:

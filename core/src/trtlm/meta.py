@@ -12,17 +12,22 @@ tensors and call torch for real ones, so they can replace ``torch.cat`` /
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _result_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    import torch
+
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
 def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """``torch.cat``; on meta tensors the result's shape and dtype without torch's Python meta kernel."""
+    import torch
+
     tensors = list(tensors)
     if not tensors or not all(t.is_meta for t in tensors):
         return torch.cat(tensors, dim=dim)
@@ -38,6 +43,8 @@ def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
 
 def stack(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """``torch.stack``; cheap on meta tensors like :func:`cat`."""
+    import torch
+
     tensors = list(tensors)
     if not tensors or not all(t.is_meta for t in tensors):
         return torch.stack(tensors, dim=dim)

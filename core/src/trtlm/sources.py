@@ -1,4 +1,8 @@
-"""Tensor sources for Hugging Face directories: safetensors, pickle, dummy."""
+"""Tensor sources for Hugging Face directories: safetensors, pickle, dummy.
+
+torch is imported only when a tensor is built (``get``): opening a safetensors checkpoint and
+reading its names, shapes, dtypes and byte spans is torch-free, which is what the byte-copying
+conversion (:mod:`trtlm.convert.bytecopy`) needs."""
 from __future__ import annotations
 
 import json
@@ -9,17 +13,13 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from trtlm import dtypes
 from trtlm.errors import UserError
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -69,13 +69,13 @@ class SafetensorsSource:
     def __init__(self, files: dict[str, Path]) -> None:
         """:param files: tensor name -> file holding it."""
         self._file_of = files
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], dtypes.DType]] = {}
         self._offset: dict[str, int] = {}
         for path in sorted(set(files.values())):
             header, base = _read_header(path)
             for name, info in header.items():
                 if files.get(name) == path:
-                    dt = _ST_DTYPES.get(info["dtype"])
+                    dt = dtypes.BY_ST.get(info["dtype"])
                     if dt is None:
                         raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
                     shape = tuple(int(d) for d in info["shape"])
@@ -121,7 +121,16 @@ class SafetensorsSource:
         return self._meta[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._meta[name][1]
+        return dtypes.torch_dtype(self._meta[name][1])
+
+    def dtype_name(self, name: str) -> str:
+        """``name``'s dtype as :mod:`trtlm.dtypes` names it (``"bfloat16"``), without torch."""
+        return self._meta[name][1].name
+
+    def span(self, name: str) -> tuple[Path, int, int]:
+        """``(file, offset, nbytes)`` of ``name``'s bytes (row-major, little-endian)."""
+        shape, dt = self._meta[name]
+        return self._file_of[name], self._offset[name], math.prod(shape) * dt.itemsize
 
     def _map(self, path: Path) -> mmap.mmap:
         with self._lock:
@@ -156,11 +165,23 @@ class SafetensorsSource:
                 pass
 
     def get(self, name: str) -> torch.Tensor:
-        shape, dtype = self._meta[name]
+        import torch
+
+        shape, entry = self._meta[name]
+        dtype = dtypes.torch_dtype(entry)
         numel = math.prod(shape)
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
-        mm = self._map(self._file_of[name])
+        path = self._file_of[name]
+        mm = self._map(path)
+        end = self._offset[name] + numel * entry.itemsize
+        try:  # touching mapped bytes past a shrunk file's end is SIGBUS (no Python error): check first
+            size = os.stat(path).st_size
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read while converting ({exc.strerror}); re-download it") from None
+        if size < end:
+            raise UserError(f"{path}: truncated while converting (tensor {name} ends at byte {end}, "
+                            f"the file has {size}); re-download it")
         return torch.frombuffer(mm, dtype=dtype, count=numel, offset=self._offset[name]).view(shape)
 
 
@@ -185,6 +206,8 @@ class StateDictSource:
 
 def load_pickle_dir(model_dir: Path) -> StateDictSource:
     """``pytorch_model*.bin`` with ``weights_only=True`` (no code runs)."""
+    import torch
+
     files = sorted(model_dir.glob("pytorch_model*.bin"))
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
@@ -212,10 +235,14 @@ class DummySource:
     without a checkpoint.  Deterministic per tensor name and seed, generated on
     demand, so a 7B dummy conversion still streams."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype: torch.dtype | None = None):
         self._shapes = shapes
         self._seed = seed
-        self._dtype = dtype
+        self._dtype_arg = dtype
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self._dtype_arg if self._dtype_arg is not None else dtypes.torch_dtype("float32")
 
     def keys(self) -> list[str]:
         return sorted(self._shapes)
@@ -227,8 +254,18 @@ class DummySource:
         return self._dtype
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
+
         shape = self._shapes[name]
         if "norm" in name and len(shape) == 1:
             return torch.ones(shape, dtype=self._dtype)
         g = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(name.encode()))
         return (torch.randn(shape, generator=g) * 0.02).to(self._dtype)
+
+
+def __getattr__(name: str) -> Any:
+    # Old name (header code -> torch dtype), built on use so importing this module stays torch-free;
+    # new code reads trtlm.dtypes (BY_ST / torch_dtype).
+    if name == "_ST_DTYPES":
+        return {code: dtypes.torch_dtype(entry) for code, entry in dtypes.BY_ST.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

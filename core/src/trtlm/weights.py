@@ -9,9 +9,10 @@ sharding, writing) sees only this protocol.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 @runtime_checkable

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from trtlm.commands.options import DEVICE, POSITIVE
+
 
 def bundled_model_dir() -> Path:
     """The tiny Mistral-architecture code model shipped inside the package
@@ -19,19 +21,32 @@ def bundled_model_dir() -> Path:
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("trtlm-quickstart"), show_default=True,
               help="Where the checkpoint and engine are written.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt(s) to complete.")
-@click.option("--tp-size", default=1, show_default=True, type=int)
-@click.option("--max-output-len", default=48, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--tp-size", default=1, show_default=True, type=POSITIVE,
+              help="Tensor-parallel ranks of the checkpoint (run merged in this process).")
+@click.option("--max-output-len", default=48, show_default=True, type=POSITIVE, help="Tokens generated per prompt.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="cpu, cuda or cuda:N.")
 def quickstart_cmd(model_dir, work_dir, prompts, tp_size, max_output_len, device):
-    """Convert, build and run a model end to end, printing each step."""
-    from trtlm.api import LLM
-    from trtlm.convert.options import ConvertOptions
-    from trtlm.convert.pipeline import convert
-    from trtlm.runtime.engine import BuildOptions, build
+    """Convert, build and run a model end to end, printing each step.
 
-    model_dir = model_dir or bundled_model_dir()
+    WORK_DIR/checkpoint and WORK_DIR/engine are replaced on each run when they hold an earlier
+    trtlm output; anything else there (or the model itself) is never replaced.
+    """
+    from trtlm.devices import resolve_device
+    from trtlm.fsutil import check_output_dir
+    from trtlm.modeldir import check_model_path
+
+    model_dir = check_model_path(model_dir, "model", "--model-dir") if model_dir else bundled_model_dir()
     prompts = prompts or ("def ", "for i in range(", "    def __init__(self")
     ckpt, engine = work_dir / "checkpoint", work_dir / "engine"
+    for out in (ckpt, engine):  # quickstart always replaces its own outputs: never an input or a stranger's dir
+        check_output_dir(out, True, {"--model-dir": model_dir}, flag="--work-dir")
+    dev = resolve_device(device)
+
+    from trtlm.api import LLM
+    from trtlm.build import BuildOptions, build
+    from trtlm.convert.options import ConvertOptions
+    from trtlm.convert.pipeline import convert
+
     t0 = time.perf_counter()
     result = convert(model_dir, ckpt, ConvertOptions(tp_size=tp_size, force=True))
     click.echo(f"[1/3] convert  {model_dir} -> {ckpt}  ({result.family}, {result.num_tensors} tensors, "
@@ -40,7 +55,7 @@ def quickstart_cmd(model_dir, work_dir, prompts, tp_size, max_output_len, device
     build(ckpt, engine, BuildOptions(force=True))
     click.echo(f"[2/3] build    {ckpt} -> {engine}  ({time.perf_counter() - t0:.2f} s)")
     t0 = time.perf_counter()
-    llm = LLM(engine, tokenizer_dir=model_dir, device=device)
+    llm = LLM(engine, tokenizer_dir=model_dir, device=dev)
     outputs = llm.generate(list(prompts), max_new_tokens=max_output_len)
     click.echo(f"[3/3] run      {len(prompts)} prompt(s), greedy, {max_output_len} tokens "
                f"({time.perf_counter() - t0:.2f} s)\n")

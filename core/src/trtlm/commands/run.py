@@ -8,6 +8,7 @@ torchrun says.  Every rank executes the same request; rank 0 prints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -15,51 +16,80 @@ from typing import Any
 
 import click
 
+from trtlm.commands.convert import DTYPES
+from trtlm.commands.engine_options import engine_config, engine_options, engine_settings
+from trtlm.commands.options import (DEVICE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, TOKEN_IDS,
+                                    TOP_P)
+
 
 @click.command("run")
 @click.option("--engine-dir", type=click.Path(path_type=Path), help="Engine built by `trtlm build`.")
 @click.option("--model-dir", type=click.Path(path_type=Path),
-              help="A Hugging Face checkpoint instead: converted and built into a cache on first use.")
+              help="A Hugging Face checkpoint instead: converted and built into a cache on first use "
+                   "(`trtlm cache list`), said on stderr.")
+@click.option("--no-cache", is_flag=True,
+              help="With --model-dir: convert and build into a temporary directory, removed after the run.")
 @click.option("--tokenizer-dir", type=click.Path(path_type=Path), help="Default: the engine / model directory.")
 @click.option("--input-text", multiple=True, help="A prompt (repeat for a batch).")
 @click.option("--input-file", type=click.Path(path_type=Path), help="One prompt per line.")
-@click.option("--input-ids", multiple=True,
-              help="Comma-separated token ids (no tokenizer needed); repeat for a batch.")
-@click.option("--max-output-len", default=32, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int)
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--seed", type=int)
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--input-ids", multiple=True, type=TOKEN_IDS,
+              help="Comma-separated token ids, each in [0, vocab size) (no tokenizer needed); repeat for a batch.")
+@click.option("--max-output-len", default=32, show_default=True, type=POSITIVE,
+              help="Most tokens generated per prompt (fewer when EOS comes first).")
+@click.option("--temperature", default=0.0, show_default=True, type=NON_NEGATIVE_FLOAT,
+              help="Sampling temperature; 0 = greedy (the most likely token).")
+@click.option("--top-k", default=0, show_default=True, type=NON_NEGATIVE,
+              help="Sample among the k most likely tokens; 0 = no limit.")
+@click.option("--top-p", default=1.0, show_default=True, type=TOP_P,
+              help="Sample among the most likely tokens whose probabilities sum to p, in (0, 1]; 1 = no limit.")
+@click.option("--seed", type=int, help="Seed of the sampler (same seed, same tokens). Default: random.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE,
               help="cpu, cuda, cuda:1, ...; with several ranks `cuda` gives each rank its own GPU.")
-@click.option("--dtype", default="auto", show_default=True, help="With --model-dir: conversion dtype.")
-@click.option("--streaming", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
+              help="With --model-dir: conversion dtype.")
+@click.option("--streaming", is_flag=True,
+              help="Print the completion token by token as it is generated (one prompt; same output as without).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document.")
 @click.option("--launch", type=click.Choice(["auto", "single", "multi"]), default="auto", show_default=True,
               help="auto: one process per rank when the engine has several ranks (tp x pp), else one process; "
                    "single: merge all ranks into this process; multi: one process per rank.")
-@click.option("--dist-timeout", default=300.0, show_default=True, type=float,
+@click.option("--dist-timeout", default=300.0, show_default=True, type=POSITIVE_FLOAT,
               help="Seconds any collective may wait for another rank before the job fails.")
-def run_cmd(engine_dir, model_dir, tokenizer_dir, input_text, input_file, input_ids, max_output_len, temperature,
-            top_k, top_p, seed, device, dtype, streaming, as_json, launch, dist_timeout):
-    """Generate from prompts; greedy by default, stops at EOS."""
+@engine_options
+def run_cmd(engine_dir, model_dir, no_cache, tokenizer_dir, input_text, input_file, input_ids, max_output_len,
+            temperature, top_k, top_p, seed, device, dtype, streaming, as_json, launch, dist_timeout, **engine):
+    """Generate from prompts; greedy by default, stops at EOS.
+
+    Output: each prompt followed by its completion (text prompts), or the prompt's token ids
+    followed by the generated ones, comma-separated (--input-ids); with --streaming the same
+    bytes, printed as they are generated.
+    """
     from trtlm.errors import UserError
 
     sources = sum(bool(x) for x in (input_text, input_file, input_ids))
     if sources != 1:
         raise UserError("give exactly one of --input-text, --input-file and --input-ids")
     if input_ids:
-        prompts: list[Any] = [parse_ids(spec) for spec in input_ids]
+        prompts: list[Any] = [list(ids) for ids in input_ids]
     elif input_file:
-        if not input_file.exists():
-            raise UserError(f"{input_file}: no such file")
+        if not input_file.is_file():
+            raise UserError(f"--input-file {input_file}: no such file")
         prompts = [line for line in input_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--input-file {input_file}: no prompts (one per non-empty line)")
     else:
         prompts = list(input_text)
+        if not all(p for p in prompts):
+            raise UserError("--input-text: a prompt is empty")
+    if streaming and as_json:
+        raise UserError("--streaming prints text as it is generated, --json one document at the end: give one")
+    if streaming and len(prompts) > 1:
+        raise UserError(f"--streaming streams one prompt, got {len(prompts)}: run them without --streaming "
+                        f"(printed one after another), or one at a time")
     request = {"engine_dir": str(engine_dir) if engine_dir else None, "tokenizer_dir": str(tokenizer_dir or "") or None,
                "device": device, "prompts": prompts, "max_output_len": max_output_len, "temperature": temperature,
                "top_k": top_k, "top_p": top_p, "seed": seed, "streaming": streaming, "as_json": as_json,
-               "dist_timeout": dist_timeout}
+               "dist_timeout": dist_timeout, "engine": engine_settings(engine)}
 
     from trtlm.runtime.launch import engine_world_size, launch_ranks, rank_env
 
@@ -70,6 +100,7 @@ def run_cmd(engine_dir, model_dir, tokenizer_dir, input_text, input_file, input_
                             "not --model-dir")
         if launch == "single":
             raise UserError("--launch single cannot run under torchrun (WORLD_SIZE > 1): run without torchrun")
+        check_engine_request(Path(engine_dir), prompts, max_output_len)
         try:
             run_rank(request, env)
         except UserError as exc:
@@ -78,32 +109,61 @@ def run_cmd(engine_dir, model_dir, tokenizer_dir, input_text, input_file, input_
 
     if (engine_dir is None) == (model_dir is None):
         raise UserError("give exactly one of --engine-dir and --model-dir")
-    if model_dir is not None:
-        from trtlm.api import prepare_engine
-        from trtlm.convert.options import ConvertOptions
+    if no_cache and model_dir is None:
+        raise UserError("--no-cache applies to --model-dir (an --engine-dir is used as it is)")
+    with contextlib.ExitStack() as stack:
+        if model_dir is not None:
+            from trtlm.cache import prepare_engine
+            from trtlm.convert.options import ConvertOptions
 
-        engine_dir = prepare_engine(Path(model_dir), ConvertOptions(dtype=dtype))
-        request.update(engine_dir=str(engine_dir), tokenizer_dir=request["tokenizer_dir"] or str(model_dir))
-    world = engine_world_size(Path(engine_dir))  # no torch import: the ranks import it, not the launcher
-    if launch == "multi" or (launch == "auto" and world > 1):
-        launch_ranks(request, world)
-        return
-    from trtlm.api import LLM
+            work = None
+            if no_cache:
+                import tempfile
 
-    llm = LLM(engine_dir, tokenizer_dir=request["tokenizer_dir"], device=device)
-    execute(llm, request, emit=True)
+                work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trtlm-run-")))
+            engine_dir = prepare_engine(Path(model_dir), ConvertOptions(dtype=dtype), use_cache=not no_cache,
+                                        work_dir=work, log=lambda msg: click.echo(msg, err=True))
+            request.update(engine_dir=str(engine_dir), tokenizer_dir=request["tokenizer_dir"] or str(model_dir))
+        else:
+            from trtlm.modeldir import check_model_path
+
+            check_model_path(engine_dir, "engine", "--engine-dir")
+        check_engine_request(Path(engine_dir), prompts, max_output_len)
+        world = engine_world_size(Path(engine_dir))  # no torch import: the ranks import it, not the launcher
+        if launch == "multi" or (launch == "auto" and world > 1):
+            launch_ranks(request, world)
+            return
+        from trtlm.api import LLM
+        from trtlm.devices import resolve_device
+
+        llm = LLM(engine_dir, tokenizer_dir=request["tokenizer_dir"], device=resolve_device(device),
+                  engine_config=engine_config(request["engine"]))
+        execute(llm, request, emit=True)
 
 
-def parse_ids(spec: str) -> list[int]:
+def check_engine_request(engine_dir: Path, prompts: list[Any], max_output_len: int) -> None:
+    """Token-id prompts against the engine's limits, from its config.json (no torch, before any rank starts):
+    an id outside the vocabulary or a prompt longer than the engine's --max-input-len is one line here
+    instead of an IndexError (or, on tp > 1, garbage) later.  Text prompts are checked after tokenizing,
+    by the runtime."""
     from trtlm.errors import UserError
+    from trtlm.modeldir import read_json
 
-    try:
-        ids = [int(t) for t in spec.split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"--input-ids {spec!r}: expected comma-separated integers") from None
-    if not ids:
-        raise UserError(f"--input-ids {spec!r}: no token ids")
-    return ids
+    cfg = read_json(engine_dir / "config.json")
+    pretrained, build = cfg.get("pretrained_config") or {}, cfg.get("build_config") or {}
+    vocab = pretrained.get("vocab_size")
+    max_input = build.get("max_input_len")
+    for ids in prompts:
+        if not isinstance(ids, list):
+            continue
+        if vocab is not None:
+            bad = [t for t in ids if t >= int(vocab)]
+            if bad:
+                raise UserError(f"--input-ids: token id {bad[0]} is outside the vocabulary of {engine_dir} "
+                                f"(ids must be in [0, {int(vocab)}))")
+        if max_input is not None and len(ids) > int(max_input):
+            raise UserError(f"--input-ids: a prompt of {len(ids)} tokens is longer than the engine allows "
+                            f"(max_input_len {int(max_input)}; rebuild with a larger --max-input-len)")
 
 
 def run_rank(request: dict[str, Any], env) -> None:
@@ -111,18 +171,27 @@ def run_rank(request: dict[str, Any], env) -> None:
     from trtlm.api import DistributedLLM
 
     with DistributedLLM(request["engine_dir"], tokenizer_dir=request["tokenizer_dir"], device=request["device"],
-                        timeout_s=request["dist_timeout"], env=env) as llm:
+                        timeout_s=request["dist_timeout"], env=env,
+                        engine_config=engine_config(request.get("engine"))) as llm:
         execute(llm, request, emit=env.rank == 0)
 
 
 def execute(llm, request: dict[str, Any], emit: bool) -> list[dict[str, Any]]:
-    """Generate for ``request`` with ``llm`` (one process or one rank); print when ``emit``."""
+    """Generate for ``request`` with ``llm`` (one process or one rank); print when ``emit``.
+
+    One format whether streamed or not: a text prompt is printed followed by its completion, a
+    token-id prompt as its ids followed by the generated ids (comma-separated); one sequence after
+    another for a batch.  --streaming (one prompt) prints the same bytes as they are generated:
+    the prompt first, then each new piece of text whose UTF-8 is complete, then what remains.
+    """
     prompts = request["prompts"]
     on_tokens = None
+    texts = bool(prompts) and isinstance(prompts[0], str)
+    printed = [""]
     if emit and request["streaming"] and len(prompts) == 1 and not request["as_json"]:
-        texts = isinstance(prompts[0], str)
         sofar: list[int] = []
-        printed = [""]
+        sys.stdout.write(prompts[0] if texts else ",".join(map(str, prompts[0])))
+        sys.stdout.flush()
 
         def on_tokens(step, ids):
             if ids[0] < 0:
@@ -130,10 +199,13 @@ def execute(llm, request: dict[str, Any], emit: bool) -> list[dict[str, Any]]:
             sofar.append(ids[0])
             if texts:
                 text = llm.tokenizer.decode(sofar)
-                sys.stdout.write(text[len(printed[0]):])
-                printed[0] = text
+                if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
+                    return
+                piece = text[len(printed[0]):] if text.startswith(printed[0]) else ""
+                printed[0] += piece
             else:
-                sys.stdout.write(f"{ids[0]} ")
+                piece = f",{ids[0]}"
+            sys.stdout.write(piece)
             sys.stdout.flush()
 
     outputs = llm.generate(prompts, max_new_tokens=request["max_output_len"], temperature=request["temperature"],
@@ -144,12 +216,19 @@ def execute(llm, request: dict[str, Any], emit: bool) -> list[dict[str, Any]]:
     if request["as_json"]:
         click.echo(json.dumps({"outputs": outputs}))
     elif on_tokens is not None:
-        click.echo()
+        out = outputs[0]
+        rest = out["text"][len(printed[0]):] if texts and out["text"] is not None else ""
+        click.echo(rest)
     else:
         for prompt, out in zip(prompts, outputs):
-            if out["text"] is not None:
-                click.echo(f"{prompt}{out['text']}")
-            else:
-                click.echo(",".join(map(str, out["output_ids"])))
+            click.echo(format_output(prompt, out))
     sys.stdout.flush()
     return outputs
+
+
+def format_output(prompt: Any, out: dict[str, Any]) -> str:
+    """The printed form of one sequence: prompt + completion, or prompt ids + generated ids."""
+    if isinstance(prompt, str) and out.get("text") is not None:
+        return f"{prompt}{out['text']}"
+    ids = list(prompt) if not isinstance(prompt, str) else []
+    return ",".join(map(str, [*ids, *out["output_ids"]]))

@@ -9,6 +9,7 @@ the kernel instead of passing through torch.
 from __future__ import annotations
 
 import bisect
+import errno
 import math
 import sys
 import threading
@@ -19,13 +20,14 @@ from typing import Any
 
 import torch
 
-from trtlm.convert.mapping import Mapping
+from trtlm.mapping import Mapping
 from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, concat_rows, rank_part, take_first
+from trtlm import dtypes
 from trtlm.convert.writer import RankFileWriter
 from trtlm.errors import UserError
 from trtlm.weights import LoadedModel
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.CHECKPOINT_DTYPES}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -187,7 +189,13 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
         try:
             if copies is not None:  # bytes unchanged: copy file ranges, no tensor is built
                 for (writer, _rp, rt), segments in zip(by_spec[spec.name], copies):
-                    writer.copy(rt.name, segments)
+                    try:
+                        writer.copy(rt.name, segments)
+                    except OSError as exc:  # EIO: a source shrank since its header was read (short copy)
+                        hint = ("a shard was truncated while converting; re-download it" if exc.errno == errno.EIO
+                                else f"writing {writer.path} failed")
+                        raise UserError(f"{loaded.origin}: tensor {spec.name}: cannot copy its bytes "
+                                        f"({exc.strerror or exc}): {hint}") from None
                 return
             full = build_full(spec, sources, tdtype)
         finally:

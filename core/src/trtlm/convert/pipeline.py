@@ -1,4 +1,8 @@
-"""The conversion driver: load -> map -> quantize -> shard -> write, through the hooks."""
+"""The conversion driver: load -> map -> quantize -> shard -> write, through the hooks.
+
+Writing takes one of two paths: byte copies (:mod:`trtlm.convert.bytecopy`, torch never
+imported) when no tensor changes a byte, the torch writer (:mod:`trtlm.convert.execute`)
+otherwise (casts, quantization, dummy weights, non-safetensors sources)."""
 from __future__ import annotations
 
 import json
@@ -7,15 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trtlm.convert.execute import TORCH_DTYPES, write_checkpoint
-from trtlm.convert.mapping import Mapping
+from trtlm import dtypes
+from trtlm.config import CheckpointConfig
 from trtlm.convert.options import DTYPES, ConvertOptions
-from trtlm.convert.plan import ConversionPlan
+from trtlm.convert.plan import ConversionPlan, RankPlan
 from trtlm.errors import UserError
 from trtlm.fsutil import atomic_dir
 from trtlm.hf_config import torch_dtype_name
+from trtlm.mapping import Mapping
 from trtlm.modeldir import detect_format, read_json  # noqa: F401  (re-exported)
-from trtlm.plugins import FamilyEntry, FamilyHooks, get_registry
+from trtlm.plugins import get_registry
+from trtlm.registry import FamilyEntry, FamilyHooks
 from trtlm.sources import DummySource
 from trtlm.weights import LoadedModel
 
@@ -48,6 +54,10 @@ def resolve_model(model_dir: Path | None, family: str | None) -> tuple[FamilyEnt
             raise UserError(f"{model_dir}: FasterTransformer directory; families reading FT: {names} "
                             f"(pass --family, or pip install trtlm-plugin-mpt)")
         entry = readers[0]
+    elif fmt == "mcore":
+        from trtlm.mcore.reader import resolve_family
+
+        entry, _ckpt = resolve_family(model_dir, family)
     else:
         raise UserError(f"{model_dir}: is a {fmt} directory, not a model checkpoint to convert")
     if family and entry.family.name != family:
@@ -61,7 +71,7 @@ def resolve_dtype(options: ConvertOptions, hf_config: dict[str, Any], entry: Fam
     name = options.dtype
     if name == "auto":
         name = torch_dtype_name(hf_config) or "float32"
-        if name not in TORCH_DTYPES:
+        if name not in dtypes.CHECKPOINT_DTYPES:
             name = "float32"
     if name not in entry.family.capabilities.dtypes:
         raise UserError(f"--dtype {name} is not supported by family {entry.family.name} "
@@ -115,10 +125,24 @@ def validate_sources(plan: ConversionPlan, loaded: LoadedModel) -> None:
 
 
 def final_config(plan: ConversionPlan, mapping: Mapping, dtype: str) -> dict[str, Any]:
-    config = dict(plan.config)
-    config["dtype"] = dtype
-    config["mapping"] = mapping.to_config(moe=bool(config.get("moe")))
-    return config
+    parsed = CheckpointConfig.from_dict(plan.config, where="the plan's config")
+    return parsed.replace(dtype=dtype, mapping=mapping).to_dict()
+
+
+def write_rank_files(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mapping, loaded: LoadedModel,
+                     dtype: str, out: Path, options: ConvertOptions) -> tuple[int, int]:
+    """Byte copies when nothing changes a byte (no torch), else the torch writer. Returns (tensors, bytes)."""
+    from trtlm.convert import bytecopy
+
+    copies = None
+    if not (options.quant or options.kv_cache_dtype or options.dummy_weights):
+        copies = bytecopy.plan_copies(plan, rank_plans, mapping, loaded.source, dtype)
+    if copies is not None:
+        return bytecopy.write_checkpoint(copies, mapping.world_size, out, loaded.origin, options.workers,
+                                         options.check_finite, options.progress)
+    from trtlm.convert.execute import write_checkpoint
+
+    return write_checkpoint(plan, rank_plans, mapping, loaded, dtype, out, options.workers, options.progress)
 
 
 def copy_tokenizer(model_dir: Path | None, out: Path) -> None:
@@ -135,28 +159,36 @@ def copy_tokenizer(model_dir: Path | None, out: Path) -> None:
 def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
             family: str | None = None, preset: str | None = None) -> ConvertResult:
     """Convert a model into a TensorRT-LLM checkpoint (or another ``options.to`` format)."""
-    entry, _fmt = resolve_model(model_dir, family)
+    entry, fmt = resolve_model(model_dir, family)
     check_capabilities(entry, options)
     registry = get_registry()
     hooks = registry.hooks(entry)
-    loaded = load(hooks, model_dir, preset, options)
+    if fmt == "mcore":  # Megatron-Core: read through the family's MCore layout (trtlm.mcore.reader)
+        from trtlm.mcore.reader import load_mcore
+
+        loaded = load_mcore(model_dir, hooks)
+    else:
+        loaded = load(hooks, model_dir, preset, options)
     if options.to != "trtllm":
         with atomic_dir(output_dir, options.force) as tmp:
-            written = hooks.trtlm_export(fmt=options.to, loaded=loaded, options=options, output_dir=tmp)
+            written = hooks.trtlm_export(fmt=options.to, loaded=loaded, options=options, output_dir=tmp,
+                                         hooks=hooks)
             if written is None:
                 raise UserError(f"no plugin writes --to {options.to} for family {entry.family.name}")
+            if options.to == "mcore":
+                copy_tokenizer(model_dir, tmp)  # Megatron ignores them; `trtlm run --model-dir` decodes with them
         return ConvertResult(output_dir, entry.family.name, {}, 0, 0)
     dtype = resolve_dtype(options, loaded.hf_config, entry)
     plan = hooks.trtlm_map_layers(hf_config=loaded.hf_config, options=options)
     if options.dummy_weights:
         loaded.source = DummySource(plan.source_shapes(), seed=options.seed)
     validate_sources(plan, loaded)
-    plan = hooks.trtlm_quantize(plan=plan, loaded=loaded, options=options) or plan
+    plan = hooks.trtlm_quantize(plan=plan, loaded=loaded, options=options, hooks=hooks) or plan
     mapping = Mapping(options.tp_size, options.pp_size, options.moe_tp_size or 0, options.moe_ep_size or 0)
     rank_plans = hooks.trtlm_shard(plan=plan, mapping=mapping)
     config = final_config(plan, mapping, dtype)
     with atomic_dir(output_dir, options.force) as tmp:
-        n, nbytes = write_checkpoint(plan, rank_plans, mapping, loaded, dtype, tmp, options.workers, options.progress)
+        n, nbytes = write_rank_files(plan, rank_plans, mapping, loaded, dtype, tmp, options)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
         copy_tokenizer(model_dir, tmp)
     return ConvertResult(output_dir, entry.family.name, config, n, nbytes)

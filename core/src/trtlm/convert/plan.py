@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-
-from trtlm.convert.mapping import Mapping
+from trtlm.config import CheckpointConfig
 from trtlm.errors import UserError
 from trtlm.layout import SplitRule, split_rule
+from trtlm.mapping import Mapping
 from trtlm.meta import cat
 
-Combine = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# Describing a plan needs no torch (an unquantized conversion never imports it,
+# :mod:`trtlm.convert.bytecopy`); only building tensors does.
+Combine = Callable[[Sequence["torch.Tensor"]], "torch.Tensor"]
 
 
 def take_first(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -64,8 +68,8 @@ class TensorSpec:
     stage: str | None = None
     dtype: torch.dtype | None = None
     quantizable: bool = False
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    finalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    transform: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
+    finalize: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
     split: SplitRule | None = None
 
     def with_(self, **changes: Any) -> "TensorSpec":
@@ -121,11 +125,10 @@ def local_name(name: str, local_layer: int) -> str:
 
 def default_shard(plan: ConversionPlan, mapping: Mapping) -> list[RankPlan]:
     """Pipeline placement with ``tensor_split`` semantics plus per-tensor split rules."""
-    num_layers = int(plan.config["num_hidden_layers"])
+    config = CheckpointConfig.from_dict(plan.config, where="the plan's config").replace(mapping=mapping)
+    num_layers = config.num_hidden_layers
     if mapping.pp_size > num_layers:
         raise UserError(f"--pp-size {mapping.pp_size} is larger than the model's {num_layers} layers")
-    config = dict(plan.config, mapping=mapping.to_config(moe=bool(plan.config.get("moe"))))
-    shapes = spec_shapes(plan)
     ranks = []
     for rank in range(mapping.world_size):
         tp_rank, pp_rank = mapping.tp_rank(rank), mapping.pp_rank(rank)
@@ -142,7 +145,7 @@ def default_shard(plan: ConversionPlan, mapping: Mapping) -> list[RankPlan]:
                 continue
             else:
                 name = spec.name
-            rule = spec.split or split_rule(spec.name, config, shapes[spec.name][0])
+            rule = spec.split or split_rule(spec.name, config, full_shape(spec))
             rp.tensors.append(RankTensor(name, spec, rule))
         ranks.append(rp)
     return ranks
@@ -159,8 +162,35 @@ def build_full(spec: TensorSpec, sources: Sequence[torch.Tensor], dtype: torch.d
     return t
 
 
-def spec_shapes(plan: ConversionPlan, dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def static_shape(spec: TensorSpec) -> tuple[int, ...] | None:
+    """The full shape of a spec that copies or row-concatenates its sources unchanged (most
+    of an unquantized plan), without torch; ``None`` for anything else."""
+    if spec.transform is not None or not spec.shapes:
+        return None
+    if spec.combine is take_first:
+        return tuple(spec.shapes[0])
+    if spec.combine is concat_rows and all(len(s) >= 1 and tuple(s[1:]) == tuple(spec.shapes[0][1:])
+                                           for s in spec.shapes):
+        return (sum(s[0] for s in spec.shapes), *spec.shapes[0][1:])
+    return None
+
+
+def full_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """The full (unsharded) shape of ``spec``: :func:`static_shape`, else built on the meta device."""
+    shape = static_shape(spec)
+    if shape is None:
+        import torch
+
+        metas = [torch.empty(s, dtype=torch.float32, device="meta") for s in spec.shapes]
+        shape = tuple(build_full(spec, metas, torch.float32).shape)
+    return shape
+
+
+def spec_shapes(plan: ConversionPlan, dtype: torch.dtype | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Full shape and dtype of every spec, computed on the meta device (no data)."""
+    import torch
+
+    dtype = dtype or torch.float32
     out = {}
     for spec in plan.tensors:
         metas = [torch.empty(s, dtype=torch.float32, device="meta") for s in spec.shapes]

@@ -16,29 +16,29 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+from trtlm import dtypes
 
-ST_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 class RankFileWriter:
     """One ``rank{r}.safetensors`` being written at precomputed offsets."""
 
-    def __init__(self, path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    def __init__(self, path: Path, layout: dict[str, tuple[tuple[int, ...], Any]],
                  metadata: dict[str, str] | None = None) -> None:
+        """:param layout: tensor name -> (shape, dtype); a dtype is a torch dtype or a
+            :mod:`trtlm.dtypes` name (the torch-free path writes by name)."""
         header: dict[str, object] = {}
         offset = 0
-        self._offsets: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
+        self._offsets: dict[str, tuple[int, int, tuple[int, ...], Any]] = {}
         for name in sorted(layout):
             shape, dtype = layout[name]
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape),
+            entry = dtypes.get(dtype)
+            nbytes = math.prod(shape) * entry.itemsize
+            header[name] = {"dtype": entry.st, "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             self._offsets[name] = (offset, nbytes, shape, dtype)
             offset += nbytes
@@ -54,22 +54,67 @@ class RankFileWriter:
         self._pending = set(layout)
         self._flusher: ThreadPoolExecutor | None = None
 
-    def planned(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def planned(self, name: str) -> tuple[tuple[int, ...], Any]:
         """Shape and dtype the header promises for ``name``."""
         _offset, _nbytes, shape, dtype = self._offsets[name]
         return tuple(shape), dtype
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         offset, nbytes, shape, dtype = self._offsets[name]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        if tuple(tensor.shape) != tuple(shape) or dtypes.get(tensor.dtype) != dtypes.get(dtype):
             raise AssertionError(f"{name}: planned {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        import torch
+
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
-        written = 0
-        while written < nbytes:
-            written += os.pwrite(self._fd, view[written:], self._base + offset + written)
+        self.write_bytes(name, memoryview(data))
+
+    def write_bytes(self, name: str, data: memoryview, start: int = 0, last: bool = True) -> None:
+        """Write raw bytes of tensor ``name`` at byte ``start`` of it (``last``: the tensor is complete)."""
+        offset, nbytes, _shape, _dtype = self._offsets[name]
+        if start + len(data) > nbytes:
+            raise AssertionError(f"{name}: planned {nbytes} bytes, writing up to {start + len(data)}")
+        pos, written = self._base + offset + start, 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], pos + written)
+        if last:
+            self._written(offset, nbytes)
+            self._pending.discard(name)
+
+    def write_gather(self, name: str, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        """Fill tensor ``name`` from ``(byte offset in the tensor, bytes)`` pieces sorted by offset;
+        bytes not covered stay zero (the file was created zero-filled at its full size).  Runs of
+        adjacent pieces go out in one ``pwritev`` (up to ``IOV_MAX`` buffers per call)."""
+        offset, nbytes, _shape, _dtype = self._offsets[name]
+        base = self._base + offset
+        i = 0
+        while i < len(pieces):
+            start, j, end = pieces[i][0], i, pieces[i][0]
+            while j < len(pieces) and pieces[j][0] == end and j - i < _IOV_MAX:
+                end += len(pieces[j][1])
+                j += 1
+            if end > nbytes:
+                raise AssertionError(f"{name}: planned {nbytes} bytes, writing up to {end}")
+            bufs = [p[1] for p in pieces[i:j]]
+            done = os.pwritev(self._fd, bufs, base + start) if _PWRITEV else 0
+            if done < end - start:  # short write: finish piece by piece
+                self._finish(base + start, bufs, done)
+            i = j
         self._written(offset, nbytes)
         self._pending.discard(name)
+
+    def _finish(self, pos: int, bufs: list[memoryview], done: int) -> None:
+        """Complete a short ``pwritev`` that wrote ``done`` bytes of ``bufs`` at ``pos``."""
+        for buf in bufs:
+            n = len(buf)
+            if done < n:
+                view, at = buf[done:], pos + done
+                while len(view):
+                    w = os.pwrite(self._fd, view, at)
+                    view, at = view[w:], at + w
+                done = 0
+            else:
+                done -= n
+            pos += n
 
     def _written(self, offset: int, nbytes: int) -> None:
         """Start writing a finished tensor's pages to disk now, while the next ones are
@@ -127,6 +172,8 @@ class RankFileWriter:
 
 
 _COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+_IOV_MAX = 1024  # Linux's UIO_MAXIOV
+_PWRITEV = hasattr(os, "pwritev")
 _FADVISE = hasattr(os, "posix_fadvise")
 
 

@@ -30,6 +30,75 @@ import torch
 from trtlm.errors import UserError
 
 BUNDLED_CALIB = Path(__file__).resolve().parent.parent / "data" / "tiny-mistral" / "calib.txt"
+
+# ----------------------------------------------------------------------------- progress
+#: "bar": a tqdm bar on stderr (a terminal); "lines": a line on stderr every LINE_EVERY_S seconds
+#: and at the end (logs, CI); "off": nothing (--quiet).  "auto": bar on a terminal, else lines.
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+LINE_EVERY_S = 10.0
+
+
+def progress_mode(options: Any) -> str:
+    """The mode for a conversion's options: off with --quiet, else auto."""
+    extra = getattr(options, "extra", None) or {}
+    return "off" if extra.get("quiet") or getattr(options, "quiet", False) else "auto"
+
+
+class Progress:
+    """Batches done of one calibration pass, reported on stderr as ``mode`` says.
+
+    Calibration is the slow part of a quantized conversion (seconds on a tiny model, hours on a
+    large one), so each pass reports what it is doing, how far it is and how long it has taken.
+    """
+
+    def __init__(self, desc: str, total: int, mode: str = "auto", stream: Any = None) -> None:
+        import sys
+        import time
+
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress mode {mode!r}: one of {PROGRESS_MODES}")
+        self.stream = stream if stream is not None else sys.stderr
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
+        self.mode, self.desc, self.total, self.done = mode, desc, total, 0
+        self._clock = time.monotonic
+        self._t0 = self._last = self._clock()
+        self._bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="batch", file=self.stream, leave=True)
+        elif mode == "lines":
+            self._line(f"{desc}: {total} batch(es)")
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.mode == "lines":
+            now = self._clock()
+            if now - self._last >= LINE_EVERY_S and self.done < self.total:
+                self._last = now
+                self._line(f"{self.desc}: {self.done}/{self.total} batches ({now - self._t0:.0f} s)")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.mode == "lines":
+            self._line(f"{self.desc}: {self.done}/{self.total} batches done in {self._clock() - self._t0:.1f} s")
+
+
+def announce(text: str, mode: str = "auto") -> None:
+    """One line on stderr unless ``mode`` is off (what calibration data is used, and why)."""
+    if mode != "off":
+        import sys
+
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 RANDOM_DEFAULTS = {"seed": 0, "batches": 4, "batch_size": 2, "seq_len": 32}
 
 
@@ -105,8 +174,19 @@ def read_texts(path: Path) -> list[str]:
 
 
 def calibration_batches(calib_data: Path | str | None, vocab: int, tokenizer_dirs: Iterable[Path],
-                        calib_size: int, max_seq_len: int) -> tuple[list[torch.Tensor], str]:
-    """Token-id batches ``[B, T]`` and a description of where they came from."""
+                        calib_size: int, max_seq_len: int, progress: str = "auto") -> tuple[list[torch.Tensor], str]:
+    """Token-id batches ``[B, T]`` and a description of where they came from.
+
+    Without ``calib_data`` the choice made is said on stderr (unless ``progress`` is off): the
+    statistics, hence the quantized weights, depend on it."""
+    batches, where = _calibration_batches(calib_data, vocab, tokenizer_dirs, calib_size, max_seq_len)
+    if calib_data is None:
+        announce(f"calibration: no --calib-data given, using {where}", progress)
+    return batches, where
+
+
+def _calibration_batches(calib_data: Path | str | None, vocab: int, tokenizer_dirs: Iterable[Path],
+                         calib_size: int, max_seq_len: int) -> tuple[list[torch.Tensor], str]:
     spec = str(calib_data) if calib_data is not None else None
     if spec is not None and spec.startswith("random"):
         r = parse_random(spec)
@@ -142,13 +222,13 @@ def calibration_batches(calib_data: Path | str | None, vocab: int, tokenizer_dir
 
 def dense_model(plan, loaded, hooks, options) -> torch.nn.Module:
     """The float32 tp=1 model of ``plan``'s (unquantized) tensors."""
-    from trtlm.convert.mapping import Mapping
+    from trtlm.config import CheckpointConfig, QuantConfig
     from trtlm.convert.plan import build_full
+    from trtlm.mapping import Mapping
     from trtlm.runtime.distributed import rank_network
 
-    config = dict(plan.config, dtype="float32")
-    config["quantization"] = {"quant_algo": None, "kv_cache_quant_algo": None}
-    config["mapping"] = Mapping().to_config(moe=bool(config.get("moe")))
+    config = CheckpointConfig.from_dict(plan.config, where="the plan's config").replace(
+        dtype="float32", quantization=QuantConfig(), mapping=Mapping()).to_dict()
     tensors = {}
     for spec in plan.tensors:
         srcs = [loaded.source.get(n) for n in spec.sources]
@@ -160,15 +240,23 @@ def dense_model(plan, loaded, hooks, options) -> torch.nn.Module:
     return model.eval()
 
 
-def run_model(model, batches: list[torch.Tensor], per_batch: Callable[[Any], None] | None = None) -> None:
-    with torch.inference_mode():
-        for ids in batches:
-            B, T = ids.shape
-            step = model.step(0, T, torch.zeros(B, dtype=torch.long))
-            cache = model.new_cache(B, T, device="cpu")
-            model(ids, step, cache)
-            if per_batch:
-                per_batch(cache)
+def run_model(model, batches: list[torch.Tensor], per_batch: Callable[[Any], None] | None = None,
+              progress: str = "off", desc: str = "calibration") -> None:
+    bar = Progress(desc, len(batches), progress) if progress != "off" else None
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                from trtlm.runtime.executor import TeacherForcing
+
+                runner = TeacherForcing(model, ids.shape[0], ids.shape[1], device="cpu")
+                runner(ids)
+                if per_batch:
+                    per_batch(runner.pool)
+                if bar:
+                    bar.update()
+    finally:
+        if bar:
+            bar.close()
 
 
 def _moe_proj_amax(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -188,8 +276,9 @@ def _moe_proj_amax(mlp, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool) -> CalibStats:
-    """Input statistics of the modules ``names`` (and K/V amax per layer when ``kv``)."""
+def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool, progress: str = "auto") -> CalibStats:
+    """Input statistics of the modules ``names`` (and K/V amax per layer when ``kv``); the pass
+    reports its progress on stderr as ``progress`` says (:class:`Progress`)."""
     stats = CalibStats()
     modules = dict(model.named_modules())
     handles = []
@@ -220,7 +309,7 @@ def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool) 
             stats.k_amax[layer] = torch.maximum(stats.k_amax.get(layer, k), k)
             stats.v_amax[layer] = torch.maximum(stats.v_amax.get(layer, v), v)
     try:
-        run_model(model, batches, kv_stats if kv else None)
+        run_model(model, batches, kv_stats if kv else None, progress, "calibration: activation statistics")
     finally:
         for h in handles:
             h.remove()
@@ -228,7 +317,7 @@ def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool) 
 
 
 def awq_search(model, batches: list[torch.Tensor], parts: dict[str, list[torch.Tensor]], stats: CalibStats,
-               group_size: int, alpha_step: float = 0.1) -> dict[str, list[torch.Tensor]]:
+               group_size: int, alpha_step: float = 0.1, progress: str = "auto") -> dict[str, list[torch.Tensor]]:
     """modelopt's awq_lite for every linear in ``parts`` (module -> its HF parts' fp32 weights).
 
     Second calibration pass: the losses of every alpha are accumulated online in forward hooks
@@ -262,7 +351,7 @@ def awq_search(model, batches: list[torch.Tensor], parts: dict[str, list[torch.T
                     loss[a] += (out - ref).float().pow(2).mean()
         handles.append(modules[name].register_forward_hook(hook))
     try:
-        run_model(model, batches)
+        run_model(model, batches, progress=progress, desc="calibration: AWQ scale search")
     finally:
         for h in handles:
             h.remove()

@@ -8,7 +8,8 @@ rounded to the export dtype), on the full tensor before sharding, so scales agre
 int4 values are packed per rank after the split (``finalize``), so tensor-parallel splits cut
 whole output rows.  The math is :mod:`trtlm.quant.formats` (bit-exact with modelopt).
 
-Modes (``--quant``) -> ``quant_algo``:
+Formats (``--quant``, declared once in :mod:`trtlm.quant.schemes`; the math below follows each
+format's properties -- weight codes, scale granularity, activation quantization, smoother):
 
 * ``fp8`` -> ``FP8``: per-tensor weight scale, static activation scale from calibration;
   qkv share one scale, the gated MLP's ``fc``/``gate`` share weight and activation scales;
@@ -35,10 +36,13 @@ import torch
 from trtlm.convert.plan import ConversionPlan, TensorSpec
 from trtlm.errors import UserError
 from trtlm.quant import formats as qf
+from trtlm.quant import schemes
+from trtlm.quant.schemes import QuantFormat
 
-QUANT_ALGOS = {"fp8": "FP8", "int8-wo": "W8A16", "int4-wo": "W4A16_AWQ", "int4-awq": "W4A16_AWQ",
-               "int8-sq": "W8A8_SQ_PER_CHANNEL"}
-KV_ALGOS = {"fp8": "FP8", "int8": "INT8"}
+#: ``--quant`` -> ``quant_algo`` and ``--kv-cache-dtype`` -> ``kv_cache_quant_algo`` (derived views of the registry)
+QUANT_ALGOS = {f.name: f.quant_algo for f in schemes.FORMATS.values()}
+KV_ALGOS = schemes.KV_FORMATS
+_TORCH_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8, "float32": torch.float32, None: None}
 _ROW_MODULES = ("attention.dense", "mlp.proj")
 
 
@@ -57,8 +61,8 @@ def _f32(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 class _Linear:
     """One quantizable linear: computes all its output tensors once from the source tensors."""
 
-    def __init__(self, spec: TensorSpec, mode: str, partner: TensorSpec | None, ctx: dict[str, Any]):
-        self.spec, self.mode, self.partner, self.ctx = spec, mode, partner, ctx
+    def __init__(self, spec: TensorSpec, fmt: QuantFormat, partner: TensorSpec | None, ctx: dict[str, Any]):
+        self.spec, self.fmt, self.partner, self.ctx = spec, fmt, partner, ctx
         self.module = _module(spec)
         full = _meta_full(spec)
         self.shape = tuple(full.shape)
@@ -77,25 +81,11 @@ class _Linear:
     # -- output specs -------------------------------------------------------------------
     def outputs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """Suffix -> (full shape, fixed dtype or None for the checkpoint dtype)."""
-        shape, g = self.shape, self.ctx["group_size"]
-        lead, out, inp = shape[:-2], shape[-2], shape[-1]
-        f32 = torch.float32
-        mode = self.mode
-        if mode == "fp8":
-            return {"weight": (shape, torch.float8_e4m3fn),
-                    "weights_scaling_factor": ((lead[0], 1) if self.experts else (1,), f32),
-                    "activation_scaling_factor": ((1,), f32)}
-        if mode in ("int8-wo", "int8-sq"):
-            res = {"weight": (shape, torch.int8), "weights_scaling_factor": (lead + (out,), f32)}
-            if mode == "int8-sq":
-                if not self.experts:
-                    res["prequant_scaling_factor"] = ((inp,), None)
-                res["activation_scaling_factor"] = ((1,), f32)
-            return res
-        res = {"weight": (shape, torch.int8), "weights_scaling_factor": (lead + (out, inp // g), f32)}
-        if mode == "int4-awq" and not self.experts:
-            res["prequant_scaling_factor"] = ((inp,), None)
-        return res
+        shape = self.shape
+        stored = self.fmt.tensors(shape[-2], shape[-1], experts=shape[0] if self.experts else 0,
+                                  group_size=self.ctx["group_size"])
+        # int4 weights are packed per rank after the split (finalize): the plan's weight is unpacked
+        return {suffix: (shape if suffix == "weight" else s, _TORCH_DTYPES[dt]) for suffix, (s, dt) in stored.items()}
 
     def specs(self) -> list[TensorSpec]:
         outs = self.outputs()
@@ -106,7 +96,7 @@ class _Linear:
                 name=f"{self.module}.{suffix}", sources=self.sources,
                 shapes=self.spec.shapes + (self.partner.shapes if self.partner else ()),
                 combine=self._combine(suffix, shape, dtype), dtype=dtype, quantizable=False, transform=None,
-                finalize=qf.pack_int4 if (suffix == "weight" and self.mode in ("int4-wo", "int4-awq")) else None,
+                finalize=qf.pack_int4 if (suffix == "weight" and self.fmt.packed_int4) else None,
                 split=None))
         return result
 
@@ -130,9 +120,10 @@ class _Linear:
         n = len(self.spec.sources)
         full = self.spec.combine(_f32(sources[:n])).float()
         g, stats = self.ctx["group_size"], self.ctx.get("stats")
-        mode = self.mode
+        fmt = self.fmt
         parts = list(full.split(self.part_rows, dim=0)) if len(self.part_rows) > 1 else [full]
-        if mode == "fp8":
+        smoother = None if self.experts else fmt.smoother  # experts carry no pre-quant scale
+        if fmt.weight == "fp8":  # per-tensor (per-expert) scale, static fp8 activation scale
             if self.experts:
                 ws = qf.fp8_expert_weight_scale(full)
             elif self.partner is not None:
@@ -144,16 +135,16 @@ class _Linear:
                 act = torch.maximum(act, self._act_amax(stats, _module(self.partner)))
             return {"weight": qf.quantize_fp8(full, ws), "weights_scaling_factor": ws,
                     "activation_scaling_factor": qf.fp8_activation_scale(act)}
-        if mode == "int8-wo" or (mode == "int8-sq" and self.experts):
-            ws = qf.int8_weight_scale(full)
-            res = {"weight": qf.quantize_int8(full, ws), "weights_scaling_factor": ws}
-            if mode == "int8-sq":
-                res["activation_scaling_factor"] = (self._act_amax(stats, self.module) / qf.INT8_MAX).reshape(1)
-            return res
-        if mode == "int8-sq":
+        if smoother == "smoothquant":
             act_amax = stats.linears[self.module].amax
             return qf.quantize_smoothquant(parts, act_amax, self.ctx["alpha"])
-        if mode == "int4-awq" and not self.experts:
+        if fmt.weight == "int8":  # per output channel
+            ws = qf.int8_weight_scale(full)
+            res = {"weight": qf.quantize_int8(full, ws), "weights_scaling_factor": ws}
+            if fmt.activation == "int8":  # unsmoothed static activation scale (SmoothQuant experts)
+                res["activation_scaling_factor"] = (self._act_amax(stats, self.module) / qf.INT8_MAX).reshape(1)
+            return res
+        if smoother == "awq":
             pqs = self.ctx["awq"][self.module]
             w, common = qf._awq_smoothed(parts, pqs)
             ws = qf.int4_group_scales(w, g)
@@ -195,46 +186,50 @@ def _check_groups(linears: list[_Linear], group: int, options) -> None:
                             f"not a multiple of 2 x --tp-size")
 
 
-def quantize_plan(plan: ConversionPlan, loaded, options, family=None) -> ConversionPlan:
-    """The quantized plan for ``options.quant`` / ``options.kv_cache_dtype`` (see the module doc)."""
+def quantize_plan(plan: ConversionPlan, loaded, options, hooks) -> ConversionPlan:
+    """The quantized plan for ``options.quant`` / ``options.kv_cache_dtype`` (see the module doc).
+
+    ``hooks`` are the family's hook callers (:class:`trtlm.registry.FamilyHooks`): calibration
+    builds the unquantized network through them."""
     from pathlib import Path
 
     mode, kv = options.quant, options.kv_cache_dtype
-    if mode and mode not in QUANT_ALGOS:
-        raise UserError(f"--quant {mode!r}: choose one of {', '.join(QUANT_ALGOS)}")
+    if mode and mode not in schemes.FORMATS:
+        raise UserError(f"--quant {mode!r}: choose one of {', '.join(schemes.names())}")
+    fmt = schemes.FORMATS[mode] if mode else None
     if kv and kv not in KV_ALGOS:
         raise UserError(f"--kv-cache-dtype {kv!r}: choose one of {', '.join(KV_ALGOS)}")
     group = int(options.awq_group_size)
     quantizable = [s for s in plan.tensors if s.quantizable] if mode else []
     by_module = {_module(s): s for s in quantizable}
     ctx: dict[str, Any] = {"group_size": group, "alpha": float(options.smoothquant_alpha)}
-    linears = [_Linear(s, mode, _partner(s, by_module) if mode == "fp8" else None, ctx) for s in quantizable]
-    if mode in ("int4-wo", "int4-awq"):
+    linears = [_Linear(s, fmt, _partner(s, by_module) if fmt.fuse_fc_gate else None, ctx) for s in quantizable]
+    if fmt is not None and fmt.packed_int4:
         _check_groups(linears, group, options)
 
     config = dict(plan.config)
     config["trtlm"] = dict(config.get("trtlm") or {})
-    if mode in ("fp8", "int4-awq", "int8-sq") or kv:
-        from trtlm.plugins import get_registry
+    if (fmt is not None and fmt.calibrates) or kv:
         from trtlm.quant import calibrate as cal
 
-        registry = get_registry()
-        entry = registry.family(family.name) if family is not None else registry.resolve_hf(loaded.hf_config)
-        hooks = registry.hooks(entry)
         model = cal.dense_model(plan, loaded, hooks, options)
         origin = Path(loaded.origin)
-        batches, where = cal.calibration_batches(options.calib_data, int(config["vocab_size"]),
+        from trtlm.config import CheckpointConfig
+
+        vocab = CheckpointConfig.from_dict(config, where="the plan's config").vocab_size
+        batches, where = cal.calibration_batches(options.calib_data, vocab,
                                                  [origin if origin.is_dir() else None], options.calib_size,
-                                                 options.calib_max_seq_len)
-        stats = cal.collect(model, batches, [lin.module for lin in linears if not lin.experts], bool(kv))
+                                                 options.calib_max_seq_len, progress=cal.progress_mode(options))
+        stats = cal.collect(model, batches, [lin.module for lin in linears if not lin.experts], bool(kv),
+                            progress=cal.progress_mode(options))
         ctx["stats"] = stats
-        if mode == "int4-awq":
+        if fmt is not None and fmt.smoother == "awq":
             parts = {}
             for lin in linears:
                 if not lin.experts:
                     w = dict(model.named_modules())[lin.module].weight.detach().float()
                     parts[lin.module] = list(w.split(lin.part_rows, dim=0)) if len(lin.part_rows) > 1 else [w]
-            ctx["awq"] = cal.awq_search(model, batches, parts, stats, group)
+            ctx["awq"] = cal.awq_search(model, batches, parts, stats, group, progress=cal.progress_mode(options))
         config["trtlm"]["calibration"] = where
         del model
 
@@ -248,12 +243,12 @@ def quantize_plan(plan: ConversionPlan, loaded, options, family=None) -> Convers
 
     q: dict[str, Any] = {"quant_algo": QUANT_ALGOS.get(mode) if mode else None,
                          "kv_cache_quant_algo": KV_ALGOS.get(kv) if kv else None}
-    if mode in ("int4-wo", "int4-awq"):
-        q.update(group_size=group, has_zero_point=False, pre_quant_scale=mode == "int4-awq")
+    if fmt is not None and fmt.weight_scale == "group":
+        q.update(group_size=group, has_zero_point=False, pre_quant_scale=fmt.smoother is not None)
     if mode:
         routers = [s.name[: -len(".weight")] for s in plan.tensors if s.name.endswith("mlp.router.weight")]
         q["exclude_modules"] = routers + ["lm_head"]
-    if mode == "int8-sq":
+    if fmt is not None and fmt.smoother == "smoothquant":
         config["trtlm"]["smoothquant_alpha"] = ctx["alpha"]
     config["quantization"] = q
     return ConversionPlan(config=config, tensors=tensors)

@@ -1,20 +1,28 @@
 """Executing quantized TensorRT-LLM checkpoints in trtlm's torch runtime.
 
-Each module's parameter/buffer names are the checkpoint's per-rank tensor names under the
-linear (``weight``, ``weights_scaling_factor``, ``activation_scaling_factor``,
-``prequant_scaling_factor``), so ``trtlm build``'s name/shape/dtype check and
-``load_state_dict`` work unchanged.
+Each module's buffer names are the checkpoint's per-rank tensor names under the linear
+(``weight``, ``weights_scaling_factor``, ``activation_scaling_factor``,
+``prequant_scaling_factor``), derived from the format's declaration
+(:meth:`trtlm.quant.schemes.QuantFormat.tensors`), so ``trtlm build``'s name/shape/dtype check
+and ``load_state_dict`` work unchanged.
 
-The arithmetic is an *emulation* of TensorRT-LLM's kernels, honest about what each format
-loses: weights are dequantized (float32 math, as :mod:`trtlm.quant.formats`), and where the
-format quantizes activations too they are quantized and dequantized with the checkpoint's static
-scale before the product (FP8: cast through float8_e4m3fn; SmoothQuant: int8 rounding after the
-pre-quant multiply).  Perplexities measured through these modules therefore include the
-activation quantization error, not only the weight error.  On CUDA the FP8 path uses
-``torch._scaled_mm`` when the device supports it (same numerics up to accumulation order).
-The weight-only formats fold ``prequant_scaling_factor`` into the dense weight (mathematically
+Two ways to compute, chosen per module in :meth:`QuantLinear.prepare` (call it once after
+``load_state_dict``; :func:`prepare_model` does the whole model) and exposed as ``kernel_path``:
+
+* the fast kernels of :mod:`trtlm.quant.kernels` on CUDA (FP8 ``torch._scaled_mm``, a Triton
+  dequant-matmul for int8/int4 weight-only, ``torch._int_mm`` for SmoothQuant);
+* the *emulation* everywhere else, honest about what each format loses: weights are dequantized
+  (float32 math, as :mod:`trtlm.quant.formats`), and where the format quantizes activations too
+  they are quantized and dequantized with the checkpoint's static scale before the product (FP8:
+  cast through float8_e4m3fn; SmoothQuant: int8 rounding after the pre-quant multiply).
+
+Both compute the same function up to accumulation order.  The weight-only formats fold
+``prequant_scaling_factor`` into the dense weight in the emulation (mathematically
 ``(x * p) @ W^T``), which also makes a tp>1 checkpoint merged by :func:`dequantize_tensors`
 compute exactly what the tp=1 quantized model computes.
+
+MoE experts (:class:`QuantExpertWeights`, :func:`quant_moe_forward`): at decode sizes only the
+routed experts' weights are read (gathered codes, never a dequantized copy of every expert).
 """
 from __future__ import annotations
 
@@ -25,9 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtlm.quant import formats as qf
+from trtlm.quant import kernels as qk
+from trtlm.quant import schemes
 
-#: quant_algo values the runtime executes.
-SUPPORTED = ("FP8", "W8A16", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL")
+#: quant_algo values the runtime executes (every registered format's).
+SUPPORTED = schemes.runtime_algos()
+
+_TORCH = {"float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8, "float32": torch.float32}
 
 
 def _qconf(config: dict[str, Any]) -> dict[str, Any]:
@@ -45,72 +57,125 @@ def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return ((x.float() / s).round().clamp(-128, 127) * s).to(x.dtype)
 
 
+def _format(quant_algo: str, config: dict[str, Any], what: str) -> schemes.QuantFormat:
+    fmt = schemes.for_algo(quant_algo, config)
+    if fmt is None:
+        from trtlm.errors import UserError
+
+        raise UserError(f"quantization.quant_algo {quant_algo!r} is not supported by trtlm's runtime for {what} "
+                        f"(supported: {', '.join(SUPPORTED)})")
+    return fmt
+
+
+def _group_size(fmt: schemes.QuantFormat, config: dict[str, Any], in_features: int, check: bool) -> int:
+    group = int(_qconf(config).get("group_size") or 128)
+    if check and fmt.weight_scale == "group" and in_features % group:
+        from trtlm.errors import UserError
+
+        raise UserError(f"quantization.group_size {group} does not divide a linear's {in_features} "
+                        f"input features on this rank")
+    return group
+
+
+def _register(module: nn.Module, stored: dict, dtype: torch.dtype, device) -> None:
+    for suffix, (shape, dt) in stored.items():
+        t_dtype = _TORCH[dt] if dt else dtype
+        make = torch.empty if suffix == "weight" else torch.ones
+        module.register_buffer(suffix, make(shape, dtype=t_dtype, device=device))
+
+
 class QuantLinear(nn.Module):
-    """One linear of a quantized checkpoint (``quant_algo`` in :data:`SUPPORTED`)."""
+    """One linear of a quantized checkpoint (``quant_algo`` in :data:`SUPPORTED`).
+
+    ``kernel_path`` (:mod:`trtlm.quant.kernels` path names) and ``kernel_reason`` say how it
+    runs; set by :meth:`prepare`.
+    """
 
     def __init__(self, quant_algo: str, config: dict[str, Any], in_features: int, out_features: int,
                  bias: bool = False, dtype=None, device=None):
         super().__init__()
-        algo = str(quant_algo).upper()
-        if algo not in SUPPORTED:
-            from trtlm.errors import UserError
-
-            raise UserError(f"quantization.quant_algo {quant_algo!r} is not supported by trtlm's runtime "
-                            f"(supported: {', '.join(SUPPORTED)})")
-        self.algo = algo
+        self.fmt = _format(quant_algo, config, "linears")
+        self.algo = self.fmt.quant_algo
         self.dtype = dtype or torch.float32
-        f32 = dict(dtype=torch.float32, device=device)
-        if algo == "FP8":
-            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
-                                                       device=device))
-            self.register_buffer("weights_scaling_factor", torch.ones(1, **f32))
-            self.register_buffer("activation_scaling_factor", torch.ones(1, **f32))
-        elif algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
-            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-            self.register_buffer("weights_scaling_factor", torch.ones(out_features, **f32))
-            if algo == "W8A8_SQ_PER_CHANNEL":
-                self.register_buffer("prequant_scaling_factor",
-                                     torch.ones(in_features, dtype=self.dtype, device=device))
-                self.register_buffer("activation_scaling_factor", torch.ones(1, **f32))
-        else:  # W4A16_AWQ: int4 packed in pairs of output rows, group scales
-            group = int(_qconf(config).get("group_size") or 128)
-            if in_features % group:
-                from trtlm.errors import UserError
-
-                raise UserError(f"quantization.group_size {group} does not divide a linear's {in_features} "
-                                f"input features on this rank")
-            self.register_buffer("weight", torch.empty(out_features // 2, in_features, dtype=torch.int8,
-                                                       device=device))
-            self.register_buffer("weights_scaling_factor", torch.ones(out_features, in_features // group, **f32))
-            if has_prequant(config):
-                self.register_buffer("prequant_scaling_factor",
-                                     torch.ones(in_features, dtype=self.dtype, device=device))
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = _group_size(self.fmt, config, in_features, check=True)
+        _register(self, self.fmt.tensors(out_features, in_features, group_size=self.group_size,
+                                         prequant=self.fmt.has_prequant(False, config)), self.dtype, device)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=self.dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.kernel_path, self.kernel_reason = qk.EMULATION, "not prepared"
+        self._prepared_on: torch.device | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    # -- load time ---------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self) -> str:
+        """Pick the kernel for this device/dtype (and repack weights if it needs to), once after loading.
+
+        Idempotent; called lazily by :meth:`forward` if the loader did not (do call it before
+        capturing CUDA graphs: a repack allocates).  Returns ``kernel_path``.
+        """
+        dev = self.weight.device
+        self.kernel_path, self.kernel_reason = qk.linear_plan(
+            self.fmt.weight, self.fmt.activation, dev, self.dtype, self.in_features, self.out_features)
+        if self.kernel_path == qk.TRITON and self.fmt.weight == "int4" and qk.INT4_KERNEL == qk.INT4PACK:
+            self.kernel_path, self.kernel_reason = qk.INT4PACK, "torch._weight_int4pack_mm (tinygemm)"
+        self._packed = (qk.repack_int4pack(self.weight, self.weights_scaling_factor)
+                        if self.kernel_path == qk.INT4PACK else None)
+        self._prepared_on = dev
+        return self.kernel_path
+
+    # -- compute -----------------------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized weight applying to the *unscaled* input (prequant folded for weight-only)."""
         dtype = dtype or self.dtype
         tensors = dict(self.named_buffers(recurse=False))
-        fold = self.algo == "W4A16_AWQ"
+        fold = self.fmt.activation is None
         return qf.dequantize(self.algo, tensors, dtype, fold_prequant=fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.algo == "FP8":
-            return self._fp8(x)
-        if self.algo == "W8A8_SQ_PER_CHANNEL":
-            xs = fake_quant_int8(x * self.prequant_scaling_factor.to(x.dtype), self.activation_scaling_factor)
+        if self._prepared_on != self.weight.device:
+            self.prepare()
+        path = self.kernel_path
+        if path == qk.EMULATION or x.dtype != self.dtype or not x.is_cuda:
+            return self.emulate(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self._fast(x2, path)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y + self.bias if self.bias is not None else y
+
+    def _fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        fmt, rows = self.fmt, x.shape[0]
+        p = getattr(self, "prequant_scaling_factor", None)
+        if path == qk.SCALED_MM:  # FP8 W8A8
+            a_s, w_s = self.activation_scaling_factor, self.weights_scaling_factor
+            if rows <= qk.FP8_TRITON_MAX_ROWS and qk.triton_available():
+                return qk.dequant_mm(qf.fake_quant_fp8(x, a_s), self.weight, w_s, weight_kind="fp8",
+                                     scale_kind="tensor" if w_s.numel() == 1 else "channel")
+            return qk.fp8_scaled_mm(x, self.weight, w_s, a_s)
+        if path == qk.INT_MM:  # SmoothQuant W8A8
+            a_s, w_s = self.activation_scaling_factor, self.weights_scaling_factor
+            if rows >= qk.INT_MM_MIN_ROWS:
+                return qk.int8_int_mm(x, self.weight, w_s, a_s, p)
+            xq = fake_quant_int8(x * p.to(x.dtype) if p is not None else x, a_s)
+            if qk.triton_available():
+                return qk.dequant_mm(xq, self.weight, w_s, weight_kind="int8", scale_kind="channel")
+            return F.linear(xq, qf.dequantize_int8(self.weight, w_s, x.dtype))
+        if path == qk.INT4PACK:
+            return qk.int4pack_mm(x, *self._packed, self.group_size, p)
+        return qk.dequant_mm(x, self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
+                             scale_kind=fmt.weight_scale, group_size=self.group_size,
+                             prequant=p.to(x.dtype) if p is not None else None)
+
+    def emulate(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference computation (any device and dtype)."""
+        if self.fmt.activation == "fp8":
+            return F.linear(qf.fake_quant_fp8(x, self.activation_scaling_factor), self.dense_weight(x.dtype), self.bias)
+        if self.fmt.activation == "int8":
+            xs = x * self.prequant_scaling_factor.to(x.dtype) if hasattr(self, "prequant_scaling_factor") else x
+            xs = fake_quant_int8(xs, self.activation_scaling_factor)
             return F.linear(xs, self.dense_weight(x.dtype), self.bias)
         return F.linear(x, self.dense_weight(x.dtype), self.bias)
-
-    def _fp8(self, x: torch.Tensor) -> torch.Tensor:
-        a_s, w_s = self.activation_scaling_factor, self.weights_scaling_factor
-        if x.is_cuda and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device) >= (8, 9):
-            xq = qf.quantize_fp8(x, a_s).reshape(-1, x.shape[-1])
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=a_s.float(), scale_b=w_s.float(), out_dtype=x.dtype)
-            y = y.reshape(*x.shape[:-1], -1)
-            return y + self.bias if self.bias is not None else y
-        return F.linear(qf.fake_quant_fp8(x, a_s), self.dense_weight(x.dtype), self.bias)
 
 
 class QuantExpertWeights(nn.Module):
@@ -120,52 +185,166 @@ class QuantExpertWeights(nn.Module):
     channel ``[E, out]``; int4: groups ``[E, out, in/group]``).  Expert linears carry no
     pre-quant scale; FP8/SmoothQuant checkpoints carry one static ``activation_scaling_factor``
     per expert stack, applied to the MoE input for ``fc`` (see :meth:`quantize_input`).
+    Run through :func:`quant_moe_forward`.
     """
 
     def __init__(self, quant_algo: str, config: dict[str, Any], experts: int, out_features: int, in_features: int,
                  dtype=None, device=None):
         super().__init__()
-        self.algo = str(quant_algo).upper()
+        self.fmt = _format(quant_algo, config, "MoE experts")
+        self.algo = self.fmt.quant_algo
         self.dtype = dtype or torch.float32
-        f32 = dict(dtype=torch.float32, device=device)
-        E = experts
-        if self.algo == "FP8":
-            self.register_buffer("weight", torch.empty(E, out_features, in_features, dtype=torch.float8_e4m3fn,
-                                                       device=device))
-            self.register_buffer("weights_scaling_factor", torch.ones(E, 1, **f32))
-            self.register_buffer("activation_scaling_factor", torch.ones(1, **f32))
-        elif self.algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
-            self.register_buffer("weight", torch.empty(E, out_features, in_features, dtype=torch.int8, device=device))
-            self.register_buffer("weights_scaling_factor", torch.ones(E, out_features, **f32))
-            if self.algo == "W8A8_SQ_PER_CHANNEL":
-                self.register_buffer("activation_scaling_factor", torch.ones(1, **f32))
-        elif self.algo == "W4A16_AWQ":
-            group = int(_qconf(config).get("group_size") or 128)
-            self.register_buffer("weight", torch.empty(E, out_features // 2, in_features, dtype=torch.int8,
-                                                       device=device))
-            self.register_buffer("weights_scaling_factor",
-                                 torch.ones(E, out_features, max(in_features // group, 1), **f32))
-        else:
-            from trtlm.errors import UserError
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = _group_size(self.fmt, config, in_features, check=False)
+        _register(self, self.fmt.tensors(out_features, in_features, experts=experts, group_size=self.group_size),
+                  self.dtype, device)
+        self.kernel_path, self.kernel_reason = qk.EMULATION, "not prepared"
+        self._prepared_on: torch.device | None = None
 
-            raise UserError(f"quantization.quant_algo {quant_algo!r} is not supported for MoE experts")
+    @torch.no_grad()
+    def prepare(self) -> str:
+        """Pick the kernel for the gathered-expert products (see :meth:`QuantLinear.prepare`)."""
+        dev = self.weight.device
+        path, why = qk.linear_plan(self.fmt.weight, None, dev, self.dtype, self.in_features, self.out_features)
+        if path == qk.SCALED_MM:  # experts: the Triton kernel reads the routed experts' fp8 codes
+            path, why = (qk.TRITON, "Triton dequant-matmul over the routed experts") if qk.triton_available() else (
+                qk.EMULATION, "Triton is not installed")
+        if path == qk.TRITON and self.fmt.weight_scale == "group" and self.in_features % self.group_size:
+            path, why = qk.EMULATION, "group size does not divide the expert's input features"
+        self.kernel_path, self.kernel_reason = path, why + " (gathered experts at decode, dense beyond)"
+        self._prepared_on = dev
+        return path
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return qf.dequantize(self.algo, dict(self.named_buffers(recurse=False)), dtype or self.dtype)
 
+    def dense_experts(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dequantized weights of the experts ``ids`` only: ``[len(ids), out, in]``."""
+        t = dict(self.named_buffers(recurse=False))
+        sel = {"weight": t["weight"][ids], "weights_scaling_factor": t["weights_scaling_factor"][ids]}
+        return qf.dequantize(self.algo, sel, dtype or self.dtype)
+
+    def gathered_mm(self, x: torch.Tensor, ids: torch.Tensor, rows_per_id: int) -> torch.Tensor:
+        """Row ``s`` of the result is expert ``ids[s]`` applied to ``x[s // rows_per_id]``: ``[S, out]``."""
+        if self._prepared_on != self.weight.device:
+            self.prepare()
+        if self.kernel_path == qk.TRITON and x.is_cuda and x.dtype == self.dtype:
+            return qk.dequant_mm(x, self.weight, self.weights_scaling_factor, weight_kind=self.fmt.weight,
+                                 scale_kind=self.fmt.weight_scale, group_size=self.group_size,
+                                 expert_ids=ids, rows_per_id=rows_per_id, out_features=self.out_features)
+        xs = x.repeat_interleave(rows_per_id, dim=0) if rows_per_id > 1 else x
+        return torch.bmm(self.dense_experts(ids, x.dtype), xs.unsqueeze(-1)).squeeze(-1)
+
+    def fast(self, x: torch.Tensor) -> bool:
+        """Whether products with ``x`` run through the Triton kernel (else the emulation)."""
+        if self._prepared_on != self.weight.device:
+            self.prepare()
+        return self.kernel_path == qk.TRITON and x.is_cuda and x.dtype == self.dtype
+
+    def expert_mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Local expert ``e`` applied to every row of ``x`` (``[T, in]`` -> ``[T, out]``), from its codes."""
+        return qk.dequant_mm(x, self.weight[e], self.weights_scaling_factor[e], weight_kind=self.fmt.weight,
+                             scale_kind=self.fmt.weight_scale, group_size=self.group_size,
+                             out_features=self.out_features)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Activation quantization of the formats that have it (emulated, static per-tensor scale)."""
-        if self.algo == "FP8":
+        if self.fmt.activation == "fp8":
             return qf.fake_quant_fp8(x, self.activation_scaling_factor)
-        if self.algo == "W8A8_SQ_PER_CHANNEL":
+        if self.fmt.activation == "int8":
             return fake_quant_int8(x, self.activation_scaling_factor)
         return x
+
+
+def quant_moe_forward(x: torch.Tensor, router_weight: torch.Tensor, fc: QuantExpertWeights,
+                      proj: QuantExpertWeights, top_k: int, normalization_mode: int, expert_offset: int = 0,
+                      *, strategy: str | None = None) -> torch.Tensor:
+    """:func:`trtlm.runtime.moe.moe_forward` for quantized experts (same routing and combination).
+
+    The input is quantized as the format does (the router sees it too, as before).  With the
+    ``"gather"`` strategy (decode at small batch) only the routed experts' codes are read --
+    through the Triton kernel on CUDA, else by dequantizing just those experts; beyond, every
+    local expert is dequantized once per call and ``moe_forward`` runs its dense/sorted path.
+    """
+    from trtlm.runtime import moe as rm
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xin = fc.quantize_input(x2)
+    num_local = fc.weight.shape[0]
+    if strategy is None:
+        strategy = rm.select_strategy(x2.shape[0], top_k, num_local)
+    if strategy == "dense" and fc.fast(xin) and proj.fast(xin) and x2.shape[0] > 0:
+        return _dense_experts(xin, router_weight, fc, proj, top_k, normalization_mode, expert_offset,
+                              x.dtype).reshape(shape)
+    if strategy != "gather" or x2.shape[0] == 0:
+        out = rm.moe_forward(xin, router_weight, fc.dense(x.dtype), proj.dense(x.dtype), top_k, normalization_mode,
+                             expert_offset=expert_offset, strategy=None if strategy == "gather" else strategy)
+        return out.reshape(shape)
+    logits = F.linear(xin.float(), router_weight.float())
+    scales, expert_ids = rm.route(logits, top_k, normalization_mode)
+    local = expert_ids - expert_offset if expert_offset else expert_ids
+    valid = None if num_local == router_weight.shape[0] else (local >= 0) & (local < num_local)
+    idx = local.reshape(-1)
+    if valid is not None:
+        idx = idx.clamp(0, num_local - 1)
+    h = fc.gathered_mm(xin, idx, rows_per_id=top_k)  # [T*k, 2I], pair order t*k + j
+    y = proj.gathered_mm(rm._swiglu(h), idx, rows_per_id=1)  # [T*k, H]
+    return rm._combine(y, scales, valid, x.dtype).reshape(shape)
+
+
+def _dense_experts(x, router_weight, fc: QuantExpertWeights, proj: QuantExpertWeights, top_k: int,
+                   normalization_mode: int, expert_offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """``moe_forward``'s ``"dense"`` strategy on quantized experts: each local expert's codes are read
+    once (one kernel per expert and projection, fixed shapes: CUDA-graph capturable), never dequantized
+    into a float copy; combined exactly as :func:`trtlm.runtime.moe._dense` does."""
+    from trtlm.runtime import moe as rm
+
+    num_local = fc.weight.shape[0]
+    logits = F.linear(x.float(), router_weight.float())
+    scales, expert_ids = rm.route(logits, top_k, normalization_mode)
+    local = expert_ids - expert_offset if expert_offset else expert_ids
+    onehot = local.unsqueeze(-1) == torch.arange(num_local, device=local.device)  # [T, k, E]
+    dense_scales = (onehot * scales.unsqueeze(-1)).sum(dim=1)  # [T, E]
+    selected = onehot.any(dim=1)
+    y = torch.stack([proj.expert_mm(rm._swiglu(fc.expert_mm(x, e)), e) for e in range(num_local)])  # [E, T, H]
+    weighted = y.float() * dense_scales.t().unsqueeze(-1)
+    weighted = torch.where(selected.t().unsqueeze(-1), weighted, 0.0)
+    return weighted.sum(dim=0).to(dtype)
 
 
 def quant_linear(quant_algo: str, config: dict[str, Any], in_features: int, out_features: int, bias: bool,
                  dtype, device) -> nn.Module:
     """The module :func:`trtlm.runtime.model.make_linear` builds for a quantized checkpoint."""
     return QuantLinear(quant_algo, config, in_features, out_features, bias, dtype, device)
+
+
+def prepare_model(model: nn.Module) -> dict[str, str]:
+    """Call ``prepare()`` on every quantized module (after ``load_state_dict``, before CUDA graphs).
+
+    Returns :func:`kernel_paths` for the one-line report of ``trtlm run``/``bench``.
+    """
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantExpertWeights)):
+            m.prepare()
+    return kernel_paths(model)
+
+
+def kernel_paths(model: nn.Module) -> dict[str, str]:
+    """Layer type (``attention.qkv``, ``mlp.fc``, ``mlp.fc (experts)``...) -> ``"path: why"``.
+
+    Layers of one type normally agree; if they do not, every distinct answer is listed.
+    """
+    import re
+
+    out: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantExpertWeights)):
+            kind = re.sub(r"^.*?layers\.\d+\.", "", name) + (" (experts)" if isinstance(m, QuantExpertWeights) else "")
+            desc = f"{m.kernel_path}: {m.kernel_reason}"
+            if desc not in out.setdefault(kind, []):
+                out[kind].append(desc)
+    return {k: " | ".join(v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -12,11 +12,12 @@ loading only its own ``rank{r}.safetensors``, talking through
   group: with ``tp = moe_tp * moe_ep`` every tp rank holds one (expert
   block, intermediate slice) and contributes a partial sum, so the sum over
   all tp ranks is the layer's output;
-* pipeline parallel: :class:`PipelineForward` receives the hidden states from
-  the same tp rank of the previous stage and sends its own to the next;
-* sampling: :class:`BroadcastSampler` samples on one rank of the last stage
-  (one generator, so seeds behave as in one process) and broadcasts the
-  tokens, so every rank feeds the same next token and stops at the same step.
+* pipeline parallel: each stage receives the hidden states from the same tp
+  rank of the previous stage and sends its own to the next
+  (:func:`trtlm.runtime.executor.run_step`);
+* the engine (scheduler, sampling) runs on rank 0 only and broadcasts each
+  step; the last stage's logits are sent to rank 0
+  (:class:`trtlm.runtime.executor.DistributedExecutor`).
 
 The process group is created by :func:`init_rank` from torchrun's
 environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``) or
@@ -221,78 +222,6 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# -- the pipeline ----------------------------------------------------------------------------
-class PipelineForward:
-    """One rank's forward: receive the previous stage's hidden states, run this
-    stage's layers, send them on (or return logits on the last stage)."""
-
-    def __init__(self, model: torch.nn.Module, state: RankState):
-        self.model = model
-        self.state = state
-        self.cache = None
-        self.calls = 0
-        self.logits_to_rank0 = False  #: also send the last stage's logits to rank 0 (keep_logits)
-
-    def new_cache(self, batch: int, max_seq: int) -> None:
-        self.cache = self.model.new_cache(batch, max_seq, self.state.device)
-
-    def __call__(self, tokens: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor | None:
-        st, model = self.state, self.model
-        self.calls += 1
-        maybe_inject_fault(st.rank, self.calls)
-        B, T = tokens.shape
-        step = model.step(start, T, pad)
-        if st.first:
-            x = tokens
-        else:
-            x = self._recv((B, T, model.d.hidden), st.prev_rank)
-        out = model(x, step, self.cache)
-        if not st.last:
-            self._send(out, st.next_rank)
-            out = None
-        if self.logits_to_rank0 and st.sampling_rank != 0:  # rank 0 is not on the last stage
-            if st.rank == st.sampling_rank:
-                self._send(out, 0)
-            elif st.rank == 0:
-                out = self._recv((B, T, model.d.vocab), st.sampling_rank)
-        return out
-
-    def _send(self, x: torch.Tensor, dst: int) -> None:
-        import torch.distributed as dist
-
-        x = x.cpu() if self.state.p2p_via_cpu else x.contiguous()
-        dist.send(x, dst, group=self.state.group)
-
-    def _recv(self, shape: tuple[int, ...], src: int) -> torch.Tensor:
-        import torch.distributed as dist
-
-        st = self.state
-        x = torch.empty(shape, dtype=self.model.dtype, device="cpu" if st.p2p_via_cpu else st.device)
-        dist.recv(x, src, group=st.group)
-        return x.to(st.device)
-
-
-class BroadcastSampler:
-    """Sample on the last stage's first rank and broadcast the tokens to all ranks."""
-
-    def __init__(self, state: RankState):
-        self.state = state
-
-    def __call__(self, last, params, generator, batch: int) -> torch.Tensor:
-        import torch.distributed as dist
-
-        from trtlm.runtime.generate import sample
-
-        st = self.state
-        if st.rank == st.sampling_rank:
-            nxt = sample(last, params, generator).to(torch.long).contiguous()
-        else:
-            nxt = torch.empty(batch, dtype=torch.long, device=st.device)
-        if st.world_size > 1:
-            dist.broadcast(nxt, st.sampling_rank, group=st.group)
-        return nxt
 
 
 class RemoteError(UserError):

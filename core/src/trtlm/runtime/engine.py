@@ -1,121 +1,446 @@
-"""``trtlm build`` and engine loading.
+"""The inference engine: continuous batching on a paged KV cache.
 
-An engine directory holds ``config.json`` (``pretrained_config``: the
-checkpoint's config, ``build_config``: the build settings and backend) and,
-for the torch backend, one ``rank{r}.safetensors`` per rank in exactly the
-layout the runtime's modules load (the checkpoint layout: the runtime keeps
-TensorRT-LLM's names), checked against the network before it is written.
+Everything that generates runs on this class — ``LLM.generate``, ``trtlm run``,
+``DistributedLLM``, ``trtlm eval``, ``trtlm bench``, the servers:
+
+* :meth:`Engine.add_request` checks a request and queues it;
+* :meth:`Engine.step` runs one scheduler step: the :class:`Scheduler` picks
+  sequences and token counts within the batch and token limits, the executor
+  runs the packed forward over the paged KV cache, each sequence samples with
+  its own settings, and the outputs of the requests that advanced come back;
+* :meth:`Engine.abort` cancels a request at any step (its blocks are free at once).
+
+The engine is single-threaded and synchronous; :mod:`trtlm.runtime.async_engine`
+runs it on a thread for servers.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+import itertools
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence as Seq
+
+import torch
 
 from trtlm.errors import UserError
-from trtlm.fsutil import atomic_dir
+from trtlm.runtime.executor import StepInputs
+from trtlm.runtime.kv_cache import BlockAllocator, KVPool, blocks_for
+from trtlm.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from trtlm.runtime.sampling import (IncrementalDetokenizer, SampleRow, SamplingParams, banned_ids, request_generator,
+                                    sample)
+from trtlm.runtime.scheduler import CAPACITY_POLICIES, Scheduler, Sequence, Status
+
+#: KV pool on CPU when neither ``kv_cache_gb`` nor anything else says (enough for tests and the tiny model).
+DEFAULT_CPU_KV_GB = 1.0
+
 
 @dataclass
-class BuildOptions:
-    backend: str = "torch"
-    max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: int | None = None
-    workers: int = 1
-    force: bool = False
+class EngineConfig:
+    """Engine settings (``trtlm run`` / ``serve`` flags of the same names).
+
+    :param max_batch_size: sequences in flight (default: the engine's build ``max_batch_size``).
+    :param max_num_tokens: tokens computed per step; longer prompts are chunked.
+    :param block_size: tokens per KV block (power of two; 32 on GPU, 16 on CPU).
+    :param kv_cache_free_gpu_mem_fraction: GPU: share of the memory free after the weights
+        and a warm-up step that the KV pool takes.
+    :param kv_cache_gb: CPU (or to override the GPU sizing): the KV pool's size.
+    :param capacity_policy: ``guaranteed_no_evict`` or ``max_utilization``.
+    """
+
+    max_batch_size: int | None = None
+    max_num_tokens: int = 8192
+    block_size: int | None = None
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    kv_cache_gb: float | None = None
+    capacity_policy: str = "guaranteed_no_evict"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    use_cuda_graphs: bool | None = None
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {rule}")
+
+        need(self.max_batch_size is None or self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        need(self.max_num_tokens >= 1, "max_num_tokens", "must be >= 1")
+        need(self.block_size is None or (self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0),
+             "block_size", "must be a power of two")
+        need(0 < self.kv_cache_free_gpu_mem_fraction <= 1, "kv_cache_free_gpu_mem_fraction", "must be in (0, 1]")
+        need(self.kv_cache_gb is None or self.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
+        need(self.capacity_policy in CAPACITY_POLICIES, "capacity_policy",
+             f"choose one of {', '.join(CAPACITY_POLICIES)}")
 
 
-def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
-    from trtlm.modeldir import read_json
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    keep_logits: bool = False
+    emitted: list[int] = field(default_factory=list)  #: per completion: token ids already handed out
 
-    if not ckpt.is_dir():
-        raise UserError(f"{ckpt}: no such directory")
-    config = read_json(ckpt / "config.json")
-    for key in ("architecture", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
-        if key not in config:
-            raise UserError(f"{ckpt / 'config.json'}: not a TensorRT-LLM checkpoint config (no {key!r})")
-    return config
-
-
-def network_for_rank(hooks, config: dict[str, Any], rank: int, options: BuildOptions, device="meta"):
-    """The torch network of one rank, on the meta device unless asked otherwise."""
-    from trtlm.convert.mapping import Mapping
-    from trtlm.runtime.distributed import rank_network
-
-    return rank_network(hooks, config, Mapping.from_config(config), rank, options, device=device)
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
 
 
-def check_rank(path: Path, expected: dict[str, tuple[tuple[int, ...], Any]]) -> list[str]:
-    """Compare a rank file with the network's parameters, as TensorRT-LLM's loader does:
-    a missing tensor or a wrong shape/dtype is an error, an extra tensor a warning."""
-    from trtlm.sources import _ST_DTYPES, read_safetensors_header
+class Engine:
+    """Continuous batching over one executor (see the module docstring)."""
 
-    if not path.exists():
-        raise UserError(f"{path}: missing")
-    header = read_safetensors_header(path)
-    for name, (shape, dtype) in expected.items():
-        if name not in header:
-            raise UserError(f"{path}: tensor {name} is missing (the network needs it)")
-        got = tuple(header[name]["shape"])
-        if got != tuple(shape):
-            raise UserError(f"{path}: tensor {name} has shape {list(got)}, the network expects {list(shape)}")
-        if _ST_DTYPES.get(header[name]["dtype"]) != dtype:
-            raise UserError(f"{path}: tensor {name} has dtype {header[name]['dtype']}, the network expects {dtype}")
-    return sorted(set(header) - set(expected))
+    def __init__(self, executor: Any, *, max_seq_len: int, max_input_len: int | None = None,
+                 vocab_size: int, max_batch_size: int = 8, tokenizer: Any = None, eos_ids: Seq[int] = (),
+                 config: EngineConfig | None = None, model_name: str = "model", tokenizer_error: str | None = None):
+        config = config or EngineConfig()
+        config.validate()
+        self.config = config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.tokenizer_error = tokenizer_error
+        self.eos_ids = tuple(eos_ids)
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.max_input_len = min(max_input_len or max_seq_len, max_seq_len)
+        self.model_name = model_name
+        self.device = getattr(executor, "device", torch.device("cpu"))
+        self.max_batch_size = config.max_batch_size or max_batch_size
+        self.block_size = config.block_size or (32 if self.device.type == "cuda" else 16)
+        self.max_blocks_per_seq = blocks_for(max_seq_len, self.block_size)
+        num_blocks = self._pool_blocks()
+        self.allocator = BlockAllocator(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.allocator, self.max_batch_size, config.max_num_tokens,
+                                   config.capacity_policy, config.enable_chunked_prefill)
+        executor.init_cache(num_blocks, self.block_size, self.max_blocks_per_seq, self.max_batch_size)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._fallback = torch.Generator(device="cpu").manual_seed(0)
+        self.steps = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
 
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path, *, device: str | torch.device = "cpu",
+                        tokenizer_dir: str | Path | None = None, config: EngineConfig | None = None) -> "Engine":
+        """A single-process engine over an engine directory (all ranks merged into this process)."""
+        from trtlm.runtime.loader import load_engine
 
-def build(checkpoint_dir: Path, output_dir: Path, options: BuildOptions) -> dict[str, Any]:
-    """Check a TensorRT-LLM checkpoint and write an engine directory."""
-    from trtlm.plugins import get_registry
+        loaded = load_engine(Path(engine_dir), device=device, tokenizer_dir=tokenizer_dir)
+        from trtlm.runtime.executor import LocalExecutor
 
-    config = read_checkpoint_config(checkpoint_dir)
-    registry = get_registry()
-    entry = registry.resolve_trtllm(config["architecture"], where=str(checkpoint_dir / "config.json"))
-    hooks = registry.hooks(entry)
-    if options.backend not in ("torch", "tensorrt-llm"):
-        raise UserError(f"--backend {options.backend!r}: choose torch or tensorrt-llm")
-    max_seq = options.max_seq_len or int(config.get("max_position_embeddings", 2048))
-    build_config = dict(asdict(options), max_seq_len=max_seq)
-    build_config.pop("force")
-    build_config.pop("workers")
-    world = int((config.get("mapping") or {}).get("world_size", 1))
-    if options.backend == "tensorrt-llm":
-        network = hooks.trtlm_build_network(config=config, backend="tensorrt-llm", options=options)
-        with atomic_dir(output_dir, options.force) as tmp:
-            network.build(checkpoint_dir, tmp)
-        return build_config
+        executor = LocalExecutor(loaded.model, loaded.device,
+                                 use_cuda_graphs=(config.use_cuda_graphs if config else None))
+        return cls.for_loaded(loaded, executor, config)
 
-    def check(rank: int) -> list[str]:
-        net = network_for_rank(hooks, config, rank, options)
-        expected = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
-        return check_rank(checkpoint_dir / f"rank{rank}.safetensors", expected)
+    @classmethod
+    def for_loaded(cls, loaded: Any, executor: Any, config: EngineConfig | None = None) -> "Engine":
+        return cls(executor, max_seq_len=loaded.max_seq_len, max_input_len=loaded.max_input_len,
+                   vocab_size=loaded.vocab_size, max_batch_size=loaded.max_batch_size, tokenizer=loaded.tokenizer,
+                   eos_ids=loaded.eos_ids, config=config, model_name=loaded.name,
+                   tokenizer_error=loaded.tokenizer_error)
 
-    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        extras = list(pool.map(check, range(world)))
-    for rank, names in enumerate(extras):
-        if names:
-            warnings.warn(f"rank{rank}.safetensors: {len(names)} tensor(s) the network does not use "
-                          f"(e.g. {names[0]}); ignored", stacklevel=2)
-    engine_config = {"pretrained_config": config, "build_config": build_config,
-                     "family": entry.family.name, "plugin": entry.plugin}
-    with atomic_dir(output_dir, options.force) as tmp:
-        def place(rank: int) -> None:
-            src = checkpoint_dir / f"rank{rank}.safetensors"
-            try:
-                os.link(src, tmp / src.name)  # same bytes, no copy, when on one filesystem
-            except OSError:
-                shutil.copy2(src, tmp / src.name)
+    def _pool_blocks(self) -> int:
+        """KV blocks that fit the configured memory (at least one full sequence)."""
+        spec = self.executor.kv_cache_spec()
+        elem = torch.empty((), dtype=spec["kv_dtype"] or spec["dtype"]).element_size()
+        per_block = KVPool.bytes_per_block(spec["num_layers"], self.block_size, spec["kv_heads"], spec["head_size"],
+                                           elem)
+        per_block = max(per_block, 1)
+        if self.config.kv_cache_gb is not None:
+            budget = int(self.config.kv_cache_gb * 2 ** 30)
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, _total = torch.cuda.mem_get_info(self.device)
+            reserve = 2 * 2 ** 30  # activations, CUDA graphs and the sampler's temporaries
+            budget = int(max(0, free - reserve) * self.config.kv_cache_free_gpu_mem_fraction)
+        else:
+            want = self.max_batch_size * self.max_blocks_per_seq * per_block
+            budget = min(want, int(DEFAULT_CPU_KV_GB * 2 ** 30))
+        blocks = budget // per_block
+        if blocks < self.max_blocks_per_seq and self.config.kv_cache_gb is None and self.device.type == "cpu":
+            blocks = self.max_blocks_per_seq
+        if blocks < 1:
+            raise UserError(f"the KV cache gets no memory ({budget / 2 ** 30:.2f} GiB for blocks of "
+                            f"{per_block / 2 ** 20:.1f} MiB): raise --kv-cache-free-gpu-mem-fraction or --kv-cache-gb")
+        return int(blocks)
 
-        with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-            list(pool.map(place, range(world)))
-        from trtlm.runtime.tokenizer import tokenizer_files
+    # -- requests ---------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError(self.tokenizer_error or "this engine has no tokenizer: give token ids "
+                                "(--input-ids), or --tokenizer-dir")
+            return prompt, self.tokenizer.encode(prompt)
+        try:
+            return None, [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise UserError("a prompt is text or a list of integer token ids") from None
 
-        for path in tokenizer_files(checkpoint_dir):
-            shutil.copy2(path, tmp / path.name)
-        (tmp / "config.json").write_text(json.dumps(engine_config, indent=2) + "\n")
-    return build_config
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """One clear error for a prompt this engine cannot run."""
+        if not ids:
+            raise UserError("empty prompt: give at least one token")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise UserError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) > self.max_input_len:
+            raise UserError(f"prompt of {len(ids)} tokens is longer than the engine's max_input_len "
+                            f"{self.max_input_len} (rebuild with a larger --max-input-len)")
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise UserError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                            f"{len(ids) + params.max_tokens} exceeds the engine's max_seq_len {self.max_seq_len}")
+        need = params.n * blocks_for(len(ids) + params.max_tokens, self.block_size)
+        if need > self.allocator.num_blocks:
+            raise UserError(f"the request needs {need} KV blocks and the cache has {self.allocator.num_blocks}: "
+                            f"raise --kv-cache-gb / --kv-cache-free-gpu-mem-fraction or lower max_tokens")
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_tokens:
+            raise UserError(f"prompt of {len(ids)} tokens exceeds --max-num-tokens {self.config.max_num_tokens} "
+                            f"and chunked prefill is off")
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    keep_logits: bool = False) -> str:
+        """Check and queue a request; return its id."""
+        params = params or SamplingParams()
+        params.validate()
+        text, ids = self.encode(prompt)
+        self.check_prompt(ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise UserError(f"request id {request_id!r} is already in use")
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        seq = self._new_seq(request_id, 0, ids, params, now)
+        seq.keep_logits = keep_logits
+        seq.forks = params.n - 1
+        req = Request(request_id, text, ids, params, [seq], RequestMetrics(now), keep_logits, [0] * params.n)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return request_id
+
+    def _new_seq(self, request_id: str, index: int, ids: list[int], params: SamplingParams, now: float) -> Sequence:
+        detok = IncrementalDetokenizer(self.tokenizer if params.detokenize else None, params.stop)
+        return Sequence(next(self._seq_ids), request_id, index, list(ids), params,
+                        generator=request_generator(params.seed, index), detok=detok, arrival=now,
+                        logprobs=[] if params.logprobs is not None else None,
+                        cumulative_logprob=0.0 if params.logprobs is not None else None)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request now; its KV blocks are free when this returns."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.free_seq(seq)
+                seq.status = Status.FINISHED
+                seq.finish_reason = "abort"
+        req.metrics.finished_time = time.monotonic()
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           kv_blocks_used=self.allocator.num_used, kv_blocks_total=self.allocator.num_blocks,
+                           prompt_tokens_total=self.prompt_tokens_total,
+                           generation_tokens_total=self.generation_tokens_total,
+                           preemptions=self.scheduler.preemptions, steps=self.steps, block_size=self.block_size)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; the outputs of the requests that advanced (finished ones last time)."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        self.steps += 1
+        inputs, rows = self._inputs(plan)
+        logits = self.executor.execute(inputs)
+        self.scheduler.after_step(plan)
+        touched: dict[str, Request] = {}
+        sample_rows: list[tuple[Sequence, int]] = []
+        now = time.monotonic()
+        for s, (first_row, n_rows) in zip(plan.scheduled, rows):
+            seq = s.seq
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            if s.start < len(seq.prompt_ids):
+                self.prompt_tokens_total += min(s.num_tokens, len(seq.prompt_ids) - s.start)
+            if seq.keep_logits and s.start < len(seq.prompt_ids) and not seq.output_ids:
+                seq.prompt_logits.append(logits[first_row:first_row + n_rows].float().cpu())
+            if s.samples:
+                if seq.keep_logits and seq.output_ids:
+                    seq.step_logits.append(logits[first_row + n_rows - 1].float().cpu())
+                sample_rows.append((seq, first_row + n_rows - 1))
+                for child in self._fork(seq, req):
+                    sample_rows.append((child, first_row + n_rows - 1))
+            touched[req.request_id] = req
+        if sample_rows:
+            self._sample(logits, sample_rows)
+        return [self._output(req) for req in touched.values()]
+
+    def _inputs(self, plan) -> tuple[StepInputs, list[tuple[int, int]]]:
+        tokens, positions, slots, qlens, clens, tables, logit_rows = [], [], [], [], [], [], []
+        rows: list[tuple[int, int]] = []
+        bs = self.block_size
+        offset = 0
+        for s in plan.scheduled:
+            seq, start, n = s.seq, s.start, s.num_tokens
+            ids = seq.all_ids
+            tokens += ids[start:start + n]
+            positions += range(start, start + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            qlens.append(n)
+            clens.append(start + n)
+            tables.append(table)
+            if seq.keep_logits and start < len(seq.prompt_ids):
+                rows.append((len(logit_rows), n))
+                logit_rows += range(offset, offset + n)
+            elif s.samples:
+                rows.append((len(logit_rows), 1))
+                logit_rows.append(offset + n - 1)
+            else:
+                rows.append((len(logit_rows), 0))
+            offset += n
+        return StepInputs(tokens, positions, slots, qlens, clens, tables, logit_rows), rows
+
+    def _fork(self, parent: Sequence, req: Request) -> list[Sequence]:
+        """Siblings of a request with ``n > 1``, made when its prompt is first computed: they share
+        the prompt's full blocks and get a copy of the partial last one."""
+        if parent.forks == 0 or parent.output_ids:
+            return []
+        children = []
+        bs = self.block_size
+        full = len(parent.prompt_ids) // bs
+        for i in range(1, parent.forks + 1):
+            child = self._new_seq(req.request_id, i, parent.prompt_ids, req.params, parent.arrival)
+            child.block_table = list(parent.block_table[:full])
+            for b in child.block_table:
+                self.allocator.refs[b] += 1
+            if len(parent.block_table) > full:
+                child.block_table += self.allocator.allocate(1)
+                self.executor.copy_block(parent.block_table[full], child.block_table[-1])
+            child.block_hashes = list(parent.block_hashes[:full])
+            child.num_computed = parent.num_computed
+            child.num_cached = parent.num_cached
+            child.status = Status.RUNNING
+            child.admitted_once = True
+            self.scheduler.running.append(child)
+            req.seqs.append(child)
+            children.append(child)
+        parent.forks = 0
+        return children
+
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+        stop_ids_of = {}
+        sample_rows = []
+        for seq, _ in rows:
+            stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.eos_ids))
+            stop_ids_of[seq.seq_id] = stops
+            sample_rows.append(SampleRow(seq.params, seq.generator, seq.output_ids,
+                                         banned_ids(seq.params, seq.output_ids, stops)))
+        index = torch.tensor([r for _, r in rows], device=logits.device)
+        result = sample(logits.index_select(0, index), sample_rows, self._fallback)
+        now = time.monotonic()
+        for (seq, _), token, lp in zip(rows, result.token_ids, result.logprobs):
+            self._append(seq, token, lp, stop_ids_of[seq.seq_id], now)
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, stops: set[int],
+                now: float) -> None:
+        seq.output_ids.append(token)
+        self.generation_tokens_total += 1
+        req = self.requests[seq.request_id]
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if logprobs is not None and seq.logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token]
+        params = seq.params
+        if token in stops and len(seq.output_ids) >= params.min_tokens:
+            self._finish(seq, "stop", token)
+            return
+        found = seq.detok.add(token)
+        if found is not None:
+            self._finish(seq, "stop", found, text_done=True)
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, text_done: bool = False) -> None:
+        if not text_done:
+            seq.detok.finish()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.free_seq(seq)
+        seq.status = Status.FINISHED
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for i, seq in enumerate(req.seqs):
+            done = seq.finished
+            new_ids = seq.output_ids[req.emitted[i]:]
+            req.emitted[i] = len(seq.output_ids)
+            outs.append(CompletionOutput(
+                index=seq.index, token_ids=list(seq.output_ids), text=seq.detok.text if done else
+                seq.detok.text[:seq.detok.emitted], new_token_ids=new_ids, new_text="",
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob, finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason))
+            outs[-1].new_text = seq.detok.take(final=done)
+            if not done:
+                outs[-1].text = seq.detok.text[:seq.detok.emitted]
+        finished = req.finished
+        if finished:
+            req.metrics.finished_time = time.monotonic()
+            self.requests.pop(req.request_id, None)
+        seq0 = req.seqs[0]
+        prompt_logits = torch.cat(seq0.prompt_logits) if seq0.prompt_logits else None
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
+                             num_cached_tokens=seq0.num_cached, metrics=req.metrics, prompt_logits=prompt_logits,
+                             step_logits=list(seq0.step_logits))
+
+    # -- convenience ------------------------------------------------------------------------------------
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 keep_logits: bool = False,
+                 on_output: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Run ``prompts`` to completion (queued within the engine's limits); outputs in prompt order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise UserError(f"{len(params_list)} sampling settings for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids.append(self.add_request(prompt, p, keep_logits=keep_logits))
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        order = {rid: i for i, rid in enumerate(ids)}
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(ids):
+                for out in self.step():
+                    if out.request_id in order:
+                        if on_output is not None:
+                            on_output(order[out.request_id], out)
+                        if out.finished:
+                            final[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        return [final[rid] for rid in ids]
+
+    def close(self) -> None:
+        for rid in list(self.requests):
+            self.abort(rid)
+        self.executor.shutdown()

@@ -20,12 +20,16 @@ Numerics follow transformers' implementations (RMSNorm in float32, RoPE
 tables in float32 cast to the activation dtype, softmax through SDPA) so
 float32 logits match transformers' to ~1e-6.
 
-The KV cache is preallocated (:class:`KVCache`) and written in place; one
-``forward`` call handles prefill (many tokens) and decode (one token) alike,
-with no host synchronisation inside.
+One ``forward`` computes one packed engine step: the new tokens of many
+sequences, flat (``[N]``, no padding), whatever mix of prompts, prompt chunks
+and decode tokens it holds; keys and values go to the paged KV cache
+(:mod:`trtlm.runtime.kv_cache`) and attention reads them through each
+sequence's block table (:mod:`trtlm.runtime.attention`).  The same module
+runs on CPU and GPU, in one process or as one rank of many.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trtlm.runtime.attention import ForwardBatch, paged_attention, write_kv
 from trtlm.runtime.comm import LocalComm
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -103,41 +108,13 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-class KVCache:
-    """Preallocated keys and values, ``[batch, kv_heads, max_seq, head_size]`` per layer."""
-
-    def __init__(self, layers: int, batch: int, kv_heads: int, max_seq: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, kv_heads, max_seq, head_size)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.max_seq = max_seq
-
-
-@dataclass
-class Step:
-    """Where a forward call sits in the sequence (built by :meth:`Transformer.step`).
-
-    :param start: cache index of the first token of this call (same for the whole batch:
-        prompts are left-padded onto one timeline).
-    :param length: cache entries attended to (``start + tokens``, or the cache size
-        for a static-shape decode step).
-    :param positions: ``[B, T]`` token positions (timeline index minus left padding).
-    :param mask: ``[B, 1 or H, T, length]`` additive attention bias (0 / -inf, plus ALiBi).
-    """
-
-    start: int | torch.Tensor
-    length: int
-    positions: torch.Tensor
-    mask: torch.Tensor
-
-
 def rope_tables(positions: torch.Tensor, head_size: int, base: float, dtype: torch.dtype):
+    """``cos``, ``sin`` ``[N, 1, D]`` for token positions ``[N]`` (float32 math, as transformers)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=positions.device).float()
                                / head_size))
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -161,44 +138,31 @@ class Attention(nn.Module):
         self.clip_qkv = config.get("clip_qkv")
         self.rope_base = float(config.get("rotary_base", 10000.0))
         self.use_rope = str(config.get("position_embedding_type", "rope_gpt_neox")).startswith("rope")
+        self.window = sliding_window(config)
         self.kv_quant = _kv_quant(config)
         if self.kv_quant:  # checkpoint names of TensorRT-LLM's KV-cache scales
             for name in ("kv_cache_scaling_factor", "k_cache_scaling_factor", "v_cache_scaling_factor"):
                 self.register_buffer(name, torch.ones(1, dtype=torch.float32, device=device))
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache, layer: int, rope) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache, layer: int, rope, slopes) -> torch.Tensor:
+        """``x [N, hidden]`` -> ``[N, hidden]``; this step's keys/values are written to the cache first."""
+        N = x.shape[0]
         d = self.d
         qkv = self.qkv(x)
         if self.clip_qkv:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([d.heads * d.head_size, d.kv_heads * d.head_size, d.kv_heads * d.head_size], dim=-1)
-        q = q.view(B, T, d.heads, d.head_size).transpose(1, 2)
-        k = k.view(B, T, d.kv_heads, d.head_size).transpose(1, 2)
-        v = v.view(B, T, d.kv_heads, d.head_size).transpose(1, 2)
+        q = q.view(N, d.heads, d.head_size)
+        k = k.view(N, d.kv_heads, d.head_size)
+        v = v.view(N, d.kv_heads, d.head_size)
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_quant:  # what the quantized cache gives back (emulated)
-            from trtlm.quant.runtime import fake_quant_kv
-
-            k = fake_quant_kv(k, self.kv_cache_scaling_factor, self.kv_quant)
-            v = fake_quant_kv(v, self.kv_cache_scaling_factor, self.kv_quant)
+        scale = self.kv_cache_scaling_factor if self.kv_quant else None
         kc, vc = cache.k[layer], cache.v[layer]
-        if isinstance(step.start, int):
-            kc[:, :, step.start:step.start + T] = k
-            vc[:, :, step.start:step.start + T] = v
-        else:  # static-shape decode: the index lives on the device
-            kc.index_copy_(2, step.start, k)
-            vc.index_copy_(2, step.start, v)
-        keys, values = kc[:, :, :step.length], vc[:, :, :step.length]
-        if d.kv_heads != d.heads:
-            rep = d.heads // d.kv_heads
-            keys = keys.repeat_interleave(rep, dim=1)
-            values = values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask.to(q.dtype))
-        out = out.transpose(1, 2).reshape(B, T, d.heads * d.head_size)
-        return row_parallel(self.dense, out, self.comm)
+        write_kv(k, v, kc, vc, batch.slot_mapping, scale)
+        out = paged_attention(q, kc, vc, batch, 1.0 / math.sqrt(d.head_size), self.window, slopes, scale)
+        return row_parallel(self.dense, out.reshape(N, d.heads * d.head_size), self.comm)
 
 
 class GatedMLP(nn.Module):
@@ -297,15 +261,14 @@ class MoE(nn.Module):
     def forward(self, x):
         from trtlm.runtime.moe import moe_forward
 
-        B, T, H = x.shape
         if isinstance(self.fc, ExpertWeights):
             fc, proj, xin = self.fc.weight, self.proj.weight, x
         else:  # quantized experts: dequantized weights, the input quantized as the format does (the router
             # sees that quantized input too: slightly pessimistic next to TensorRT-LLM's unquantized routing)
             fc, proj, xin = self.fc.dense(x.dtype), self.proj.dense(x.dtype), self.fc.quantize_input(x)
-        out = moe_forward(xin.reshape(B * T, H), self.router.weight, fc, proj, self.top_k,
-                          self.normalization_mode, expert_offset=self.expert_offset)
-        return self.comm.all_reduce(out.view(B, T, H))
+        out = moe_forward(xin, self.router.weight, fc, proj, self.top_k, self.normalization_mode,
+                          expert_offset=self.expert_offset)
+        return self.comm.all_reduce(out)
 
 
 def row_parallel(linear: nn.Module, x: torch.Tensor, comm) -> torch.Tensor:
@@ -350,8 +313,8 @@ class Block(nn.Module):
         else:
             self.mlp = PlainMLP(config, d, comm, dtype, device)
 
-    def forward(self, x, step, cache, layer, rope):
-        x = x + self.attention(self.input_layernorm(x), step, cache, layer, rope)
+    def forward(self, x, batch, cache, layer, rope, slopes):
+        x = x + self.attention(self.input_layernorm(x), batch, cache, layer, rope, slopes)
         return x + self.mlp(self.post_layernorm(x))
 
 
@@ -414,7 +377,6 @@ class Transformer(nn.Module):
                                      else LayerNorm(d.hidden, eps, False, self.dtype, device))
             self.lm_head = Linear(d.hidden, d.vocab_local if comm.tp_size > 1 else d.vocab,
                                   bool(config.get("lm_head_bias", False)), self.dtype, device)
-        self.window = sliding_window(config)
         self.alibi = str(config.get("position_embedding_type")) == "alibi"
         if self.alibi:
             from trtlm.runtime.alibi import alibi_slopes
@@ -424,47 +386,29 @@ class Transformer(nn.Module):
                                  slopes[comm.tp_rank * d.heads:(comm.tp_rank + 1) * d.heads].to(device),
                                  persistent=False)
 
-    # -- the sequence bookkeeping --------------------------------------------------------
-    def new_cache(self, batch: int, max_seq: int, device=None) -> KVCache:
-        device = device or next(self.parameters()).device
-        return KVCache(len(self.layer_ids), batch, self.d.kv_heads, max_seq, self.d.head_size, self.dtype, device)
+    # -- what the engine needs to know ---------------------------------------------------
+    def kv_cache_spec(self) -> dict[str, Any]:
+        """Layers, heads and dtypes of this rank's KV cache (the engine sizes its pool from them)."""
+        algo = _kv_quant(self.config)
+        kv_dtype = {"FP8": torch.float8_e4m3fn, "INT8": torch.int8}.get(algo) if algo else None
+        return {"num_layers": len(self.layer_ids), "kv_heads": self.d.kv_heads, "head_size": self.d.head_size,
+                "dtype": self.dtype, "kv_dtype": kv_dtype}
 
-    def step(self, start: int, num_tokens: int, pad: torch.Tensor, length: int | None = None,
-             start_tensor: torch.Tensor | None = None) -> Step:
-        """Positions and attention bias for tokens at timeline ``[start, start + num_tokens)``.
-
-        ``pad[b]`` is the number of left-padding slots of sequence ``b``; key ``j``
-        is visible to query ``i`` when ``pad <= j <= i`` and ``i - j < window``.
-        """
-        device = pad.device
-        length = length if length is not None else start + num_tokens
-        base = start_tensor if start_tensor is not None else torch.tensor(start, device=device)
-        q_idx = base + torch.arange(num_tokens, device=device)  # [T]
-        k_idx = torch.arange(length, device=device)  # [L]
-        rel = q_idx[:, None] - k_idx[None, :]  # [T, L] = i - j
-        ok = (rel >= 0) & (k_idx[None, None, :] >= pad[:, None, None])  # [B, T, L]
-        if self.window is not None:
-            ok = ok & (rel < self.window)
-        ok = ok | (rel == 0)  # a padding query sees itself: no all-masked rows
-        mask = torch.zeros(ok.shape, dtype=torch.float32, device=device).masked_fill(~ok, float("-inf"))[:, None]
-        if self.alibi:
-            mask = mask + self.alibi_slopes[None, :, None, None] * (-rel).float()[None, None]
-        positions = (q_idx[None, :] - pad[:, None]).clamp(min=0)
-        return Step(start if start_tensor is None else start_tensor, length, positions, mask)
-
-    def forward(self, tokens_or_hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
-        """Tokens ``[B, T]`` (first stage) or hidden states ``[B, T, H]`` (later
-        stages) -> logits ``[B, T, V]`` (last stage) or hidden states."""
+    def forward(self, tokens_or_hidden: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
+        """One packed step: tokens ``[N]`` (first stage) or hidden states ``[N, H]`` (later
+        stages) -> logits ``[M, V]`` of the rows ``batch.logits_indices`` (last stage) or
+        hidden states ``[N, H]``."""
         x = self.transformer.vocab_embedding(tokens_or_hidden) if self.first else tokens_or_hidden
         rope = None
         if not self.alibi:
-            rope = rope_tables(step.positions, self.d.head_size, float(self.config.get("rotary_base", 10000.0)),
+            rope = rope_tables(batch.positions, self.d.head_size, float(self.config.get("rotary_base", 10000.0)),
                                x.dtype)
+        slopes = self.alibi_slopes if self.alibi else None
         for i, block in enumerate(self.transformer.layers):
-            x = block(x, step, cache, i, rope)
+            x = block(x, batch, cache, i, rope, slopes)
         if not self.last:
             return x
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x.index_select(0, batch.logits_indices))
         logits = self.comm.all_gather_last(self.lm_head(x))
         return logits[..., :self.d.vocab]
 

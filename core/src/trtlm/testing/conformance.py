@@ -132,7 +132,7 @@ class FamilyConformance:
 
     def test_builds_and_runs(self, model_dir, tmp_path):
         from trtlm.api import LLM
-        from trtlm.runtime.engine import BuildOptions, build
+        from trtlm.build import BuildOptions, build
 
         ckpt = self._convert(model_dir, tmp_path / "ckpt")
         build(ckpt, tmp_path / "engine", BuildOptions())
@@ -143,7 +143,7 @@ class FamilyConformance:
         import torch
 
         from trtlm.api import LLM
-        from trtlm.runtime.engine import BuildOptions, build
+        from trtlm.build import BuildOptions, build
         from trtlm.testing.models import transformers_class
 
         config = json.loads((model_dir / "config.json").read_text())

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trtlm.registry import FamilyHooks, Registry
 
 
 def make_tiny_model(family: str, directory: Path, overrides: dict[str, Any] | None = None,
-                    seed: int = 0, preset: str = "tiny") -> Path:
+                    seed: int = 0, preset: str = "tiny", registry: Registry | None = None) -> Path:
     """Write a tiny model of ``family`` to ``directory`` and return it.
 
     When transformers has a class for the preset's architecture, the model is
@@ -15,10 +18,13 @@ def make_tiny_model(family: str, directory: Path, overrides: dict[str, Any] | No
     logits can be compared with trtlm's.  Otherwise the weights are the random
     tensors the family's own plan asks for, written as ``model.safetensors``:
     every family can be tested, with or without a transformers counterpart.
+    ``registry`` defaults to the process-wide one; the family's hooks are resolved once, here.
     """
-    from trtlm.plugins import get_registry
+    if registry is None:
+        from trtlm.plugins import get_registry
 
-    entry = get_registry().family(family)
+        registry = get_registry()
+    entry = registry.family(family)
     if preset not in entry.family.presets:
         raise ValueError(f"family {family!r} has no {preset!r} preset; add one to its Family(presets=...)")
     config = {**entry.family.presets[preset], **(overrides or {})}
@@ -33,7 +39,7 @@ def make_tiny_model(family: str, directory: Path, overrides: dict[str, Any] | No
         model = model_cls(hf_config).eval()
         model.save_pretrained(directory, safe_serialization=True)
         return directory
-    _write_dummy(entry, config, directory, seed)
+    _write_dummy(registry.hooks(entry), config, directory, seed)
     return directory
 
 
@@ -50,14 +56,12 @@ def transformers_class(config: dict[str, Any]):
     return None
 
 
-def _write_dummy(entry, config: dict[str, Any], directory: Path, seed: int) -> None:
+def _write_dummy(hooks: FamilyHooks, config: dict[str, Any], directory: Path, seed: int) -> None:
     from safetensors.torch import save_file
 
     from trtlm.convert.options import ConvertOptions
-    from trtlm.plugins import get_registry
     from trtlm.sources import DummySource
 
-    hooks = get_registry().hooks(entry)
     plan = hooks.trtlm_map_layers(hf_config=config, options=ConvertOptions())
     source = DummySource(plan.source_shapes(), seed=seed)
     save_file({name: source.get(name).contiguous() for name in source.keys()}, str(directory / "model.safetensors"))

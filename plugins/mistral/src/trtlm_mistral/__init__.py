@@ -12,6 +12,7 @@ This module is the entry point: it imports nothing heavy.
 from __future__ import annotations
 
 from trtlm import PLUGIN_API_VERSION, Capabilities, Family, hookimpl
+from trtlm.family import ALL_KV_QUANT, ALL_QUANT
 
 TRTLM_PLUGIN_API = PLUGIN_API_VERSION
 
@@ -36,8 +37,10 @@ FAMILY = Family(
     trtllm_architecture="MistralForCausalLM",
     capabilities=Capabilities(
         parallel=("tp", "pp"),
-        quantization=("fp8", "int8-wo", "int4-wo", "int4-awq", "int8-sq"),
-        kv_cache_quantization=("fp8", "int8"),
+        quantization=ALL_QUANT,
+        kv_cache_quantization=ALL_KV_QUANT,
+        formats_in=("hf", "mcore"),
+        formats_out=("trtllm", "mcore"),
     ),
     presets={"tiny": _TINY, "7b": _7B},
     description="Mistral: Llama-style decoder with GQA and sliding-window attention",

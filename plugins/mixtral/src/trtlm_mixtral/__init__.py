@@ -10,9 +10,11 @@ tensor parallelism inside experts (``--moe-tp-size``) are sharded by the core's
 split rules (:class:`trtlm.layout.ExpertSplit`) and run by the core's runtime
 MoE layer (:mod:`trtlm.runtime.moe`).
 
-Hooks implemented here: ``trtlm_families``, ``trtlm_map_layers`` and a
+Hooks implemented here: ``trtlm_families``, ``trtlm_map_layers``, a
 ``trtlm_load_weights`` wrapper that records which of the two on-disk expert
-layouts a checkpoint uses (see :mod:`trtlm_mixtral.plan`).
+layouts a checkpoint uses (see :mod:`trtlm_mixtral.plan`), and the
+Megatron-Core pair ``trtlm_mcore_layout`` / ``trtlm_mcore_config`` (MoE names
+and expert-parallel placement, :mod:`trtlm_mixtral.mcore`).
 
 This module is the entry point: it imports nothing heavy (no torch).
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trtlm import PLUGIN_API_VERSION, Capabilities, Family, hookimpl
+from trtlm.family import ALL_KV_QUANT, ALL_QUANT
 
 TRTLM_PLUGIN_API = PLUGIN_API_VERSION
 
@@ -48,8 +51,10 @@ FAMILY = Family(
     trtllm_architecture="MixtralForCausalLM",
     capabilities=Capabilities(
         parallel=("tp", "pp", "ep"),
-        quantization=("fp8", "int8-wo", "int4-wo", "int4-awq", "int8-sq"),
-        kv_cache_quantization=("fp8", "int8"),
+        quantization=ALL_QUANT,
+        kv_cache_quantization=ALL_KV_QUANT,
+        formats_in=("hf", "mcore"),
+        formats_out=("trtllm", "mcore"),
     ),
     presets={"tiny": _TINY, "8x7b": _8X7B},
     description="Mixtral: Llama-style decoder with a top-k routed sparse mixture of SwiGLU experts",
@@ -79,3 +84,20 @@ def trtlm_map_layers(family: Family, hf_config: dict[str, Any], options: Any):
     from trtlm_mixtral.plan import mixtral_plan
 
     return mixtral_plan(hf_config, options, architecture=family.trtllm_architecture)
+
+
+@hookimpl
+def trtlm_mcore_layout(family: Family, hf_config: dict[str, Any], tp_size: int, pp_size: int, ep_size: int):
+    """Megatron-Core names of the router and experts, experts placed on expert-parallel ranks
+    (:mod:`trtlm_mixtral.mcore`); the core's Llama table for the rest."""
+    from trtlm_mixtral.mcore import mixtral_layout
+
+    return mixtral_layout(hf_config, tp_size, pp_size, ep_size)
+
+
+@hookimpl
+def trtlm_mcore_config(family: Family, args: dict[str, Any]):
+    """Mixtral's config from Megatron MoE args (:func:`trtlm_mixtral.mcore.mixtral_hf_config`)."""
+    from trtlm_mixtral.mcore import mixtral_hf_config
+
+    return mixtral_hf_config(args, family)

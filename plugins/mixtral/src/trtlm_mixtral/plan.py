@@ -36,7 +36,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from trtlm import meta
-from trtlm.convert.mapping import Mapping
+from trtlm.config import MoeConfig
+from trtlm.mapping import Mapping
 from trtlm.convert.options import ConvertOptions
 from trtlm.convert.plan import ConversionPlan, TensorSpec
 from trtlm.errors import UserError
@@ -89,7 +90,7 @@ def moe_settings(hf: dict[str, Any], options: ConvertOptions) -> dict[str, int]:
     mode = options.moe_normalization_mode or DEFAULT_NORMALIZATION
     if mode not in NORMALIZATION_MODES:
         raise UserError(f"--moe-normalization-mode {mode!r}: choose one of {', '.join(NORMALIZATION_MODES)}")
-    return {"num_experts": experts, "top_k": top_k, "normalization_mode": NORMALIZATION_MODES[mode]}
+    return MoeConfig(experts, top_k, NORMALIZATION_MODES[mode]).to_dict()
 
 
 def check_expert_parallel(experts: int, inter: int, options: ConvertOptions) -> Mapping:

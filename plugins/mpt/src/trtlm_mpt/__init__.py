@@ -11,8 +11,9 @@ FasterTransformer (FT) directories, which this plugin reads
 Hooks implemented (everything else is the core's default):
 
 * ``trtlm_map_layers``: :func:`trtlm_mpt.plan.mpt_plan`;
-* ``trtlm_load_weights``: FT directories (:mod:`trtlm_mpt.ft`); HF ones go
-  through the core's reader;
+* ``trtlm_load_weights``: FT directories (:mod:`trtlm_mpt.ft`, an implementation
+  registered under the hook's name with ``specname``); HF ones go through the core's
+  reader, and a wrapper (as Mixtral's) corrects what transformers' MPT saves declare;
 * ``trtlm_export``: ``--to ft``;
 * ``trtlm_build_network``: the core's Transformer with ``norm="layer"``.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from trtlm import PLUGIN_API_VERSION, Capabilities, Family, hookimpl
+from trtlm.family import ALL_QUANT
 
 TRTLM_PLUGIN_API = PLUGIN_API_VERSION
 
@@ -59,7 +61,7 @@ FAMILY = Family(
     trtllm_aliases=("MptForCausalLM",),
     capabilities=Capabilities(
         parallel=("tp", "pp"),
-        quantization=("fp8", "int8-wo", "int4-wo", "int4-awq", "int8-sq"),
+        quantization=ALL_QUANT,
         formats_in=("hf", "ft"),
         formats_out=("trtllm", "ft"),
     ),
@@ -80,11 +82,24 @@ def trtlm_map_layers(family: Family, hf_config: dict[str, Any], options):
     return mpt_plan(hf_config, options, architecture=family.trtllm_architecture)
 
 
-@hookimpl
-def trtlm_load_weights(family: Family, model_dir: Path, options):
-    from trtlm_mpt.io import load
+@hookimpl(specname="trtlm_load_weights")
+def trtlm_load_ft_weights(family: Family, model_dir: Path, options):
+    """FasterTransformer directories; ``None`` for anything else (the core's reader takes it)."""
+    from trtlm_mpt.io import load_ft
 
-    return load(family, Path(model_dir), options)
+    return load_ft(Path(model_dir), options)
+
+
+@hookimpl(wrapper=True)
+def trtlm_load_weights(family: Family, model_dir: Path, options):
+    """Whatever loader opened the directory (the core's safetensors/pickle reader for a Hugging
+    Face one), correct ``no_bias`` for transformers' own MPT saves, which never hold biases."""
+    loaded = yield
+    if loaded is not None:
+        from trtlm_mpt.io import fix_no_bias
+
+        fix_no_bias(loaded, Path(model_dir), options)
+    return loaded
 
 
 @hookimpl

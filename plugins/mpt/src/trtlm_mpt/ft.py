@@ -51,12 +51,14 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from trtlm import dtypes
 from trtlm_mpt.plan import mpt_kv_heads
 
 __all__ = [
@@ -77,35 +79,29 @@ class FTUnsupported(ValueError):
 
 
 # --------------------------------------------------------------------------
-# dtypes
+# dtypes: the core's table (trtlm.dtypes) restricted to FT's storage types
 
-_STORAGE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-}
-_NAME_TO_TORCH = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-# numpy dtype of the on-disk element; bfloat16 travels as its raw bits.
-_NP_DTYPE = {
-    torch.float32: np.dtype("<f4"),
-    torch.float16: np.dtype("<f2"),
-    torch.bfloat16: np.dtype("<u2"),
-}
+FT_STORAGE = ("float32", "float16", "bfloat16")
+
+
+def _storage_name(dtype: torch.dtype | str) -> str:
+    """``"float32"`` / ``"float16"`` / ``"bfloat16"`` for any spelling :mod:`trtlm.dtypes` knows
+    (``torch.bfloat16``, ``"bf16"``, ``"half"``, ...); ``ValueError`` for anything else."""
+    entry = dtypes.lookup(str(dtype).lower() if isinstance(dtype, str) else dtype)
+    if entry is None or entry.name not in FT_STORAGE:
+        raise ValueError(f"FT storage dtype must be float32, float16 or bfloat16, got "
+                         f"{dtype if isinstance(dtype, torch.dtype) else repr(dtype)}")
+    return entry.name
 
 
 def _as_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _STORAGE_NAMES:
-            raise ValueError(f"FT storage dtype must be float32, float16 or bfloat16, got {dtype}")
-        return dtype
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _NAME_TO_TORCH:
-        raise ValueError(f"FT storage dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    return _NAME_TO_TORCH[key]
+    return dtypes.torch_dtype(_storage_name(dtype))
+
+
+def _np_dtype(dtype: torch.dtype | str) -> np.dtype:
+    """numpy dtype of the on-disk element; bfloat16 travels as its raw bits."""
+    entry = dtypes.get(_storage_name(dtype))
+    return np.dtype("<u2") if entry.name == "bfloat16" else np.dtype(f"<f{entry.itemsize}")
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -115,7 +111,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
         arr = t.view(torch.int16).numpy().view(np.uint16)
     else:
         arr = t.numpy()
-    return arr.astype(_NP_DTYPE[t.dtype], copy=False)
+    return arr.astype(_np_dtype(t.dtype), copy=False)
 
 
 def _from_numpy(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -234,6 +230,21 @@ def _split_qkv(arr: np.ndarray, d: int, kv_dim: int, tp: int) -> list[np.ndarray
     return [np.concatenate((qs[r], ks[r], vs[r]), axis=-1) for r in range(tp)]
 
 
+@dataclass(frozen=True)
+class FTLayout:
+    """What an MPT checkpoint looks like in FT terms, every shape checked (see :func:`ft_layout`)."""
+
+    d: int  #: d_model
+    n_heads: int
+    n_layers: int
+    kv: int  #: KV heads
+    kv_dim: int  #: kv * head_dim
+    vocab: int
+    n_inner: int
+    has_bias: bool
+    write_lm_head: bool
+
+
 def write_ft(
     source,
     hf_config: dict,
@@ -259,13 +270,25 @@ def write_ft(
     :func:`ft_unsupported_settings`) unless ``force``; forced conversions drop
     them and log one warning per setting.  Raises ``ValueError`` for shapes
     or parallelism that cannot be written (e.g. ``n_heads % tp``).
+
+    The steps: refuse (or drop) what FT cannot carry, check every shape
+    (:func:`ft_layout`), empty the target, write the tensors
+    (:func:`_write_tensors`), then ``config.ini`` (:func:`_write_config_ini`).
     """
     cfg = _plain_dict(hf_config)
     storage = _as_torch_dtype(dtype)
     tp = int(tp)
     if tp < 1:
         raise ValueError(f"tensor parallelism must be >= 1, got {tp}")
+    _refuse_lossy(cfg, source, force)
+    layout = ft_layout(cfg, source, tp)  # everything checked before anything is written
+    saved = _prepare_dir(Path(out_dir) / f"{tp}-gpu")
+    _write_tensors(source, layout, storage, tp, saved)
+    _write_config_ini(cfg, layout, storage, tp, saved, bos_token_id, eos_token_id)
+    return saved
 
+
+def _refuse_lossy(cfg: dict, source, force: bool) -> None:
     problems = ft_unsupported_settings(cfg, source)
     if problems and not force:
         raise FTUnsupported(
@@ -276,39 +299,61 @@ def write_ft(
     for p in problems:
         log.warning("FT conversion forced: dropping %s", p)
 
-    for req in ("d_model", "n_heads", "n_layers"):
-        if req not in cfg:
-            raise ValueError(f"MPT config has no {req!r}")
-    d = int(cfg["d_model"])
-    n_heads = int(cfg["n_heads"])
-    n_layers = int(cfg["n_layers"])
-    if d % n_heads:
-        raise ValueError(f"d_model={d} is not divisible by n_heads={n_heads}")
-    hd = d // n_heads
-    if n_heads % tp:
-        raise ValueError(f"n_heads={n_heads} is not divisible by tensor parallelism tp={tp}")
 
-    keys = list(source.keys())
-    keyset = set(keys)
+def ft_layout(cfg: dict, source, tp: int) -> FTLayout:
+    """Dimensions, KV heads, MLP width and bias presence of an MPT ``source``, each checked against
+    the config and ``tp``; ``ValueError`` naming the first problem."""
+    keyset = set(source.keys())
 
     def need(name: str) -> tuple[int, ...]:
         if name not in keyset:
             raise ValueError(f"MPT checkpoint has no tensor {name!r}")
         return tuple(source.shape(name))
 
-    # ---- shapes, checked before anything is written
-    vocab_shape = need("transformer.wte.weight")
-    if len(vocab_shape) != 2 or vocab_shape[1] != d:
-        raise ValueError(f"transformer.wte.weight has shape {vocab_shape}, expected [vocab, {d}]")
-    vocab = vocab_shape[0]
-    if "vocab_size" in cfg and int(cfg["vocab_size"]) != vocab:
-        raise ValueError(f"config vocab_size={cfg['vocab_size']} but transformer.wte.weight has {vocab} rows")
+    for req in ("d_model", "n_heads", "n_layers"):
+        if req not in cfg:
+            raise ValueError(f"MPT config has no {req!r}")
+    d, n_heads, n_layers = int(cfg["d_model"]), int(cfg["n_heads"]), int(cfg["n_layers"])
+    if d % n_heads:
+        raise ValueError(f"d_model={d} is not divisible by n_heads={n_heads}")
+    if n_heads % tp:
+        raise ValueError(f"n_heads={n_heads} is not divisible by tensor parallelism tp={tp}")
+    vocab = _vocab(cfg, need("transformer.wte.weight"), d)
+    kv = _kv_heads(cfg, need, d, n_heads, n_layers, tp)
+    n_inner = _mlp_width(cfg, need, d, n_layers, tp)
+    has_bias = _has_bias(cfg, keyset, n_layers)
+    kv_dim = kv * (d // n_heads)
+    _check_shapes(need, d, kv_dim, n_inner, n_layers, has_bias)
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    write_lm_head = (not tied) and "lm_head.weight" in keyset
+    if write_lm_head and tuple(source.shape("lm_head.weight")) != (vocab, d):
+        raise ValueError(f"lm_head.weight has shape {tuple(source.shape('lm_head.weight'))}, expected {(vocab, d)}")
+    wanted = {"transformer.wte.weight", "transformer.norm_f.weight"} | ({"transformer.norm_f.bias"} if has_bias else set())
+    for i in range(n_layers):
+        wanted |= {name for suffix, name in _layer_names(i).items() if has_bias or not suffix.endswith(".bias")}
+    unknown = [k for k in source.keys() if k not in wanted and k not in _GLOBAL_OK and not _DROPPABLE.match(k)]
+    if unknown:
+        raise ValueError(f"MPT checkpoint holds tensors FT conversion does not know: {unknown[:5]}")
+    return FTLayout(d, n_heads, n_layers, kv, kv_dim, vocab, n_inner, has_bias, write_lm_head)
 
+
+def _vocab(cfg: dict, wte: tuple[int, ...], d: int) -> int:
+    if len(wte) != 2 or wte[1] != d:
+        raise ValueError(f"transformer.wte.weight has shape {wte}, expected [vocab, {d}]")
+    if "vocab_size" in cfg and int(cfg["vocab_size"]) != wte[0]:
+        raise ValueError(f"config vocab_size={cfg['vocab_size']} but transformer.wte.weight has {wte[0]} rows")
+    return wte[0]
+
+
+def _kv_heads(cfg: dict, need: Callable[[str], tuple[int, ...]], d: int, n_heads: int, n_layers: int, tp: int) -> int:
+    """KV heads from the Wqkv shape, which must agree with ``attn_config`` (llm-foundry semantics,
+    the same rule the converter uses: :func:`trtlm_mpt.plan.mpt_kv_heads`)."""
+    hd = d // n_heads
     qkv_rows = need("transformer.blocks.0.attn.Wqkv.weight")[0] if n_layers else 3 * d
     if (qkv_rows - d) % (2 * hd) or qkv_rows <= d:
         raise ValueError(f"attn.Wqkv.weight has {qkv_rows} rows, not d_model + 2*kv_heads*head_dim")
     kv = (qkv_rows - d) // (2 * hd)
-    kv_cfg = mpt_kv_heads(cfg)  # the same llm-foundry semantics the converter uses
+    kv_cfg = mpt_kv_heads(cfg)
     if kv != kv_cfg:
         raise ValueError(
             f"attn_config implies {kv_cfg} KV heads (attn_type={_attn(cfg).get('attn_type')!r}, "
@@ -322,30 +367,24 @@ def write_ft(
             f"kv_n_heads={kv} is not divisible by tensor parallelism tp={tp}: TensorRT-LLM's MPT FT layout "
             f"splits K and V by heads on every rank and MPT does not duplicate KV heads"
         )
-    kv_dim = kv * hd
+    return kv
 
-    ratio = cfg.get("expansion_ratio", 4)
-    n_inner = d * ratio
+
+def _mlp_width(cfg: dict, need: Callable[[str], tuple[int, ...]], d: int, n_layers: int, tp: int) -> int:
+    n_inner = d * cfg.get("expansion_ratio", 4)
     if n_layers:
         up_rows = need("transformer.blocks.0.ffn.up_proj.weight")[0]
         if float(n_inner) != float(up_rows):
-            raise ValueError(
-                f"d_model*expansion_ratio={n_inner} but ffn.up_proj.weight has {up_rows} rows"
-            )
+            raise ValueError(f"d_model*expansion_ratio={n_inner} but ffn.up_proj.weight has {up_rows} rows")
         n_inner = up_rows
     n_inner = int(n_inner)
     if n_inner % tp:
         raise ValueError(f"MLP width {n_inner} is not divisible by tp={tp}")
+    return n_inner
 
-    expected = {
-        "Wqkv.weight": (d + 2 * kv_dim, d), "Wqkv.bias": (d + 2 * kv_dim,),
-        "out_proj.weight": (d, d), "out_proj.bias": (d,),
-        "up_proj.weight": (n_inner, d), "up_proj.bias": (n_inner,),
-        "down_proj.weight": (d, n_inner), "down_proj.bias": (d,),
-        "norm_1.weight": (d,), "norm_1.bias": (d,), "norm_2.weight": (d,), "norm_2.bias": (d,),
-    }
 
-    # ---- biases: all or nothing
+def _has_bias(cfg: dict, keyset: set[str], n_layers: int) -> bool:
+    """Biases are all there or all absent, and agree with ``no_bias``."""
     bias_names = [_layer_names(i)[s] for i in range(n_layers) for s in _BIAS_SUFFIXES]
     bias_names.append("transformer.norm_f.bias")
     present = [n for n in bias_names if n in keyset]
@@ -355,41 +394,45 @@ def write_ft(
     if present and len(present) != len(bias_names):
         missing = [n for n in bias_names if n not in keyset]
         raise ValueError(f"checkpoint holds some bias tensors but lacks others, e.g. {missing[0]!r}")
-    has_bias = bool(present)
-    if not no_bias_cfg and not has_bias:
+    if not no_bias_cfg and not present:
         log.info("config has no_bias=false but the checkpoint holds no bias tensors; writing bias = False")
+    return bool(present)
 
-    wanted: set[str] = {"transformer.wte.weight", "transformer.norm_f.weight"}
-    if has_bias:
-        wanted.add("transformer.norm_f.bias")
+
+def _check_shapes(need: Callable[[str], tuple[int, ...]], d: int, kv_dim: int, n_inner: int, n_layers: int,
+                  has_bias: bool) -> None:
+    expected = {
+        "Wqkv.weight": (d + 2 * kv_dim, d), "Wqkv.bias": (d + 2 * kv_dim,),
+        "out_proj.weight": (d, d), "out_proj.bias": (d,),
+        "up_proj.weight": (n_inner, d), "up_proj.bias": (n_inner,),
+        "down_proj.weight": (d, n_inner), "down_proj.bias": (d,),
+        "norm_1.weight": (d,), "norm_1.bias": (d,), "norm_2.weight": (d,), "norm_2.bias": (d,),
+    }
     for i in range(n_layers):
-        names = _layer_names(i)
-        for suffix, name in names.items():
+        for suffix, name in _layer_names(i).items():
             if suffix.endswith(".bias") and not has_bias:
                 continue
             shp = need(name)
             if shp != expected[suffix]:
                 raise ValueError(f"{name} has shape {shp}, expected {expected[suffix]}")
-            wanted.add(name)
     shp = need("transformer.norm_f.weight")
     if shp != (d,):
         raise ValueError(f"transformer.norm_f.weight has shape {shp}, expected {(d,)}")
 
-    tied = bool(cfg.get("tie_word_embeddings", True))
-    write_lm_head = (not tied) and "lm_head.weight" in keyset
-    if write_lm_head and tuple(source.shape("lm_head.weight")) != (vocab, d):
-        raise ValueError(f"lm_head.weight has shape {tuple(source.shape('lm_head.weight'))}, expected {(vocab, d)}")
 
-    unknown = [k for k in keys if k not in wanted and k not in _GLOBAL_OK and not _DROPPABLE.match(k)]
-    if unknown:
-        raise ValueError(f"MPT checkpoint holds tensors FT conversion does not know: {unknown[:5]}")
-
-    # ---- output directory
-    saved = Path(out_dir) / f"{tp}-gpu"
+def _prepare_dir(saved: Path) -> Path:
+    """Create ``<tp>-gpu`` and remove an earlier ``config.ini`` and ``model.*.bin`` (no stale tensor survives)."""
     saved.mkdir(parents=True, exist_ok=True)
     for old in list(saved.iterdir()):
         if old.is_file() and (old.name == "config.ini" or (old.name.startswith("model.") and old.name.endswith(".bin"))):
             old.unlink()
+    return saved
+
+
+def _write_tensors(source, layout: FTLayout, storage: torch.dtype, tp: int, saved: Path) -> None:
+    """Every ``model.*.bin``, one source tensor in memory at a time: GEMM weights transposed to
+    ``[in, out]`` and split per rank, norms once, zero LayerNorm biases for a bias-free model."""
+    d, kv_dim, has_bias = layout.d, layout.kv_dim, layout.has_bias
 
     def load(name: str) -> np.ndarray:
         return _to_numpy(source.get(name).to(storage))
@@ -397,38 +440,38 @@ def write_ft(
     def load_t(name: str) -> np.ndarray:  # [out, in] -> [in, out]
         return _to_numpy(source.get(name).to(storage).t())
 
+    def save(arr: np.ndarray, key: str) -> None:
+        _save(arr, saved / f"model.{key}.bin")
+
     def save_ranks(parts: list[np.ndarray], key: str) -> None:
         for r, part in enumerate(parts):
-            _save(part, saved / f"model.{key}.{r}.bin")
+            save(part, f"{key}.{r}")
 
     zeros = _to_numpy(torch.zeros(d, dtype=storage))
-
-    _save(load("transformer.wte.weight"), saved / "model.wte.bin")
-    if write_lm_head:
-        _save(load("lm_head.weight"), saved / "model.lm_head.weight.bin")
-
-    for i in range(n_layers):
-        n = _layer_names(i)
-        pre = f"layers.{i}."
+    save(load("transformer.wte.weight"), "wte")
+    if layout.write_lm_head:
+        save(load("lm_head.weight"), "lm_head.weight")
+    for i in range(layout.n_layers):
+        n, pre = _layer_names(i), f"layers.{i}."
         for hf_norm, ft_norm in (("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm")):
-            _save(load(n[hf_norm + ".weight"]), saved / f"model.{pre}{ft_norm}.weight.bin")
-            bias = load(n[hf_norm + ".bias"]) if has_bias else zeros
-            _save(bias, saved / f"model.{pre}{ft_norm}.bias.bin")
-
+            save(load(n[hf_norm + ".weight"]), f"{pre}{ft_norm}.weight")
+            save(load(n[hf_norm + ".bias"]) if has_bias else zeros, f"{pre}{ft_norm}.bias")
         save_ranks(_split_qkv(load_t(n["Wqkv.weight"]), d, kv_dim, tp), pre + "attention.query_key_value.weight")
         save_ranks(np.split(load_t(n["out_proj.weight"]), tp, axis=0), pre + "attention.dense.weight")
         save_ranks(np.split(load_t(n["up_proj.weight"]), tp, axis=-1), pre + "mlp.dense_h_to_4h.weight")
         save_ranks(np.split(load_t(n["down_proj.weight"]), tp, axis=0), pre + "mlp.dense_4h_to_h.weight")
         if has_bias:
             save_ranks(_split_qkv(load(n["Wqkv.bias"]), d, kv_dim, tp), pre + "attention.query_key_value.bias")
-            _save(load(n["out_proj.bias"]), saved / f"model.{pre}attention.dense.bias.bin")
+            save(load(n["out_proj.bias"]), f"{pre}attention.dense.bias")
             save_ranks(np.split(load(n["up_proj.bias"]), tp, axis=-1), pre + "mlp.dense_h_to_4h.bias")
-            _save(load(n["down_proj.bias"]), saved / f"model.{pre}mlp.dense_4h_to_h.bias.bin")
+            save(load(n["down_proj.bias"]), f"{pre}mlp.dense_4h_to_h.bias")
+    save(load("transformer.norm_f.weight"), "final_layernorm.weight")
+    save(load("transformer.norm_f.bias") if has_bias else zeros, "final_layernorm.bias")
 
-    _save(load("transformer.norm_f.weight"), saved / "model.final_layernorm.weight.bin")
-    _save(load("transformer.norm_f.bias") if has_bias else zeros, saved / "model.final_layernorm.bias.bin")
 
-    # ---- config.ini (TensorRT-LLM's key order)
+def _write_config_ini(cfg: dict, layout: FTLayout, storage: torch.dtype, tp: int, saved: Path,
+                      bos_token_id: int | None, eos_token_id: int | None) -> None:
+    """``config.ini`` in TensorRT-LLM's key order, written last and atomically."""
     bos = _first_id(cfg.get("bos_token_id"))
     eos = _first_id(cfg.get("eos_token_id"))
     bos = bos if bos is not None else bos_token_id
@@ -436,15 +479,15 @@ def write_ft(
     name_or_path = cfg.get("_name_or_path") or ""
     gpt: dict[str, str] = {
         "model_name": "mpt" if name_or_path == "" else str(name_or_path),
-        "n_head": str(n_heads),
-        "n_embd": str(d),
-        "n_inner": str(n_inner),
+        "n_head": str(layout.n_heads),
+        "n_embd": str(layout.d),
+        "n_inner": str(layout.n_inner),
         "n_positions": str(int(cfg.get("max_seq_len", 2048))),
-        "n_layer": str(n_layers),
-        "vocab_size": str(vocab),
+        "n_layer": str(layout.n_layers),
+        "vocab_size": str(layout.vocab),
         "bos_token_id": str(bos),
         "eos_token_id": str(eos),
-        "storage_dtype": _STORAGE_NAMES[storage],
+        "storage_dtype": _storage_name(storage),
         "tensor_parallelism": str(tp),
         "activation_function": "gelu",
         "calibrate_kv_cache": "False",
@@ -452,9 +495,9 @@ def write_ft(
         "layer_norm_epsilon": str(float(cfg.get("layer_norm_epsilon", 1e-5))),
         "position_embedding_type": "alibi",
     }
-    if kv != n_heads:
-        gpt["n_kv_head"] = str(kv)
-    if not has_bias:
+    if layout.kv != layout.n_heads:
+        gpt["n_kv_head"] = str(layout.kv)
+    if not layout.has_bias:
         gpt["bias"] = str(False)
     ini = configparser.ConfigParser()
     ini["gpt"] = gpt
@@ -462,7 +505,6 @@ def write_ft(
     with open(tmp, "w") as f:
         ini.write(f)
     os.replace(tmp, saved / "config.ini")
-    return saved
 
 
 # --------------------------------------------------------------------------
@@ -584,7 +626,7 @@ class FTSource:
     def __init__(self, ft_dir: Path, validate: bool = True):
         self.dir = resolve_ft_dir(Path(ft_dir))
         self.cfg = _FTConfig(self.dir)
-        self._itemsize = _NP_DTYPE[self.cfg.dtype].itemsize
+        self._itemsize = _np_dtype(self.cfg.dtype).itemsize
         self._plan: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
         self._build()
         if validate:
@@ -641,7 +683,7 @@ class FTSource:
 
     def _read(self, fname: str, shape: tuple[int, ...]) -> np.ndarray:
         numel = self._check(fname, (math.prod(shape),))
-        return np.fromfile(self.dir / fname, dtype=_NP_DTYPE[self.cfg.dtype], count=numel).reshape(shape)
+        return np.fromfile(self.dir / fname, dtype=_np_dtype(self.cfg.dtype), count=numel).reshape(shape)
 
     def _build(self) -> None:
         c = self.cfg
@@ -690,7 +732,7 @@ class FTSource:
                 for r, f in enumerate(names):
                     numel = self._check(f, numels)
                     width = numel // lead_n
-                    arr = np.fromfile(self.dir / f, dtype=_NP_DTYPE[dt], count=numel).reshape(lead + (width,))
+                    arr = np.fromfile(self.dir / f, dtype=_np_dtype(dt), count=numel).reshape(lead + (width,))
                     kvw = (width - d // tp) // 2
                     q, k, v = np.split(arr, [d // tp, d // tp + kvw], axis=-1)
                     qs.append(q)
@@ -780,6 +822,6 @@ def ft_hf_config(ft_dir: Path) -> dict:
         "bos_token_id": c.ids("bos_token_id"),
         "eos_token_id": c.ids("eos_token_id"),
         "tie_word_embeddings": tied,
-        "torch_dtype": _STORAGE_NAMES[c.dtype],  # transformers 4.x name
-        "dtype": _STORAGE_NAMES[c.dtype],  # transformers 5.x name
+        "torch_dtype": _storage_name(c.dtype),  # transformers 4.x name
+        "dtype": _storage_name(c.dtype),  # transformers 5.x name
     }

@@ -1,9 +1,10 @@
 """Reading and writing MPT directories: the glue between the hooks and :mod:`trtlm_mpt.ft`.
 
-* :func:`load` opens a FasterTransformer directory as a Hugging Face style
-  config plus a lazy :class:`~trtlm_mpt.ft.FTSource`, and a Hugging Face
-  directory through the core's default reader (then corrects ``no_bias``
-  for transformers' own MPT saves, which never hold biases).
+* :func:`load_ft` opens a FasterTransformer directory as a Hugging Face style
+  config plus a lazy :class:`~trtlm_mpt.ft.FTSource` (a Hugging Face directory
+  is left to the core's reader); :func:`fix_no_bias`, run by the plugin's
+  ``trtlm_load_weights`` wrapper on whatever was loaded, corrects ``no_bias``
+  for transformers' own MPT saves, which never hold biases.
 * :func:`export_ft` writes ``trtlm convert --to ft``.
 
 ``--force`` only ever means "replace a non-empty --output-dir".  Writing an
@@ -21,14 +22,16 @@ from trtlm.weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
-FT_DTYPES = ("float32", "float16", "bfloat16")
+from trtlm.dtypes import CHECKPOINT_DTYPES as FT_DTYPES  # FT stores the same three
 
 
-def load(family, model_dir: Path, options: ConvertOptions) -> LoadedModel:
+def load_ft(model_dir: Path, options: ConvertOptions) -> LoadedModel | None:
+    """A FasterTransformer directory as a config plus a lazy :class:`~trtlm_mpt.ft.FTSource`;
+    ``None`` when ``model_dir`` is not one."""
     from trtlm_mpt.ft import FTSource, ft_hf_config, is_ft_dir, resolve_ft_dir
 
     if not is_ft_dir(model_dir):
-        return _load_hf(family, model_dir, options)
+        return None
     try:
         ft_dir = resolve_ft_dir(model_dir)
         hf_config = ft_hf_config(ft_dir)
@@ -38,18 +41,15 @@ def load(family, model_dir: Path, options: ConvertOptions) -> LoadedModel:
     return LoadedModel(hf_config, source, origin=f"{ft_dir} (FasterTransformer, tp={source.tp})")
 
 
-def _load_hf(family, model_dir: Path, options: ConvertOptions) -> LoadedModel:
-    from trtlm.builtin import trtlm_load_weights as default_load
-
-    loaded = default_load(family=family, model_dir=model_dir, options=options)
+def fix_no_bias(loaded: LoadedModel, model_dir: Path, options: ConvertOptions) -> None:
+    """transformers' ``MptForCausalLM`` has no biases whatever ``no_bias`` says: a checkpoint that
+    says ``no_bias: false`` but holds no bias tensors computes without them."""
     hf = loaded.hf_config
     if not options.dummy_weights and hf.get("no_bias") is False:
         if not any(k.endswith(".bias") for k in loaded.source.keys()):
-            # transformers' MptForCausalLM has no biases whatever no_bias says: the model computes without them.
             log.info("%s: config.json says no_bias=false but the checkpoint holds no bias tensors "
                      "(a transformers MPT save); converting it as a bias-free model", model_dir)
             loaded.hf_config = dict(hf, no_bias=True)
-    return loaded
 
 
 def export_ft(family, loaded: LoadedModel, options: ConvertOptions, output_dir: Path) -> Path:

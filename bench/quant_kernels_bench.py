@@ -1,0 +1,306 @@
+"""Quantized linear kernels vs a bf16 ``F.linear`` on one GPU (docs/benchmarks.md, "quantized kernels").
+
+    PYTHONPATH=core/src python bench/quant_kernels_bench.py --out results.json [--sweep]
+
+For each format and Mistral-7B linear shape (out x in: 4096x4096, 14336x4096, 4096x14336) at 1 and
+64 rows: the module's chosen path (``QuantLinear.prepare``) and the candidates (Triton
+dequant-matmul, ``torch._weight_int4pack_mm``, ``torch._weight_int8pack_mm``, ``torch._scaled_mm``,
+``torch._int_mm``), each checked against the emulation (max |err| / max |ref| <= 2**-6, i.e. a few
+bf16 ulps at the output's largest value) and timed.  Timing: one CUDA graph replays the op over a
+rotation of weight copies totalling >= 512 MB (so the 50 MB L2 never holds the next weight),
+microseconds per call = median over replays / calls.  Mixtral expert layers (E=8, H=4096,
+I=14336, top-2) are timed through ``quant_moe_forward`` against ``moe_forward`` in bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from trtlm.quant import formats as qf
+from trtlm.quant import kernels as qk
+from trtlm.quant.runtime import QuantExpertWeights, QuantLinear, quant_moe_forward
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
+ROWS = [1, 64]
+FORMATS = {
+    "fp8": ("FP8", {}),
+    "int8-wo": ("W8A16", {}),
+    "int4-wo": ("W4A16_AWQ", {"group_size": 128, "pre_quant_scale": False}),
+    "int4-awq": ("W4A16_AWQ", {"group_size": 128, "pre_quant_scale": True}),
+    "int8-sq": ("W8A8_SQ_PER_CHANNEL", {}),
+}
+TOL = 2.0 ** -6
+DT = torch.bfloat16
+ROTATE_BYTES = 512 << 20
+OUT_PATH = [""]
+
+
+def quant_module(name: str, out: int, inp: int, gen: torch.Generator) -> QuantLinear:
+    algo, q = FORMATS[name]
+    m = QuantLinear(algo, {"quantization": {"quant_algo": algo, **q}}, inp, out, False, DT, "cuda")
+    w = torch.randn(out, inp, device="cuda", generator=gen) * 0.02
+    b = dict(m.named_buffers())
+    x_amax = 4.0
+    with torch.no_grad():
+        if name == "fp8":
+            s = qf.fp8_weight_scale(w)
+            b["weight"].copy_(qf.quantize_fp8(w, s)); b["weights_scaling_factor"].copy_(s)
+            b["activation_scaling_factor"].copy_(qf.fp8_activation_scale(x_amax))
+        elif name == "int8-wo":
+            s = qf.int8_weight_scale(w)
+            b["weight"].copy_(qf.quantize_int8(w, s)); b["weights_scaling_factor"].copy_(s)
+        elif name.startswith("int4"):
+            p = torch.rand(inp, device="cuda", generator=gen) + 0.5 if name == "int4-awq" else None
+            ws = w / p if p is not None else w
+            s = qf.int4_group_scales(ws, 128)
+            b["weight"].copy_(qf.pack_int4(qf.quantize_int4(ws, s, 128))); b["weights_scaling_factor"].copy_(s)
+            if p is not None:
+                b["prequant_scaling_factor"].copy_(p.to(DT))
+        else:  # int8-sq
+            p = torch.rand(inp, device="cuda", generator=gen) + 0.5
+            ws = w / p
+            s = qf.int8_weight_scale(ws)
+            b["weight"].copy_(qf.quantize_int8(ws, s)); b["weights_scaling_factor"].copy_(s)
+            b["prequant_scaling_factor"].copy_(p.to(DT))
+            b["activation_scaling_factor"].copy_(torch.tensor([x_amax * 1.5 / 127]))
+    m.prepare()
+    return m
+
+
+def nbytes(m: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+
+def time_op(make_call, per_copy_bytes: int, reps: int = 5) -> float:
+    """Microseconds per call of ``make_call(i)`` (a closure over copy ``i``), CUDA-graph replayed."""
+    copies = max(2, min(64, ROTATE_BYTES // max(per_copy_bytes, 1)))
+    calls = [make_call(i) for i in range(copies)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:  # warm up (Triton compile, cuBLAS heuristics) outside the graph
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    n_loops = 4
+    with torch.cuda.graph(g):
+        for _ in range(n_loops):
+            for c in calls:
+                c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / (n_loops * len(calls)))
+    del g
+    return statistics.median(times)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def candidates(name: str, m: QuantLinear, rows: int):
+    """name -> (callable(module, x), description) of every kernel worth timing for this format."""
+    out = {"chosen": (lambda mod, x: mod(x), f"{m.kernel_path}")}
+    if name == "fp8":
+        out["scaled_mm"] = (lambda mod, x: qk.fp8_scaled_mm(x, mod.weight, mod.weights_scaling_factor,
+                                                             mod.activation_scaling_factor), "torch._scaled_mm")
+        out["triton_fp8"] = (lambda mod, x: qk.dequant_mm(qf.fake_quant_fp8(x, mod.activation_scaling_factor),
+                                                           mod.weight, mod.weights_scaling_factor,
+                                                           weight_kind="fp8", scale_kind="tensor"), "Triton fp8 weights")
+    if name.startswith("int4"):
+        out["triton"] = (lambda mod, x: qk.dequant_mm(
+            x, mod.weight, mod.weights_scaling_factor, weight_kind="int4", scale_kind="group", group_size=128,
+            prequant=getattr(mod, "prequant_scaling_factor", None)), "Triton int4")
+        out["int4pack"] = (lambda mod, x: qk.int4pack_mm(x, *mod._cand_packed, 128,
+                                                         getattr(mod, "prequant_scaling_factor", None)),
+                           "torch._weight_int4pack_mm")
+    if name == "int8-wo":
+        out["triton"] = (lambda mod, x: qk.dequant_mm(x, mod.weight, mod.weights_scaling_factor, weight_kind="int8",
+                                                      scale_kind="channel"), "Triton int8")
+        out["int8pack"] = (lambda mod, x: torch._weight_int8pack_mm(x, mod.weight, mod.weights_scaling_factor.to(x.dtype)),
+                           "torch._weight_int8pack_mm")
+    if name == "int8-sq" and rows >= qk.INT_MM_MIN_ROWS:
+        out["int_mm"] = (lambda mod, x: qk.int8_int_mm(x, mod.weight, mod.weights_scaling_factor,
+                                                       mod.activation_scaling_factor, mod.prequant_scaling_factor),
+                         "torch._int_mm")
+    return out
+
+
+def bench_linears(results: dict, log) -> None:
+    gen = torch.Generator("cuda").manual_seed(0)
+    for out_f, in_f in SHAPES:
+        w16 = torch.randn(out_f, in_f, device="cuda", generator=gen, dtype=DT) * 0.02
+        for rows in ROWS:
+            x = torch.randn(rows, in_f, device="cuda", generator=gen, dtype=DT)
+            ws = [w16] + [w16.clone() for _ in range(max(1, ROTATE_BYTES // w16.nbytes) - 1)]
+            t_bf16 = time_op(lambda i: (lambda: F.linear(x, ws[i % len(ws)])), w16.nbytes)
+            key = f"{out_f}x{in_f} rows={rows}"
+            results["linear"][key] = {"bf16_us": t_bf16, "bf16_bytes": w16.nbytes}
+            log(f"{key}: bf16 F.linear {t_bf16:.1f} us")
+            del ws
+            for name in FORMATS:
+                m = quant_module(name, out_f, in_f, gen)
+                ref = m.emulate(x)
+                row = {"kernel_path": m.kernel_path, "why": m.kernel_reason, "bytes": nbytes(m)}
+                if name.startswith("int4"):
+                    try:
+                        m._cand_packed = qk.repack_int4pack(m.weight, m.weights_scaling_factor)
+                    except Exception as e:  # noqa: BLE001 - report, do not stop the run
+                        m._cand_packed = None
+                        row["int4pack_error"] = f"{type(e).__name__}: {e}"[:200]
+                mods = [m] + [copy.deepcopy(m) for _ in range(max(1, ROTATE_BYTES // nbytes(m)) - 1)]
+                for cname, (fn, desc) in candidates(name, m, rows).items():
+                    try:
+                        err = rel_err(fn(m, x), ref)
+                        us = time_op(lambda i: (lambda: fn(mods[i % len(mods)], x)), nbytes(m))
+                        row[cname] = {"us": us, "speedup_vs_bf16": t_bf16 / us, "rel_err": err, "ok": err <= TOL,
+                                      "what": desc}
+                        log(f"  {name:9s} {cname:10s} {us:8.1f} us  x{t_bf16 / us:5.2f}  err {err:.2e} "
+                            f"{'ok' if err <= TOL else 'WRONG'}  ({desc})")
+                    except Exception as e:  # noqa: BLE001
+                        row[cname] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                        log(f"  {name:9s} {cname:10s} error {type(e).__name__}: {str(e)[:150]}")
+                results["linear"][key][name] = row
+                del mods, m
+                torch.cuda.empty_cache()
+
+
+def sweep(results: dict, log) -> None:
+    """Triton tile/split-K sweep at the decode shapes (the defaults of kernels._config come from this)."""
+    gen = torch.Generator("cuda").manual_seed(1)
+    for out_f, in_f in SHAPES:
+        for name in ("int4-wo", "int8-wo"):
+            m = quant_module(name, out_f, in_f, gen)
+            mods = [m] + [copy.deepcopy(m) for _ in range(max(1, ROTATE_BYTES // nbytes(m)) - 1)]
+            wk, sk = ("int4", "group") if name == "int4-wo" else ("int8", "channel")
+            for rows in ROWS:
+                x = torch.randn(rows, in_f, device="cuda", generator=gen, dtype=DT)
+                ref = m.emulate(x)
+                best = None
+                for bn in ((32, 64, 128) if rows == 1 else (64, 128)):
+                    for split in (1, 2, 4, 8):
+                        for warps in (4,):
+                            cfg = {"bn": bn, "split": split, "num_warps": warps, "bk": 128 if rows == 1 else 64}
+                            try:
+                                fn = lambda mod, x, cfg=cfg: qk.dequant_mm(x, mod.weight, mod.weights_scaling_factor,
+                                                                           weight_kind=wk, scale_kind=sk, group_size=128,
+                                                                           config=cfg)
+                                err = rel_err(fn(m, x), ref)
+                                us = time_op(lambda i: (lambda: fn(mods[i % len(mods)], x)), nbytes(m), reps=3)
+                            except Exception as e:  # noqa: BLE001
+                                log(f"  sweep {cfg} error {type(e).__name__}: {str(e)[:100]}")
+                                continue
+                            results["sweep"].append({"format": name, "shape": [out_f, in_f], "rows": rows, **cfg,
+                                                     "us": us, "rel_err": err})
+                            if err <= TOL and (best is None or us < best[0]):
+                                best = (us, cfg)
+                log(f"sweep {name} {out_f}x{in_f} rows={rows}: best {best}")
+                with open(OUT_PATH[0], "w") as f:
+                    json.dump(results, f, indent=1)
+            del mods, m
+            torch.cuda.empty_cache()
+
+
+def bench_moe(results: dict, log) -> None:
+    from trtlm.runtime.moe import moe_forward
+
+    gen = torch.Generator("cuda").manual_seed(2)
+    E, H, I, k = 8, 4096, 14336, 2
+    router = torch.randn(E, H, device="cuda", generator=gen) * 0.02
+    fc16 = torch.randn(E, 2 * I, H, device="cuda", generator=gen, dtype=DT) * 0.02
+    pr16 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=DT) * 0.02
+    for T in (1, 64):
+        x = torch.randn(T, H, device="cuda", generator=gen, dtype=DT)
+        t16 = time_op(lambda i: (lambda: moe_forward(x, router, fc16, pr16, k, 1)), 3 * fc16.nbytes, reps=3)
+        row = {"bf16_us": t16}
+        log(f"mixtral experts T={T}: bf16 moe_forward {t16:.0f} us")
+        for name in ("fp8", "int8-wo", "int4-wo"):
+            algo, q = FORMATS[name]
+            cfg = {"quantization": {"quant_algo": algo, **q}}
+            fc = QuantExpertWeights(algo, cfg, E, 2 * I, H, DT, "cuda")
+            pr = QuantExpertWeights(algo, cfg, E, H, I, DT, "cuda")
+            with torch.no_grad():
+                for mod, w in ((fc, fc16), (pr, pr16)):
+                    b = dict(mod.named_buffers())
+                    if name == "fp8":
+                        s = qf.fp8_expert_weight_scale(w.float())
+                        b["weight"].copy_(qf.quantize_fp8(w, s)); b["weights_scaling_factor"].copy_(s)
+                        b["activation_scaling_factor"].copy_(qf.fp8_activation_scale(4.0))
+                    elif name == "int8-wo":
+                        s = qf.int8_weight_scale(w.float())
+                        b["weight"].copy_(qf.quantize_int8(w, s)); b["weights_scaling_factor"].copy_(s)
+                    else:
+                        s = qf.int4_group_scales(w.float(), 128)
+                        b["weight"].copy_(qf.pack_int4(qf.quantize_int4(w, s, 128)))
+                        b["weights_scaling_factor"].copy_(s)
+            fc.prepare(); pr.prepare()
+            try:
+                y = quant_moe_forward(x, router, fc, pr, k, 1)
+                ref = moe_forward(fc.quantize_input(x), router, fc.dense(DT), pr.dense(DT), k, 1)
+                err = rel_err(y, ref)
+                us = time_op(lambda i: (lambda: quant_moe_forward(x, router, fc, pr, k, 1)), nbytes(fc) + nbytes(pr),
+                             reps=3)
+                row[name] = {"us": us, "speedup_vs_bf16": t16 / us, "rel_err": err, "ok": err <= TOL,
+                             "kernel_path": fc.kernel_path}
+                log(f"  {name:8s} {us:8.0f} us  x{t16 / us:5.2f}  err {err:.2e} {'ok' if err <= TOL else 'WRONG'}")
+            except Exception as e:  # noqa: BLE001
+                row[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                log(f"  {name:8s} error {type(e).__name__}: {str(e)[:200]}")
+            del fc, pr
+            torch.cuda.empty_cache()
+        results["moe"][f"T={T}"] = row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-moe", action="store_true")
+    args = ap.parse_args()
+    OUT_PATH[0] = args.out
+    import triton
+
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "dtype": "bfloat16", "linear": {}, "moe": {}, "sweep": []}
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+
+    def save() -> None:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    import signal
+
+    def on_term(*_):  # `timeout` sends SIGTERM: keep what was measured
+        raise SystemExit(124)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        bench_linears(results, log)
+        save()
+        if not args.no_moe:
+            bench_moe(results, log)
+            save()
+        if args.sweep:
+            sweep(results, log)
+    finally:
+        save()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

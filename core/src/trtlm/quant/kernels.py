@@ -1,0 +1,362 @@
+"""Fast low-precision matrix products for quantized linears on CUDA.
+
+The runtime modules (:mod:`trtlm.quant.runtime`) ask :func:`linear_plan` which path a linear
+takes on its device, once, in their load-time ``prepare()``; everything here is only used on CUDA
+(everything falls back to the emulation in :mod:`trtlm.quant.formats` elsewhere).
+
+Paths (the strings modules expose as ``kernel_path``):
+
+``"triton"``  -- :func:`dequant_mm`, one Triton kernel for every weight-only product: it streams
+    the stored codes (int8, packed int4, fp8) and their scales from memory, converts them to the
+    activation dtype in registers and multiplies with ``tl.dot`` accumulating in float32; group
+    scales are applied to each group's partial sum, per-channel / per-tensor scales once at the
+    end; AWQ's pre-quant scale is applied to the activation tile in the kernel.  Split-K with
+    float32 atomics keeps all SMs busy at decode (M = 1).  The same kernel serves MoE experts: an
+    expert id per row selects the weights, so only *routed* experts are read (no dequantized
+    copy of any expert is ever made).  Layout is the checkpoint's own (no repacking needed).
+``"scaled_mm"`` -- FP8 W8A8: ``torch._scaled_mm`` (cuBLASLt, sm_89+), activation quantized with
+    the checkpoint's static scale; per-channel weight scales are applied to the float32 output.
+``"int_mm"``  -- SmoothQuant W8A8 for M > 16 rows: ``torch._int_mm`` (int8 x int8 -> int32,
+    exact), then ``acc * a_scale * w_scale``; at M <= 16 (``_int_mm`` needs M > 16) the
+    activation is fake-quantized (the same rounding) and the Triton kernel runs.
+``"int4pack"`` -- ``torch._weight_int4pack_mm`` (tinygemm), weights repacked once at load.
+    Kept as a measured alternative (see docs/benchmarks.md, "quantized kernels"): its scales are
+    bfloat16 (a 2**-9 relative error on every scale) and it needs bfloat16 activations.
+``"emulation"`` -- dequantize then ``F.linear`` (any device, any dtype).
+
+Numerics: every fast path computes what the emulation computes up to accumulation order and, for
+``"triton"``, the activation dtype of the partial products (codes are exact in fp16/bf16; scales
+are applied in float32).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+__all__ = ["EMULATION", "TRITON", "SCALED_MM", "INT_MM", "INT4PACK", "triton_available", "cuda_capability",
+           "linear_plan", "choose_path", "dequant_mm", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
+           "INT_MM_MIN_ROWS"]
+
+EMULATION = "emulation"
+TRITON = "triton"
+SCALED_MM = "scaled_mm"
+INT_MM = "int_mm"
+INT4PACK = "int4pack"
+
+#: ``torch._int_mm`` on CUDA requires more than 16 rows
+INT_MM_MIN_ROWS = 17
+#: rows up to which FP8 uses the Triton fp8-weight kernel instead of ``_scaled_mm`` (0: never);
+#: set from measurement (docs/benchmarks.md)
+FP8_TRITON_MAX_ROWS = 16
+
+#: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")
+INT4_KERNEL = TRITON
+
+_WKIND = {"int8": 0, "int4": 1, "fp8": 2}
+_SKIND = {"tensor": 0, "channel": 1, "group": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton imports (its kernels are only launched on CUDA tensors)."""
+    if os.environ.get("TRTLM_NO_TRITON"):
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def cuda_capability(device: torch.device | str) -> tuple[int, int] | None:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def linear_plan(weight: str, activation: str | None, device: torch.device | str, dtype: torch.dtype,
+                in_features: int, out_features: int) -> tuple[str, str]:
+    """``(path, why)``: the product a quantized linear uses on ``device`` with activations ``dtype``.
+
+    ``weight``/``activation`` are a :class:`~trtlm.quant.schemes.QuantFormat`'s properties.  The
+    reason is for the one-line report ``trtlm run``/``bench`` print.
+    """
+    device = torch.device(device)
+    return choose_path(weight, activation, device.type, cuda_capability(device), dtype, in_features, out_features,
+                       triton_available(), hasattr(torch, "_scaled_mm"))
+
+
+def choose_path(weight: str, activation: str | None, device_type: str, capability: tuple[int, int] | None,
+                dtype: torch.dtype, in_features: int, out_features: int, triton: bool,
+                scaled_mm: bool = True) -> tuple[str, str]:
+    """The decision of :func:`linear_plan` from plain facts (testable without a GPU)."""
+    if device_type != "cuda" or capability is None:
+        return EMULATION, f"no fast kernel on {device_type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return EMULATION, f"fast kernels need float16/bfloat16 activations, not {str(dtype).replace('torch.', '')}"
+    if in_features % 16 or out_features % 16:
+        return EMULATION, f"shape {out_features}x{in_features} is not a multiple of 16"
+    cap = capability
+    if weight == "fp8":
+        if cap < (8, 9) or not scaled_mm:
+            return EMULATION, f"FP8 needs compute capability 8.9+ (this GPU: {cap[0]}.{cap[1]})"
+        small = f" (Triton fp8-weight kernel up to {FP8_TRITON_MAX_ROWS} rows)" if FP8_TRITON_MAX_ROWS and triton else ""
+        return SCALED_MM, "torch._scaled_mm" + small
+    if not triton:
+        if activation == "int8":
+            return INT_MM, "torch._int_mm above 16 rows, emulation below (Triton is not installed)"
+        return EMULATION, "Triton is not installed"
+    if cap < (8, 0):
+        return EMULATION, f"the Triton kernels need compute capability 8.0+ (this GPU: {cap[0]}.{cap[1]})"
+    if activation == "int8":
+        return INT_MM, "torch._int_mm above 16 rows, Triton int8-weight kernel below"
+    return TRITON, f"Triton dequant-matmul ({weight} weights)"
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequant_mm_kernel(
+        x_ptr, w_ptr, s_ptr, p_ptr, ids_ptr, y_ptr,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ym,
+        XDIV: tl.constexpr, GROUP: tl.constexpr, WKIND: tl.constexpr, SKIND: tl.constexpr,
+        HAS_P: tl.constexpr, HAS_IDS: tl.constexpr, ATOMIC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        # Output columns come in pairs (2j, 2j+1): int4 stores the two rows of a pair in one
+        # byte; int8/fp8 rows are loaded the same way so one code path serves all three.
+        HALF: tl.constexpr = BN // 2
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_j = pid_n * HALF + tl.arange(0, HALF)
+        j_mask = offs_j < N // 2
+        offs_k = tl.arange(0, BK)
+        if HAS_IDS:  # one row per program; its expert from ids, its input row = row // XDIV
+            rows = pid_m + tl.arange(0, BM) * 0
+            m_mask = tl.arange(0, BM) == 0
+            e = tl.load(ids_ptr + pid_m).to(tl.int64)
+        else:
+            rows = pid_m * BM + tl.arange(0, BM)
+            m_mask = rows < M
+            e = 0
+        x_rows = rows // XDIV
+        w_base = w_ptr + e * stride_we
+        s_base = s_ptr + e * stride_se
+        acc_e = tl.zeros((BM, HALF), dtype=tl.float32)
+        acc_o = tl.zeros((BM, HALF), dtype=tl.float32)
+        k_start = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        for k0 in range(k_start, k_end, BK):
+            kk = k0 + offs_k
+            x = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask[:, None], other=0.0)
+            if HAS_P:
+                x = (x * tl.load(p_ptr + kk)[None, :]).to(x_ptr.dtype.element_ty)
+            if WKIND == 1:
+                b = tl.load(w_base + offs_j[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=j_mask[None, :], other=0)
+                w_e = ((b << 4).to(tl.int8) >> 4).to(x_ptr.dtype.element_ty)  # low nibble, sign-extended
+                w_o = (b >> 4).to(x_ptr.dtype.element_ty)  # high nibble (arithmetic shift keeps the sign)
+            else:
+                ne = (2 * offs_j)[None, :].to(tl.int64) * stride_wn
+                b_e = tl.load(w_base + ne + kk[:, None], mask=j_mask[None, :], other=0)
+                b_o = tl.load(w_base + ne + stride_wn + kk[:, None], mask=j_mask[None, :], other=0)
+                if WKIND == 2:
+                    w_e = b_e.to(tl.float8e4nv, bitcast=True).to(x_ptr.dtype.element_ty)
+                    w_o = b_o.to(tl.float8e4nv, bitcast=True).to(x_ptr.dtype.element_ty)
+                else:
+                    w_e = b_e.to(x_ptr.dtype.element_ty)
+                    w_o = b_o.to(x_ptr.dtype.element_ty)
+            d_e = tl.dot(x, w_e)
+            d_o = tl.dot(x, w_o)
+            if SKIND == 2:  # one scale per (row, group): BK divides GROUP
+                g = k0 // GROUP
+                s_e = tl.load(s_base + (2 * offs_j) * stride_sn + g * stride_sg, mask=j_mask, other=0.0)
+                s_o = tl.load(s_base + (2 * offs_j + 1) * stride_sn + g * stride_sg, mask=j_mask, other=0.0)
+                acc_e += d_e * s_e[None, :]
+                acc_o += d_o * s_o[None, :]
+            else:
+                acc_e += d_e
+                acc_o += d_o
+        if SKIND == 1:
+            acc_e = acc_e * tl.load(s_base + (2 * offs_j) * stride_sn, mask=j_mask, other=0.0)[None, :]
+            acc_o = acc_o * tl.load(s_base + (2 * offs_j + 1) * stride_sn, mask=j_mask, other=0.0)[None, :]
+        elif SKIND == 0:
+            s = tl.load(s_base)
+            acc_e = acc_e * s
+            acc_o = acc_o * s
+        y_e = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (2 * offs_j)[None, :]
+        mask = m_mask[:, None] & j_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(y_e, acc_e, mask=mask)
+            tl.atomic_add(y_e + 1, acc_o, mask=mask)
+        else:
+            tl.store(y_e, acc_e.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_e + 1, acc_o.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return dequant_mm_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _config(M: int, N: int, K: int, bk_max: int, device: torch.device, rows_per_program: int | None):
+    """Tile sizes and split-K for an ``[M, K] x [K, N]`` product (decode: few rows, many programs)."""
+    if rows_per_program is not None:  # one row per program (gathered experts)
+        bm, bn = 16, 64
+        m_blocks = rows_per_program
+    elif M <= 16:
+        bm, bn = 16, 64
+        m_blocks = 1
+    elif M <= 32:
+        bm, bn = 32, 64
+        m_blocks = math.ceil(M / bm)
+    else:
+        bm, bn = 64, 128
+        m_blocks = math.ceil(M / bm)
+    bk = min(bk_max, 128 if M <= 16 else 64)
+    n_blocks = math.ceil(N / bn)
+    iters = K // bk
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 132
+    split = max(1, min(iters // 2 or 1, math.ceil(2 * sms / (m_blocks * n_blocks))))
+    per = math.ceil(iters / split)
+    split = math.ceil(iters / per)
+    return bm, bn, bk, split, per * bk
+
+
+def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, weight_kind: str, scale_kind: str,
+               group_size: int = 0, prequant: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
+               rows_per_id: int = 1, out_features: int | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """``y = (x [* prequant]) @ dequant(weight)^T`` without materialising the dense weight.
+
+    :param x: ``[M, K]`` float16/bfloat16 (or, with ``expert_ids``, ``[S / rows_per_id, K]``).
+    :param weight: codes ``[N, K]`` (int8, float8_e4m3fn) or ``[N/2, K]`` packed int4; with
+        ``expert_ids`` an expert stack ``[E, ...]``.
+    :param scale: per tensor ``[1]`` / ``[E, 1]``, per channel ``[N]`` / ``[E, N]``, per group
+        ``[N, K/group]`` / ``[E, N, K/group]``, float32.
+    :param expert_ids: ``[S]`` int: row ``s`` of the output uses expert ``expert_ids[s]`` and input
+        row ``s // rows_per_id`` (MoE: ``rows_per_id = top_k`` for ``fc``, 1 for ``proj``).
+    :param config: override tile sizes (``bn``, ``bk``, ``split``, ``num_warps``, ``num_stages``)
+        -- for measuring; the defaults come from :func:`_config`.
+    :return: ``[M or S, N]`` in ``x.dtype``.
+    """
+    kern = _kernel()
+    wk, sk = _WKIND[weight_kind], _SKIND[scale_kind]
+    x = x.contiguous()
+    K = x.shape[-1]
+    experts = expert_ids is not None
+    N = out_features or (weight.shape[-2] * 2 if wk == 1 else weight.shape[-2])
+    w = weight.view(torch.uint8) if wk == 2 else weight
+    if experts:
+        S = expert_ids.shape[0]
+        rows = S
+        stride_we = w.stride(0)
+    else:
+        rows = x.shape[0]
+        stride_we = 0
+    if sk == 2:
+        bk_max = min(group_size, 128) if group_size % 16 == 0 and group_size >= 16 else 0
+        if not bk_max or group_size % bk_max:
+            raise ValueError(f"group size {group_size} is not a multiple of 16 (up to 128) or of 128")
+    else:
+        bk_max = 128
+    if K % bk_max:
+        bk_max = 64 if K % 64 == 0 else 32 if K % 32 == 0 else 16
+    bm, bn, bk, split, k_per = _config(rows, N, K, bk_max, x.device, rows if experts else None)
+    warps, stages = 4, 3
+    if config:
+        bn, bk = config.get("bn", bn), min(config.get("bk", bk), bk_max)
+        warps, stages = config.get("num_warps", warps), config.get("num_stages", stages)
+        iters = K // bk
+        split = max(1, min(iters, config.get("split", split)))
+        per = math.ceil(iters / split)
+        split, k_per = math.ceil(iters / per), per * bk
+    if K % bk:
+        raise ValueError(f"in_features {K} is not a multiple of {bk}")
+    atomic = split > 1
+    y = torch.zeros(rows, N, dtype=torch.float32, device=x.device) if atomic else torch.empty(
+        rows, N, dtype=x.dtype, device=x.device)
+    s = scale
+    if sk == 0:
+        stride_se, stride_sn, stride_sg = (s.stride(0) if experts and s.dim() > 0 else 0), 0, 0
+    elif sk == 1:
+        stride_se, stride_sn, stride_sg = (s.stride(0) if experts else 0), s.stride(-1), 0
+    else:
+        stride_se, stride_sn, stride_sg = (s.stride(0) if experts else 0), s.stride(-2), s.stride(-1)
+    grid = (rows if experts else math.ceil(rows / bm), math.ceil(N / bn), split)
+    kern[grid](
+        x, w, s, prequant if prequant is not None else x, expert_ids if experts else x, y,
+        rows, N, K, k_per,
+        x.stride(0), stride_we, w.stride(-2), stride_se, stride_sn, stride_sg, y.stride(0),
+        XDIV=rows_per_id if experts else 1, GROUP=group_size if sk == 2 else 1, WKIND=wk, SKIND=sk,
+        HAS_P=prequant is not None, HAS_IDS=experts, ATOMIC=atomic, BM=bm, BN=bn, BK=bk,
+        num_warps=warps, num_stages=stages,
+    )
+    return y.to(x.dtype) if atomic else y
+
+
+# ----------------------------------------------------------------------------- torch's kernels
+
+def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+    """FP8 W8A8 with a static activation scale: ``x`` ``[M, K]`` -> ``[M, N]`` in ``x.dtype``.
+
+    ``w_scale`` per tensor ``[1]`` or per output channel ``[N]`` (the latter applied to the
+    float32 output, since cuBLASLt's row-wise scaling is limited to bfloat16 outputs).
+    """
+    from trtlm.quant.formats import FP8_MAX
+
+    a = a_scale.float().reshape(())
+    xq = (x.float() / a).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    if w_scale.numel() == 1:
+        return torch._scaled_mm(xq, weight.t(), scale_a=a, scale_b=w_scale.float().reshape(()), out_dtype=x.dtype)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=a, scale_b=one, out_dtype=torch.float32)
+    return (y * w_scale.float()).to(x.dtype)
+
+
+def int8_int_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                prequant: torch.Tensor | None) -> torch.Tensor:
+    """SmoothQuant W8A8: ``round((x * p) / a).clamp(-128, 127)`` int8 times int8 weight, int32 exact.
+
+    ``x`` ``[M, K]`` with M > 16 (``torch._int_mm``'s requirement), output in ``x.dtype``.
+    """
+    a = a_scale.float().reshape(())
+    xs = x * prequant.to(x.dtype) if prequant is not None else x
+    xq = (xs.float() / a).round().clamp(-128, 127).to(torch.int8)
+    acc = torch._int_mm(xq, weight.t())
+    return (acc.float() * (a * w_scale.float())).to(x.dtype)
+
+
+def repack_int4pack(packed: torch.Tensor, scales: torch.Tensor, inner_k_tiles: int = 8):
+    """trtlm's packed int4 ``[N/2, K]`` + float32 group scales ``[N, K/g]`` -> tinygemm's operands.
+
+    tinygemm dequantizes ``(u - 8) * scale + zero`` with ``u`` unsigned 4-bit; trtlm's signed
+    codes ``q`` are ``u - 8`` with zero 0.  Input to ``_convert_weight_to_int4pack``: uint8
+    ``[N, K/2]``, the even ``k`` in the high nibble.
+    """
+    from trtlm.quant.formats import unpack_int4
+
+    q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
+    u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+    w = torch._convert_weight_to_int4pack(u8.contiguous(), inner_k_tiles)
+    sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(torch.bfloat16).contiguous()
+    return w, sz
+
+
+def int4pack_mm(x: torch.Tensor, w: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                prequant: torch.Tensor | None) -> torch.Tensor:
+    xs = x * prequant.to(x.dtype) if prequant is not None else x
+    return torch._weight_int4pack_mm(xs.to(torch.bfloat16), w, group_size, scales_zeros).to(x.dtype)

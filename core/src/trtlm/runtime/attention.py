@@ -1,0 +1,158 @@
+"""Attention over the paged KV cache, for one packed step of many sequences.
+
+A step packs the new tokens of every scheduled sequence into one flat batch
+of ``N`` tokens (no padding): sequence ``s`` contributes ``query_lens[s]``
+tokens — a whole prompt, a prompt chunk, or one decode token — at positions
+``context_lens[s] - query_lens[s] ... context_lens[s] - 1``.  Each token's
+keys and values are written to its slot (``slot_mapping``: block id ×
+block size + offset); each query then attends to its own sequence's cached
+tokens through the block table — causally, within the sliding window, with
+the ALiBi bias when the model has one.
+
+Two implementations of the same function:
+
+* the reference ops below (any device): per sequence, gather its blocks and
+  run SDPA — exact, simple, what the CPU runs;
+* on CUDA, the Triton kernels of :mod:`trtlm.runtime.kernels`, which read the
+  blocks in place (no gathered copy) and are CUDA-graph capturable.
+
+FP8/INT8 caches store ``x / scale`` and are read back as ``stored × scale``
+(the checkpoint's per-layer scale), in the same blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward needs about the packed step (built by the engine)."""
+
+    tokens: torch.Tensor  #: [N] token ids
+    positions: torch.Tensor  #: [N]
+    slot_mapping: torch.Tensor  #: [N] int64 cache slot of each token
+    block_tables: torch.Tensor  #: [S, max_blocks] int32
+    context_lens: torch.Tensor  #: [S] int32, tokens in the cache after this step
+    query_start_loc: torch.Tensor  #: [S + 1] int32
+    logits_indices: torch.Tensor  #: [M] rows of the step whose logits are wanted
+    query_lens_host: list[int]  #: [S] host copies (the reference ops loop over sequences)
+    context_lens_host: list[int]
+    decode_only: bool  #: every sequence contributes one token
+    max_context: int  #: longest context of the step (the kernels' loop bound, bucketed for graphs)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_host)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, cache_dtype: torch.dtype) -> torch.Tensor:
+    """What a cache of ``cache_dtype`` stores for ``x`` (float32 math, as modelopt quantizes)."""
+    if cache_dtype == torch.float8_e4m3fn:
+        return (x.float() / scale.float().reshape(())).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+    if cache_dtype == torch.int8:
+        return (x.float() / scale.float().reshape(())).round().clamp(-128, 127).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if x.dtype in (torch.float8_e4m3fn, torch.int8):
+        return (x.float() * scale.float().reshape(())).to(dtype)
+    return x
+
+
+def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """Store ``k``, ``v`` ``[N, KV, D]`` at their slots of the ``[blocks, block_size, KV, D]`` caches."""
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        flat, new = cache.view(-1, *cache.shape[2:]), quantize_kv(x, scale, cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:  # no float8 index_copy on every device: copy the bytes
+            flat, new = flat.view(torch.uint8), new.view(torch.uint8)
+        flat.index_copy_(0, slot_mapping, new)
+
+
+def attention_bias(q_len: int, ctx: int, window: int | None, slopes: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+    """``[1 or H, q_len, ctx]`` additive bias: causal (queries are the last ``q_len`` of ``ctx``
+    positions), sliding window, ALiBi ``slope × (key_pos - query_pos)``."""
+    q_pos = torch.arange(ctx - q_len, ctx, device=device)
+    k_pos = torch.arange(ctx, device=device)
+    rel = q_pos[:, None] - k_pos[None, :]
+    ok = rel >= 0
+    if window is not None:
+        ok &= rel < window
+    bias = torch.zeros(rel.shape, dtype=torch.float32, device=device).masked_fill(~ok, float("-inf"))[None]
+    if slopes is not None:
+        bias = bias + slopes.float()[:, None, None] * (-rel).float()[None]
+    return bias
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                              scale: float, window: int | None = None, slopes: torch.Tensor | None = None,
+                              kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``q [N, H, D]`` over each sequence's cached keys/values -> ``[N, H, D]`` (SDPA per sequence)."""
+    N, H, D = q.shape
+    KV = k_cache.shape[2]
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q)
+    tables = batch.block_tables
+    start = 0
+    for s, (q_len, ctx) in enumerate(zip(batch.query_lens_host, batch.context_lens_host)):
+        nb = -(-ctx // bs)
+        blocks = tables[s, :nb].long()
+        keys = dequantize_kv(k_cache[blocks].reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
+        values = dequantize_kv(v_cache[blocks].reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
+        qs = q[start:start + q_len].transpose(0, 1)  # [H, q, D]
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [KV, ctx, D]
+        if KV != H:
+            keys = keys.repeat_interleave(H // KV, dim=0)
+            values = values.repeat_interleave(H // KV, dim=0)
+        bias = attention_bias(q_len, ctx, window, slopes, q.device).to(q.dtype)
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=bias, scale=scale)
+        out[start:start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out
+
+
+def _kernels():
+    """The Triton kernels, when this process can run them (CUDA and Triton present)."""
+    from trtlm.runtime import kernels
+
+    return kernels if kernels.triton_available() else None
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device`` (CUDA with Triton)."""
+    return torch.device(device).type == "cuda" and _kernels() is not None
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, scale=None) -> None:
+    kern = _kernels() if k.is_cuda else None
+    if kern is not None:
+        kern.write_kv(k, v, k_cache, v_cache, slot_mapping, scale, scale)
+    else:
+        write_kv_reference(k, v, k_cache, v_cache, slot_mapping, scale)
+
+
+def paged_attention(q, k_cache, v_cache, batch: ForwardBatch, scale: float, window=None, slopes=None,
+                    kv_scale=None) -> torch.Tensor:
+    """Attention of the step's queries over the paged cache (kernels on CUDA, reference elsewhere)."""
+    kern = _kernels() if q.is_cuda else None
+    if kern is None:
+        return paged_attention_reference(q, k_cache, v_cache, batch, scale, window, slopes, kv_scale)
+    if batch.decode_only:
+        return kern.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
+                                           window=window, alibi_slopes=slopes, k_scale=kv_scale, v_scale=kv_scale,
+                                           max_context_len=batch.max_context)
+    return kern.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
+                                        batch.context_lens, scale, window=window, alibi_slopes=slopes,
+                                        k_scale=kv_scale, v_scale=kv_scale,
+                                        max_query_len=max(batch.query_lens_host))

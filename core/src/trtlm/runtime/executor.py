@@ -1,0 +1,251 @@
+"""Running one engine step on the model: in this process, or on every rank of a job.
+
+The engine (scheduler, sampling) lives in one process — rank 0 — and describes
+each step as :class:`StepInputs`: plain lists (token ids, positions, cache
+slots, block tables), small enough to broadcast.  An executor turns them into
+a :class:`~trtlm.runtime.attention.ForwardBatch` on its device, runs the
+forward over its KV pool and returns the logits rows the engine asked for.
+
+* :class:`LocalExecutor`: one process holds the whole model (ranks merged).
+* :class:`DistributedExecutor`: rank 0's side of a tensor/pipeline-parallel
+  job.  Each step is broadcast to every rank; every rank runs its own shard
+  over its own pool (all pools have the same blocks, since the one scheduler
+  assigns them); pipeline stages pass hidden states on; the last stage's
+  logits reach rank 0.  The other ranks run :func:`follow`, which executes
+  what rank 0 broadcasts until it says stop.
+
+On CUDA, decode-only steps replay CUDA graphs (:mod:`trtlm.runtime.cuda_graphs`)
+captured per bucketed batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trtlm.runtime.attention import ForwardBatch
+from trtlm.runtime.kv_cache import KVPool
+
+
+@dataclass
+class StepInputs:
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    logits_indices: list[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+def to_batch(inputs: StepInputs, device: torch.device, max_blocks: int | None = None) -> ForwardBatch:
+    """The tensors of one step on ``device`` (block tables padded with block 0)."""
+    width = max_blocks or max(len(t) for t in inputs.block_tables)
+    tables = torch.zeros(len(inputs.block_tables), width, dtype=torch.int32)
+    for i, t in enumerate(inputs.block_tables):
+        tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    starts = [0]
+    for q in inputs.query_lens:
+        starts.append(starts[-1] + q)
+
+    def t(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return ForwardBatch(tokens=t(inputs.tokens, torch.long), positions=t(inputs.positions, torch.long),
+                        slot_mapping=t(inputs.slots, torch.long), block_tables=tables.to(device),
+                        context_lens=t(inputs.context_lens, torch.int32),
+                        query_start_loc=t(starts, torch.int32),
+                        logits_indices=t(inputs.logits_indices, torch.long),
+                        query_lens_host=list(inputs.query_lens), context_lens_host=list(inputs.context_lens),
+                        decode_only=inputs.decode_only, max_context=max(inputs.context_lens))
+
+
+class LocalExecutor:
+    """The whole model in this process."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, use_cuda_graphs: bool | None = None):
+        self.model = model
+        self.device = torch.device(device)
+        self.pool: KVPool | None = None
+        self.graphs = None
+        self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+
+    def kv_cache_spec(self) -> dict[str, Any]:
+        return self.model.kv_cache_spec()
+
+    def init_cache(self, num_blocks: int, block_size: int, max_blocks_per_seq: int, max_batch_size: int) -> None:
+        from trtlm.runtime.attention import kernels_available
+
+        graphs = self.use_cuda_graphs and kernels_available(self.device)
+        # CUDA graphs pad their batches with rows that write into one extra block no sequence owns
+        self.pool = _make_pool(self.model, num_blocks + int(graphs), block_size, self.device)
+        if graphs:
+            from trtlm.runtime.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.pool, self.device, max_batch_size, max_blocks_per_seq)
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and inputs.decode_only and self.graphs.handles(inputs):
+            return self.graphs.run(inputs)
+        batch = to_batch(inputs, self.device)
+        return self.model(batch.tokens, batch, self.pool)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.pool.copy_block(src, dst)
+
+    def shutdown(self) -> None:
+        self.graphs = None
+
+
+# -- several ranks ------------------------------------------------------------------------------------
+class DistributedExecutor:
+    """Rank 0 of a multi-process job: broadcasts each step, runs its own shard, gathers the logits."""
+
+    def __init__(self, model: torch.nn.Module, state: Any):
+        self.model = model
+        self.state = state
+        self.device = state.device
+        self.pool: KVPool | None = None
+
+    def kv_cache_spec(self) -> dict[str, Any]:
+        return self.model.kv_cache_spec()
+
+    def _send(self, message: tuple) -> None:
+        from trtlm.runtime.distributed import broadcast_object
+
+        broadcast_object(message, src=0)
+
+    def init_cache(self, num_blocks: int, block_size: int, max_blocks_per_seq: int, max_batch_size: int) -> None:
+        self._send(("init", num_blocks, block_size))
+        self.pool = _make_pool(self.model, num_blocks, block_size, self.device)
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        self._send(("step", inputs))
+        return run_step(self.model, self.state, self.pool, inputs)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self._send(("copy", src, dst))
+        self.pool.copy_block(src, dst)
+
+    def release(self, payload: Any = None) -> None:
+        """Let the followers return from :func:`follow` (with ``payload``), e.g. at the end of a
+        collective ``generate``."""
+        self._send(("done", payload))
+
+    def shutdown(self) -> None:
+        self._send(("stop",))
+
+
+def _make_pool(model, num_blocks: int, block_size: int, device) -> KVPool:
+    spec = model.kv_cache_spec()
+    return KVPool(spec["num_layers"], num_blocks, block_size, spec["kv_heads"], spec["head_size"], spec["dtype"],
+                  device, spec["kv_dtype"])
+
+
+def run_step(model, state, pool: KVPool, inputs: StepInputs) -> torch.Tensor | None:
+    """This rank's part of one step; the logits on rank 0 (None elsewhere)."""
+    from trtlm.runtime.distributed import maybe_inject_fault
+
+    state.calls = getattr(state, "calls", 0) + 1
+    maybe_inject_fault(state.rank, state.calls)
+    batch = to_batch(inputs, state.device)
+    N = batch.num_tokens
+    if state.first:
+        x = batch.tokens
+    else:
+        x = _recv(state, (N, model.d.hidden), model.dtype, state.prev_rank)
+    out = model(x, batch, pool)
+    if not state.last:
+        _send(state, out, state.next_rank)
+        out = None
+    if state.sampling_rank != 0:  # the logits live on the last stage: rank 0 needs them
+        M = len(inputs.logits_indices)
+        if state.rank == state.sampling_rank:
+            _send(state, out, 0)
+        elif state.rank == 0:
+            out = _recv(state, (M, model.d.vocab), model.dtype, state.sampling_rank)
+    return out if state.rank == 0 else None
+
+
+def _send(state, x: torch.Tensor, dst: int) -> None:
+    import torch.distributed as dist
+
+    x = x.cpu() if state.p2p_via_cpu else x.contiguous()
+    dist.send(x, dst, group=state.group)
+
+
+def _recv(state, shape, dtype, src: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    x = torch.empty(shape, dtype=dtype, device="cpu" if state.p2p_via_cpu else state.device)
+    dist.recv(x, src, group=state.group)
+    return x.to(state.device)
+
+
+@torch.inference_mode()
+def follow(model: torch.nn.Module, state: Any, pool_box: dict | None = None) -> tuple[str, Any]:
+    """A rank other than 0: execute what rank 0 broadcasts until it says ``done`` (return
+    ``("done", payload)``) or ``stop`` (return ``("stop", None)``).  ``pool_box`` keeps the KV
+    pool between calls."""
+    from trtlm.runtime.distributed import broadcast_object
+
+    box = pool_box if pool_box is not None else {}
+    while True:
+        message = broadcast_object(None, src=0)
+        kind = message[0]
+        if kind == "step":
+            run_step(model, state, box["pool"], message[1])
+        elif kind == "init":
+            box["pool"] = _make_pool(model, message[1], message[2], state.device)
+        elif kind == "copy":
+            box["pool"].copy_block(message[1], message[2])
+        elif kind == "done":
+            return "done", message[1]
+        elif kind == "stop":
+            return "stop", None
+        elif kind == "error":
+            from trtlm.runtime.distributed import RemoteError
+
+            raise RemoteError(message[1])
+        else:
+            raise RuntimeError(f"unknown message from rank 0: {kind!r}")
+
+
+class TeacherForcing:
+    """``batch`` sequences driven by hand through a model's forward, outside the engine: each call
+    appends ``ids [batch, T]`` to every sequence and returns the logits of all those positions
+    ``[batch, T, V]`` (teacher forcing).  Calibration, perplexity and tests use it; generation
+    goes through the engine."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, device: Any = None, block_size: int = 16):
+        from trtlm.runtime.kv_cache import blocks_for
+
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        per_seq = blocks_for(max_len, block_size)
+        self.block_size = block_size
+        self.pool = _make_pool(model, batch * per_seq, block_size, self.device)
+        self.tables = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch)]
+        self.lens = [0] * batch
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        B, T = ids.shape
+        bs = self.block_size
+        positions, slots = [], []
+        for b in range(B):
+            for p in range(self.lens[b], self.lens[b] + T):
+                positions.append(p)
+                slots.append(self.tables[b][p // bs] * bs + p % bs)
+        self.lens = [n + T for n in self.lens]
+        inputs = StepInputs(ids.reshape(-1).tolist(), positions, slots, [T] * B, list(self.lens), self.tables,
+                            list(range(B * T)))
+        batch = to_batch(inputs, self.device)
+        return self.model(batch.tokens, batch, self.pool).view(B, T, -1)

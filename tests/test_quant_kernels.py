@@ -1,0 +1,294 @@
+"""Quantized linear execution: kernel dispatch, the emulation fallback, routed-expert MoE, byte counts.
+
+CPU tests cover the dispatch decision (:func:`trtlm.quant.kernels.choose_path`), the emulation
+fallback every format takes without a fast kernel, the quantized MoE reading only routed experts and
+the roofline byte count.  The Triton kernel itself is checked on the CPU through Triton's
+interpreter when the ``triton`` package is installed, and every fast kernel is checked against the
+emulation on CUDA (skipped without a GPU).
+
+Tolerances: outputs are bfloat16; the fast paths multiply the exact integer/fp8 codes and apply
+the float32 scales to partial sums, while the emulation first rounds the dequantized weight to
+bfloat16 (2**-9 relative per element), and accumulation order differs.  Both errors are a few
+bfloat16 ulps of the output at most, so ``max|fast - emulation| <= 2**-6 * max|emulation|``; a
+wrong scale, nibble order or group index gives errors of order 1.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from trtlm.quant import formats as qf
+from trtlm.quant import kernels as qk
+from trtlm.quant import schemes
+from trtlm.quant.runtime import QuantExpertWeights, QuantLinear, kernel_paths, prepare_model, quant_moe_forward
+
+TOL = 2.0 ** -6
+FORMATS = {
+    "fp8": {"quant_algo": "FP8"},
+    "int8-wo": {"quant_algo": "W8A16"},
+    "int4-wo": {"quant_algo": "W4A16_AWQ", "group_size": 64, "pre_quant_scale": False},
+    "int4-awq": {"quant_algo": "W4A16_AWQ", "group_size": 64, "pre_quant_scale": True},
+    "int8-sq": {"quant_algo": "W8A8_SQ_PER_CHANNEL"},
+}
+
+
+def _fill_linear(m: QuantLinear, name: str, gen: torch.Generator) -> None:
+    """Real quantized tensors (trtlm.quant.formats) of a random weight into ``m``'s buffers."""
+    dev = m.weight.device
+    w = torch.randn(m.out_features, m.in_features, generator=gen).to(dev) * 0.05
+    b = dict(m.named_buffers())
+    with torch.no_grad():
+        p = (torch.rand(m.in_features, generator=gen) + 0.5).to(dev)
+        if name == "fp8":
+            s = qf.fp8_weight_scale(w)
+            b["weight"].copy_(qf.quantize_fp8(w, s))
+            b["activation_scaling_factor"].copy_(qf.fp8_activation_scale(3.0))
+        elif name == "int8-wo":
+            s = qf.int8_weight_scale(w)
+            b["weight"].copy_(qf.quantize_int8(w, s))
+        elif name.startswith("int4"):
+            ws = w / p if name == "int4-awq" else w
+            s = qf.int4_group_scales(ws, m.group_size)
+            b["weight"].copy_(qf.pack_int4(qf.quantize_int4(ws, s, m.group_size)))
+            if name == "int4-awq":
+                b["prequant_scaling_factor"].copy_(p.to(m.dtype))
+        else:
+            s = qf.int8_weight_scale(w / p)
+            b["weight"].copy_(qf.quantize_int8(w / p, s))
+            b["prequant_scaling_factor"].copy_(p.to(m.dtype))
+            b["activation_scaling_factor"].copy_(torch.tensor([4.5 / 127]))
+        b["weights_scaling_factor"].copy_(s)
+
+
+def _linear(name: str, out_f: int, in_f: int, dtype, device, seed: int = 0) -> QuantLinear:
+    q = FORMATS[name]
+    m = QuantLinear(q["quant_algo"], {"quantization": q}, in_f, out_f, False, dtype, device)
+    _fill_linear(m, name, torch.Generator().manual_seed(seed))
+    return m
+
+
+def _experts(name: str, E: int, out_f: int, in_f: int, dtype, device, seed: int) -> QuantExpertWeights:
+    q = dict(FORMATS[name], pre_quant_scale=False)
+    m = QuantExpertWeights(q["quant_algo"], {"quantization": q}, E, out_f, in_f, dtype, device)
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(E, out_f, in_f, generator=gen) * 0.05).to(device)
+    b = dict(m.named_buffers())
+    with torch.no_grad():
+        if name == "fp8":
+            s = qf.fp8_expert_weight_scale(w)
+            b["weight"].copy_(qf.quantize_fp8(w, s))
+            b["activation_scaling_factor"].copy_(qf.fp8_activation_scale(3.0))
+        elif name.startswith("int8"):
+            s = qf.int8_weight_scale(w)
+            b["weight"].copy_(qf.quantize_int8(w, s))
+            if name == "int8-sq":
+                b["activation_scaling_factor"].copy_(torch.tensor([3.0 / 127]))
+        else:
+            s = qf.int4_group_scales(w, m.group_size)
+            b["weight"].copy_(qf.pack_int4(qf.quantize_int4(w, s, m.group_size)))
+        b["weights_scaling_factor"].copy_(s)
+    return m
+
+
+# ----------------------------------------------------------------------------- formats registry
+
+def test_formats_registry_drives_cli_plan_and_runtime():
+    from trtlm.commands.convert import QUANT_MODES
+    from trtlm.family import ALL_QUANT
+    from trtlm.quant.plan import QUANT_ALGOS
+    from trtlm.quant.runtime import SUPPORTED
+
+    assert QUANT_MODES == ALL_QUANT == schemes.names() == tuple(QUANT_ALGOS)
+    assert set(SUPPORTED) == {f.quant_algo for f in schemes.FORMATS.values()}
+    # what a linear stores is one declaration, shared by plan and runtime
+    awq = schemes.get("int4-awq")
+    assert awq.tensors(256, 512, group_size=128) == {
+        "weight": ((128, 512), "int8"), "weights_scaling_factor": ((256, 4), "float32"),
+        "prequant_scaling_factor": ((512,), None)}
+    m = QuantLinear("W4A16_AWQ", {"quantization": {"quant_algo": "W4A16_AWQ", "group_size": 128,
+                                                   "pre_quant_scale": True}}, 512, 256, dtype=torch.float16)
+    assert {n: tuple(t.shape) for n, t in m.named_buffers()} == {
+        n: shape for n, (shape, _) in awq.tensors(256, 512, group_size=128).items()}
+    assert schemes.for_algo("W4A16_AWQ", {"quantization": {"pre_quant_scale": False}}).name == "int4-wo"
+    assert schemes.get("int8-sq").tensors(8, 16, experts=4) == {
+        "weight": ((4, 8, 16), "int8"), "weights_scaling_factor": ((4, 8), "float32"),
+        "activation_scaling_factor": ((1,), "float32")}
+    with pytest.raises(ValueError, match="already registered"):
+        schemes.register(schemes.get("fp8"))
+
+
+# ----------------------------------------------------------------------------- dispatch (CPU)
+
+@pytest.mark.parametrize("fmt, cap, dtype, triton, want", [
+    ("fp8", (9, 0), torch.bfloat16, True, qk.SCALED_MM),
+    ("fp8", (8, 0), torch.bfloat16, True, qk.EMULATION),  # no FP8 before Ada
+    ("int4-awq", (9, 0), torch.float16, True, qk.TRITON),
+    ("int4-wo", (9, 0), torch.float16, False, qk.EMULATION),  # no Triton
+    ("int8-wo", (8, 0), torch.bfloat16, True, qk.TRITON),
+    ("int8-sq", (9, 0), torch.bfloat16, True, qk.INT_MM),
+    ("int8-sq", (9, 0), torch.bfloat16, False, qk.INT_MM),
+    ("int8-wo", (9, 0), torch.float32, True, qk.EMULATION),  # fp32 activations
+    ("int8-wo", (7, 5), torch.float16, True, qk.EMULATION),
+])
+def test_choose_path(fmt, cap, dtype, triton, want):
+    f = schemes.get(fmt)
+    path, why = qk.choose_path(f.weight, f.activation, "cuda", cap, dtype, 4096, 4096, triton)
+    assert path == want, why
+    assert why  # always a reason for the one-line report
+    assert qk.choose_path(f.weight, f.activation, "cpu", None, dtype, 4096, 4096, triton)[0] == qk.EMULATION
+    assert qk.choose_path(f.weight, f.activation, "cuda", cap, dtype, 4096, 4104, triton)[0] == qk.EMULATION
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_cpu_runs_the_emulation_and_says_so(name):
+    m = _linear(name, 64, 128, torch.float32, "cpu")
+    assert m.prepare() == qk.EMULATION and m.kernel_path == qk.EMULATION and "cpu" in m.kernel_reason
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1))
+    y = m(x)
+    assert y.shape == (3, 5, 64)
+    assert torch.equal(y, m.emulate(x))
+    # and the emulation is the format's math: close to the float weight's product
+    dense = m.dense_weight(torch.float32)
+    assert (y - m.emulate(x)).abs().max() == 0 and torch.isfinite(dense).all()
+
+
+def test_prepare_model_reports_each_layer_type_once():
+    model = nn.Module()
+    model.layers = nn.ModuleList()
+    for i in range(2):
+        layer = nn.Module()
+        layer.attention = nn.Module()
+        layer.attention.qkv = _linear("int8-wo", 32, 64, torch.float32, "cpu", seed=i)
+        layer.mlp = nn.Module()
+        layer.mlp.fc = _experts("int4-wo", 4, 32, 64, torch.float32, "cpu", seed=i)
+        model.layers.append(layer)
+    paths = prepare_model(model)
+    assert set(paths) == {"attention.qkv", "mlp.fc (experts)"}
+    assert all(p.startswith("emulation:") for p in paths.values())
+    assert kernel_paths(model) == paths
+
+
+# ----------------------------------------------------------------------------- MoE (CPU)
+
+@pytest.mark.parametrize("name", ["fp8", "int8-wo", "int4-wo", "int8-sq"])
+@pytest.mark.parametrize("tokens, strategy", [(1, "gather"), (6, "dense"), (300, "sorted")])
+def test_quant_moe_equals_moe_forward_on_dense_weights(name, tokens, strategy, monkeypatch):
+    """Same routing and combination as moe_forward; at decode sizes only routed experts are dequantized."""
+    from trtlm.runtime.moe import moe_forward, select_strategy
+
+    E, H, inter, k = 8, 64, 128, 2
+    fc = _experts(name, E, 2 * inter, H, torch.float32, "cpu", seed=3)
+    proj = _experts(name, E, H, inter, torch.float32, "cpu", seed=4)
+    gen = torch.Generator().manual_seed(5)
+    router = torch.randn(E, H, generator=gen)
+    x = torch.randn(tokens, H, generator=gen)
+    assert select_strategy(tokens, k, E) == strategy
+    ref = moe_forward(fc.quantize_input(x), router, fc.dense(), proj.dense(), k, 1)
+    if strategy == "gather":  # reading every expert is exactly what must not happen at decode
+        monkeypatch.setattr(QuantExpertWeights, "dense", lambda *a, **kw: pytest.fail("dequantized all experts"))
+    got = quant_moe_forward(x, router, fc, proj, k, 1)
+    # float32 on the CPU: same dequantized values, same GEMM shapes per pair; 1e-5 covers BLAS blocking
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- roofline bytes
+
+def test_weight_bytes_per_token_counts_stored_codes_and_scales():
+    from trtlm.bench import weight_bytes_per_token
+
+    model = nn.Module()
+    model.vocab_embedding = nn.Embedding(100, 64)  # only the looked-up rows are read
+    model.qkv = _linear("int4-awq", 128, 256, torch.float16, "cpu")
+    model.dense = _linear("fp8", 64, 128, torch.float16, "cpu")
+    int4 = 128 // 2 * 256 + 128 * (256 // 64) * 4 + 256 * 2  # packed codes + f32 group scales + f16 prequant
+    fp8 = 64 * 128 + 4 + 4  # codes + weight scale + activation scale
+    emb = 64 * 4
+    assert weight_bytes_per_token(model) == int4 + fp8 + emb
+    assert weight_bytes_per_token(model, batch=3) == int4 + fp8 + 3 * emb
+
+
+# ----------------------------------------------------------------------------- Triton interpreter (CPU)
+
+def test_triton_kernel_in_interpreter():
+    """The Triton kernel's arithmetic (nibble order, group scales, split-K, expert ids) on the CPU."""
+    pytest.importorskip("triton", reason="needs the triton package (Triton's CPU interpreter runs the kernel)")
+    code = textwrap.dedent("""
+        import torch
+        from trtlm.quant import formats as qf, kernels as qk
+        torch.manual_seed(0)
+        for wk, sk, g, experts, p in [("int4", "group", 64, 0, True), ("int8", "channel", 0, 0, False),
+                                      ("fp8", "tensor", 0, 3, False), ("int4", "group", 128, 3, False)]:
+            shape = (experts, 64, 256) if experts else (64, 256)
+            w = torch.randn(*shape) * 0.05
+            if wk == "int4":
+                s = qf.int4_group_scales(w, g); q = qf.pack_int4(qf.quantize_int4(w, s, g))
+                dense = qf.dequantize_int4(q, s, torch.float32)
+            elif wk == "int8":
+                s = qf.int8_weight_scale(w); q = qf.quantize_int8(w, s); dense = qf.dequantize_int8(q, s, torch.float32)
+            else:
+                s = qf.fp8_expert_weight_scale(w); q = qf.quantize_fp8(w, s); dense = qf.dequantize_fp8(q, s, torch.float32)
+            x = torch.randn(3, 256).half()
+            pq = (torch.rand(256) + 0.5).half() if p else None
+            if experts:
+                ids = torch.tensor([2, 0, 1, 1, 0, 2])
+                y = qk.dequant_mm(x, q, s, weight_kind=wk, scale_kind=sk, group_size=g, expert_ids=ids,
+                                  rows_per_id=2, out_features=64)
+                ref = torch.bmm(dense[ids], x.float().repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1)
+            else:
+                y = qk.dequant_mm(x, q, s, weight_kind=wk, scale_kind=sk, group_size=g, prequant=pq)
+                ref = (x.float() * (pq.float() if p else 1)) @ dense.t()
+            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err <= 2 ** -8, (wk, sk, experts, err)  # fp16 output rounding
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fast kernels run only on CUDA)")
+
+
+def _rel(y, ref) -> float:
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("rows", [1, 33])
+def test_fast_kernel_matches_emulation(name, rows):
+    m = _linear(name, 512, 1024, torch.bfloat16, "cuda")
+    path = m.prepare()
+    f = schemes.get(name)
+    want, _ = qk.linear_plan(f.weight, f.activation, "cuda", torch.bfloat16, 1024, 512)
+    assert path == want
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    y, ref = m(x), m.emulate(x)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert _rel(y, ref) <= TOL, (path, _rel(y, ref))
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fp8", "int8-wo", "int4-wo", "int8-sq"])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_fast_moe_matches_emulation(name, tokens):
+    from trtlm.runtime.moe import moe_forward
+
+    E, H, inter, k = 8, 256, 512, 2
+    fc = _experts(name, E, 2 * inter, H, torch.bfloat16, "cuda", seed=3)
+    proj = _experts(name, E, H, inter, torch.bfloat16, "cuda", seed=4)
+    router = torch.randn(E, H, device="cuda")
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+    ref = moe_forward(fc.quantize_input(x), router, fc.dense(), proj.dense(), k, 1)
+    got = quant_moe_forward(x, router, fc, proj, k, 1)
+    assert _rel(got, ref) <= TOL

@@ -1,0 +1,555 @@
+"""``trtlm serve`` end to end: real servers (``python -m trtlm.cli serve`` in a subprocess) on a free
+port, real HTTP over a socket, the real ``openai`` client and raw SSE, on the bundled tiny model.
+
+Two servers per module run:
+
+* ``server`` (API key, chat template added to a copy of the tiny model, batch 64) for the API,
+  concurrency, disconnect, bad-input and auth tests;
+* a small one per test in :func:`test_backpressure_timeout_and_sigterm` (batch 2, queue 2, the
+  model's own files without a chat template) that is filled, timed out and then SIGTERM'd.
+
+Every server a test starts is stopped in a ``finally`` (SIGTERM, then SIGKILL after a timeout).
+Greedy outputs are compared for equality with ``trtlm run``: the tiny model is float32 and its
+greedy choices have clear margins, so batching differences in summation order do not flip them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="trtlm[serve] is not installed")
+pytest.importorskip("uvicorn", reason="trtlm[serve] is not installed")
+pytest.importorskip("prometheus_client", reason="trtlm[serve] is not installed")
+openai = pytest.importorskip("openai", reason="the openai client is not installed (trtlm[test])")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed (trtlm[test])")
+
+from conftest import run_cli  # noqa: E402
+
+TINY = Path(__file__).resolve().parent.parent / "core" / "src" / "trtlm" / "data" / "tiny-mistral"
+API_KEY = "sk-test-7f3c"
+MODEL = "tiny"
+#: A Mistral-style template (with raise_exception, as real templates use it).
+TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+            "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+            "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+            "{% else %}{{ raise_exception('Only system, user and assistant roles are supported!') }}"
+            "{% endif %}{% endfor %}")
+PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "    for line in f"]
+
+
+# ----------------------------------------------------------------------------------------------- servers
+class Server:
+    """A ``trtlm serve`` subprocess; ``url`` once it printed ``ready at``."""
+
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
+        self.log = open(log_dir / f"serve-{time.monotonic_ns()}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "trtlm.cli", "serve", "--port", "0", *map(str, args)],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        self.url = None
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while self.url is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"trtlm serve exited ({self.proc.wait()}): {self.stderr()}")
+            self.lines.append(line)
+            if m := re.search(r"ready at (http://\S+)", line):
+                self.url = m.group(1)
+            if time.monotonic() > deadline:
+                raise AssertionError("trtlm serve did not become ready in 120 s")
+        threading.Thread(target=self._drain_stdout, daemon=True).start()
+
+    def _drain_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stderr(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of ``name`` (with at least ``labels``) in a Prometheus text page; 0 when absent."""
+    for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} ([0-9.e+-]+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            return float(m.group(2))
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    """The tiny model with a chat template in its tokenizer_config.json."""
+    out = tmp_path_factory.mktemp("tiny-chat") / "model"
+    shutil.copytree(TINY, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def build_engine(model_dir: Path, out: Path) -> Path:
+    for argv in (("convert", "--model-dir", model_dir, "--output-dir", out / "ckpt"),
+                 ("build", "--checkpoint-dir", out / "ckpt", "--output-dir", out / "engine")):
+        r = run_cli(*argv)
+        assert r.exit_code == 0, r.stderr
+    return out / "engine"
+
+
+@pytest.fixture(scope="module")
+def engine_dir(chat_model, tmp_path_factory) -> Path:
+    return build_engine(chat_model, tmp_path_factory.mktemp("serve-engine"))
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir, tmp_path_factory):
+    s = Server(["--engine-dir", engine_dir, "--served-model-name", MODEL, "--api-key", API_KEY,
+                "--max-batch-size", 64, "--max-queue-size", 512], tmp_path_factory.mktemp("logs"))
+    try:
+        yield s
+    finally:
+        code = s.stop()
+        assert code == 0, s.stderr()[-3000:]
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+_RUN_CACHE: dict = {}
+
+
+def trtlm_run(engine: Path, prompt: str | list[int], max_tokens: int) -> dict:
+    """``trtlm run --json`` (greedy) for one prompt: {"text", "output_ids", ...}."""
+    key = (str(engine), str(prompt), max_tokens)
+    if key not in _RUN_CACHE:
+        src = ("--input-ids", ",".join(map(str, prompt))) if isinstance(prompt, list) else ("--input-text", prompt)
+        r = run_cli("run", "--engine-dir", engine, *src, "--max-output-len", max_tokens, "--json")
+        assert r.exit_code == 0, r.stderr
+        out = json.loads(r.stdout)["outputs"][0]
+        if out.get("text") is None:  # token ids in, token ids out: decode with the engine's tokenizer
+            from trtlm.runtime.tokenizer import load_tokenizer
+
+            out["text"] = load_tokenizer(engine).decode(out["output_ids"])
+        _RUN_CACHE[key] = out
+    return _RUN_CACHE[key]
+
+
+def sse_events(lines) -> list:
+    """Parse ``data:`` lines of an SSE body; ``[DONE]`` kept as the string."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+# ----------------------------------------------------------------------------------------------- OpenAI API
+def test_completions_equal_trtlm_run(server, client, engine_dir):
+    for prompt in PROMPTS[:2]:
+        ref = trtlm_run(engine_dir, prompt, 24)
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        assert r.choices[0].text == ref["text"]
+        assert r.choices[0].finish_reason == ref["finish_reason"]
+        assert r.usage.completion_tokens == len(ref["output_ids"])
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        # Streamed through the openai client: same text, usage in a final chunk with no choices.
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == ref["text"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref["output_ids"])
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref["finish_reason"]
+    # A 40-token prompt twice: the second time its full KV blocks come from the prefix cache.
+    long_prompt = list(range(600, 640))
+    first = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4, temperature=0)
+    assert again.choices[0].text == first.choices[0].text
+    assert again.usage.prompt_tokens == 40 and again.usage.prompt_tokens_details.cached_tokens >= 16
+    # Token-id prompts, raw SSE framing: `data: {...}\n\n` ... `data: [DONE]\n\n`.
+    ids = trtlm_run(engine_dir, PROMPTS[2], 4)["output_ids"]
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 16, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth(), timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    assert raw.endswith("data: [DONE]\n\n") and all(b.startswith("data: ") for b in raw.split("\n\n") if b)
+    events = sse_events(raw.split("\n\n"))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == trtlm_run(engine_dir, ids, 16)["text"]
+
+
+def test_chat_applies_the_template_as_transformers_does(server, client, engine_dir, chat_model):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": "def add(a, b):"}]
+    ids = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(messages, add_generation_prompt=True,
+                                                                        tokenize=True, return_dict=False)
+    ref = trtlm_run(engine_dir, list(ids), 20)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref["text"]
+    assert r.choices[0].finish_reason == ref["finish_reason"]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref["text"]
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+    # A role the template rejects (raise_exception) is the client's mistake: 400 naming messages.
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}], max_tokens=4)
+    assert exc.value.body["param"] == "messages" and "Only system, user and assistant" in exc.value.body["message"]
+
+
+def test_sampling_fields(server, client, engine_dir):
+    prompt = PROMPTS[0]
+    ref = trtlm_run(engine_dir, prompt, 24)
+    # n, seed: sampled completions are reproducible for a seed, and there are n of them.
+    a = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, top_p=0.9, n=3,
+                                  seed=7, extra_body={"top_k": 50})
+    b = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, top_p=0.9, n=3,
+                                  seed=7, extra_body={"top_k": 50})
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1, "n=3 sampled completions were all the same"
+    # A list of prompts: one choice per prompt, in order.
+    many = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=24, temperature=0)
+    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == \
+        [trtlm_run(engine_dir, p, 24)["text"] for p in PROMPTS[:2]]
+    # echo, stop strings, logprobs.
+    echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, echo=True)
+    assert echo.choices[0].text == prompt + ref["text"]
+    word = ref["text"].strip().split()[1]
+    stopped = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == ref["text"][:ref["text"].index(word)]
+    lp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    info = lp.choices[0].logprobs
+    assert len(info.tokens) == len(info.token_logprobs) == 6 and all(x <= 0 for x in info.token_logprobs)
+    assert "".join(info.tokens) == lp.choices[0].text
+    # Greedy: the chosen token is the most likely of the top alternatives.
+    assert all(max(top.values()) == pytest.approx(chosen, abs=1e-6) for top, chosen in zip(info.top_logprobs,
+                                                                                            info.token_logprobs))
+    chat_lp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                             temperature=0, logprobs=True, top_logprobs=2)
+    assert len(chat_lp.choices[0].logprobs.content) == 4
+    assert len(chat_lp.choices[0].logprobs.content[0].top_logprobs) == 2
+    # stop_token_ids: the first generated id stops it at once; ignore_eos + min_tokens run to the length.
+    first = ref["output_ids"][0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                  extra_body={"stop_token_ids": [first]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
+                                  extra_body={"ignore_eos": True, "min_tokens": 30})
+    assert r.usage.completion_tokens == 30 and r.choices[0].finish_reason == "length"
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_triton_generate(server, engine_dir):
+    ref = trtlm_run(engine_dir, PROMPTS[1], 16)
+    url = server.url + "/v2/models/ensemble"
+    r = httpx.post(url + "/generate", json={"text_input": PROMPTS[1], "max_tokens": 16, "bad_words": "",
+                                            "stop_words": "", "temperature": 0.0, "top_k": 1}, headers=auth())
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_name"] == "ensemble" and out["model_version"] == "1"
+    assert out["text_output"] == PROMPTS[1] + ref["text"]  # the ensemble echoes the prompt by default
+    r = httpx.post(server.url + f"/v2/models/{MODEL}/generate", headers=auth(),
+                   json={"text_input": PROMPTS[1], "parameters": {"max_tokens": 16, "exclude_input_in_output": True,
+                                                                  "return_log_probs": True}})
+    assert r.json()["text_output"] == ref["text"] and len(r.json()["output_log_probs"]) == 16
+    with httpx.stream("POST", url + "/generate_stream", headers=auth(), timeout=60,
+                      json={"text_input": PROMPTS[1], "max_tokens": 16, "stream": True}) as resp:
+        events = sse_events(resp.iter_lines())
+    assert "".join(e["text_output"] for e in events) == ref["text"]
+    assert events[-1]["finish_reason"] == ref["finish_reason"]
+    for path, code in (("/v2/health/live", 200), ("/v2/health/ready", 200), ("/v2/models/ensemble/ready", 200),
+                       (f"/v2/models/{MODEL}/ready", 200), ("/v2/models/nope/ready", 400)):
+        assert httpx.get(server.url + path, headers=auth()).status_code == code, path
+    r = httpx.post(server.url + "/v2/models/nope/generate", json={"text_input": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+
+
+# ----------------------------------------------------------------------------------------------- load
+def test_64_concurrent_streams_get_what_each_gets_alone(server, engine_dir):
+    ids = trtlm_run(engine_dir, PROMPTS[0], 40)["output_ids"]
+    # 64 different prompts (token ids) and lengths; each alone first, one request at a time.
+    jobs = [(ids[: 4 + i % 24] + [100 + i], 6 + (i * 7) % 30) for i in range(64)]
+    alone = []
+    with httpx.Client(base_url=server.url, headers=auth(), timeout=60) as h:
+        for prompt, n in jobs:
+            r = h.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0})
+            alone.append(r.json()["choices"][0]["text"])
+
+    running_seen = []
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        stop = asyncio.Event()
+
+        async def watch():
+            async with httpx.AsyncClient() as h:
+                while not stop.is_set():
+                    running_seen.append(metric((await h.get(server.url + "/metrics")).text,
+                                               "trtlm:num_requests_running"))
+                    await asyncio.sleep(0.02)
+
+        async def one(prompt, n):
+            text = ""
+            async for chunk in await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=n,
+                                                                temperature=0, stream=True):
+                text += chunk.choices[0].text
+            return text
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await asyncio.gather(*(one(p, n) for p, n in jobs))
+        finally:
+            stop.set()
+            await watcher
+            await aclient.close()
+
+    together = asyncio.run(main())
+    assert together == alone
+    assert max(running_seen) > 1, "the engine never batched two requests"
+
+
+def test_disconnects_free_the_kv_cache(server):
+    async def one(i):
+        body = {"model": MODEL, "prompt": [300 + i, 40, 41, 42], "max_tokens": 500, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        async with httpx.AsyncClient(headers=auth(), timeout=60) as h:
+            async with h.stream("POST", server.url + "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                got = 0
+                async for line in resp.aiter_lines():
+                    got += line.startswith("data: ")
+                    if got >= 3:
+                        break  # leaving the block closes the connection mid-stream
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(20)))
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(server.url + "/metrics").text
+        used, running = metric(text, "trtlm:kv_cache_blocks_used"), metric(text, "trtlm:num_requests_running")
+        waiting = metric(text, "trtlm:num_requests_waiting")
+        if (used, running, waiting) == (0, 0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (used, running, waiting) == (0, 0, 0), "requests of disconnected clients kept running"
+    # 20 x 500 tokens were asked for; the aborted ones generated only a few each.
+    generated = metric(text, "trtlm:generation_tokens_total")
+    r = httpx.post(server.url + "/v1/completions", headers=auth(),
+                   json={"model": MODEL, "prompt": "x = ", "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert metric(httpx.get(server.url + "/metrics").text, "trtlm:generation_tokens_total") - generated <= 4
+    assert metric(text, "trtlm:request_errors_total", kind="disconnect") >= 20
+
+
+# ----------------------------------------------------------------------------------------------- faults
+BAD = [
+    # (path, body, field named in the error)
+    ("/v1/completions", b"{not json", "body"),
+    ("/v1/completions", b"[1, 2]", "body"),
+    ("/v1/completions", {"model": MODEL}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": 5}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 999999]}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [5] * 5000}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 100000}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [1, 2]}, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": "abc"}, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 9}, "min_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     "top_logprobs"),
+    ("/v2/models/ensemble/generate", {"max_tokens": 4}, "text_input"),
+    ("/v2/models/ensemble/generate", {"text_input": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/v2/models/ensemble/generate", {"text_input": "x", "max_tokens": 4, "top_p": 2.0}, "top_p"),
+    ("/v2/models/ensemble/generate", {"text_input": "x", "max_tokens": 4, "beam_width": 4}, "beam_width"),
+    ("/v2/models/ensemble/generate", {"text_input": "x", "max_tokens": 4, "end_id": 10**6}, "end_id"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "' + b"a" * (9 * 1024 * 1024) + b'"}', "body"),
+]
+
+
+def test_bad_inputs_are_400_naming_the_field(server):
+    assert len(BAD) >= 15
+    with httpx.Client(base_url=server.url, headers=auth(), timeout=60) as h:
+        for path, body, field in BAD:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = h.post(path, content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, body if len(content) < 200 else "<big>", r.status_code, r.text)
+            err = r.json()["error"]
+            if path.startswith("/v1"):
+                assert err["param"] == field and err["type"] == "invalid_request_error", (body, err)
+                message = err["message"]
+            else:
+                message = err
+            assert message.startswith(field), (field, message)
+        # Still alive and well: the engine was never touched by any of them.
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200
+        assert h.get("/health").status_code == 200
+        r = h.post("/v1/completions", json={"model": "other", "prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert 'kind="internal"' not in httpx.get(server.url + "/metrics").text
+
+
+def test_api_key_is_required_on_v1_and_v2(server):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/v2/models/ensemble/generate"), ("GET", "/v2/health/ready"),
+                         ("GET", "/v2/models/ensemble/ready")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            r = httpx.request(method, server.url + path, headers=headers, json={"prompt": "x"})
+            assert r.status_code == 401, (path, headers)
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert httpx.get(server.url + "/health").status_code == 200  # operations routes stay open
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_bench_serve_client(server):
+    from click.testing import CliRunner
+
+    from trtlm.serve.benchmark import bench_serve
+
+    r = CliRunner().invoke(bench_serve, ["--base-url", server.url, "--api-key", API_KEY, "--num-prompts", 12,
+                                         "--random-input-len", 16, "--random-output-len", 8, "--max-concurrency", 4,
+                                         "--random-vocab-size", 2000, "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert (s["completed"], s["failed"], s["total_output_tokens"], s["total_input_tokens"]) == (12, 0, 96, 192)
+    assert s["model"] == MODEL
+    assert 0 < s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] and 0 < s["tpot_ms"]["mean"] and s["itl_ms"]["p50"] > 0
+    assert s["output_token_throughput"] == pytest.approx(96 / s["duration_s"])
+
+
+def stream_events(url: str, body: dict, results: dict, key) -> None:
+    """POST a streaming request; store [status, headers, events] (events: the JSON body for errors)."""
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
+        if resp.status_code != 200:
+            results[key] = [resp.status_code, dict(resp.headers), json.loads(resp.read())]
+        else:
+            results[key] = [200, dict(resp.headers), sse_events(resp.iter_lines())]
+
+
+def long_stream(i: int) -> dict:
+    return {"model": MODEL, "prompt": [400 + i, 7, 8], "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+
+
+def test_queue_full_and_request_timeout(tmp_path):
+    """Batch 2, queue 2, 1 s timeout, the model's own files (no chat template): a 5th request is
+    refused with 503 + Retry-After; the others end by the timeout (504 before the first token, an
+    error event and [DONE] after it) and free their KV blocks; chat answers 400 (no template)."""
+    engine = build_engine(TINY, tmp_path)
+    s = Server(["--engine-dir", engine, "--served-model-name", MODEL, "--max-batch-size", 2, "--max-queue-size", 2,
+                "--request-timeout", 1], tmp_path)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert exc.value.body["code"] == "chat_template_missing"
+        results: dict = {}
+        threads = []
+        for i in range(6):
+            threads.append(threading.Thread(target=stream_events, args=(s.url, long_stream(i), results, i)))
+            threads[-1].start()
+            time.sleep(0.08)
+        for t in threads:
+            t.join(timeout=30)
+        refused = [r for r in results.values() if r[0] == 503]
+        assert len(refused) == 2, {k: v[0] for k, v in results.items()}
+        assert all(r[1].get("retry-after") == "1" and r[2]["error"]["code"] == "queue_full" for r in refused)
+        for status, _, body in results.values():
+            if status == 504:
+                assert body["error"]["code"] == "timeout"
+            elif status == 200:  # started streaming, then ran out of time
+                assert body[-1] == "[DONE]" and body[-2]["error"]["code"] == "timeout", body[-3:]
+            else:
+                assert status == 503
+        text = httpx.get(s.url + "/metrics").text
+        assert metric(text, "trtlm:kv_cache_blocks_used") == 0 and metric(text, "trtlm:num_requests_running") == 0
+        assert metric(text, "trtlm:request_errors_total", kind="timeout") == 4
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
+    """SIGTERM with 2 requests running and 1 waiting: the listener closes at once, in-flight streams
+    get ``finish_reason: "abort"`` + ``[DONE]`` when the 1 s grace period ends, the process exits 0."""
+    engine = build_engine(TINY, tmp_path)
+    s = Server(["--engine-dir", engine, "--served-model-name", MODEL, "--max-batch-size", 2, "--shutdown-grace", 1],
+               tmp_path)
+    try:
+        results: dict = {}
+        threads = [threading.Thread(target=stream_events, args=(s.url, long_stream(i), results, i)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(s.url + "/metrics").text, "trtlm:num_requests_running") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(s.url + "/health")
+        assert s.proc.wait(timeout=30) == 0, s.stderr()[-3000:]
+        for t in threads:
+            t.join(timeout=10)
+        assert sorted(results) == [0, 1, 2]
+        for status, _, events in results.values():
+            assert status == 200 and events[-1] == "[DONE]", events[-2:]
+            reasons = [c["finish_reason"] for e in events[:-1] for c in e["choices"]]
+            assert reasons[-1] == "abort" and reasons.count("abort") == 1
+        assert "trtlm serve: stopped" in "".join(s.lines)
+    finally:
+        s.stop()
