@@ -222,14 +222,28 @@ def time_startup() -> float:
     return time.perf_counter() - t0
 
 
-def time_dd(src: Path, dst: Path) -> float:
-    """``dd bs=16M`` of every shard file (a user-space copy of the same bytes), as one timed run."""
+def time_dd(src: Path, dst: Path, fsync: bool = False) -> float:
+    """``dd bs=16M`` of every shard file (a user-space copy of the same bytes), as one timed run;
+    ``fsync``: ``conv=fsync``, the bytes on disk before dd exits, as the converter's rank files are."""
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     t0 = time.perf_counter()
     for f in sorted(src.glob("*.safetensors")):
-        subprocess.run(["dd", f"if={f}", f"of={dst / f.name}", "bs=16M", "status=none"], check=True)
+        subprocess.run(["dd", f"if={f}", f"of={dst / f.name}", "bs=16M", "status=none",
+                        *(["conv=fsync"] if fsync else [])], check=True)
     return time.perf_counter() - t0
+
+
+def convert_imports_torch(model: Path, out: Path, tp: int) -> bool:
+    """Whether the same conversion, run in a fresh interpreter, imported torch (it must not)."""
+    shutil.rmtree(out, ignore_errors=True)
+    code = ("import sys\nfrom trtlm.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert not e.code\nprint('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, "convert", "--model-dir", str(model), "--output-dir",
+                           str(out), "--tp-size", str(tp), "--dtype", "bfloat16"], capture_output=True, text=True,
+                          check=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return proc.stdout.strip().splitlines()[-1] == "True"
 
 
 def disk_speed(args) -> dict:
@@ -240,16 +254,16 @@ def disk_speed(args) -> dict:
     if not (model / "config.json").exists():
         print(f"creating {model} ...", file=sys.stderr)
         make_checkpoint(model, cfg, shard_bytes=total // 2 + (1 << 20))
-    runs: dict[str, list[dict]] = {"dd": [], "convert": []}
+    runs: dict[str, list[dict]] = {"dd": [], "dd_fsync": [], "convert": []}
     for i in range(args.repeat):
-        for kind in ("dd", "convert"):
+        for kind in runs:
             out = args.work_dir / f"{kind}-out"
             shutil.rmtree(out, ignore_errors=True)
             warm_read(model)
             subprocess.run(["sync"], check=True)
             load = os.getloadavg()[0]
-            if kind == "dd":
-                wall = time_dd(model, out)
+            if kind.startswith("dd"):
+                wall = time_dd(model, out, fsync=kind == "dd_fsync")
                 runs[kind].append({"wall_s": wall, "load1": load})
             else:
                 r = time_convert(model, out, args.tp_size, 1)
@@ -257,6 +271,7 @@ def disk_speed(args) -> dict:
                                    "cpu_s": r["cpu_s"]})
             shutil.rmtree(out, ignore_errors=True)
         print(f"round {i + 1}/{args.repeat}: dd {runs['dd'][-1]['wall_s']:.2f}s, "
+              f"dd conv=fsync {runs['dd_fsync'][-1]['wall_s']:.2f}s, "
               f"convert {runs['convert'][-1]['wall_s']:.2f}s (load {runs['convert'][-1]['load1']:.2f})",
               file=sys.stderr)
     best = {k: min(r["wall_s"] for r in v) for k, v in runs.items()}
@@ -265,9 +280,11 @@ def disk_speed(args) -> dict:
                        "shards": len(list(model.glob("*.safetensors")))},
         "command": f"trtlm convert --model-dir MODEL --output-dir OUT --tp-size {args.tp_size} --dtype bfloat16 "
                    f"--workers 1",
-        "baseline": "for f in MODEL/*.safetensors: dd if=$f of=OUT/$f bs=16M",
+        "baseline": "for f in MODEL/*.safetensors: dd if=$f of=OUT/$f bs=16M [conv=fsync]",
         "method": f"source read once before each run, `sync` before each run, best of {args.repeat}",
         "best_s": best, "ratio": best["convert"] / best["dd"], "target_ratio_max": 2.0,
+        "ratio_vs_dd_fsync": best["convert"] / best["dd_fsync"],
+        "convert_imports_torch": convert_imports_torch(model, args.work_dir / "probe-out", args.tp_size),
         "peak_rss_anon_gb": max(r["peak_rss_anon_gb"] for r in runs["convert"]),
         "runs": runs, "loadavg_at_end": os.getloadavg(),
     }

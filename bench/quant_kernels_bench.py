@@ -7,7 +7,7 @@ For each format and Mistral-7B linear shape (out x in: 4096x4096, 14336x4096, 40
 dequant-matmul, ``torch._weight_int4pack_mm``, ``torch._weight_int8pack_mm``, ``torch._scaled_mm``,
 ``torch._int_mm``), each checked against the emulation (max |err| / max |ref| <= 2**-6, i.e. a few
 bf16 ulps at the output's largest value) and timed.  Timing: one CUDA graph replays the op over a
-rotation of weight copies totalling >= 512 MB (so the 50 MB L2 never holds the next weight),
+rotation of weight copies totalling >= 256 MB (so the 50 MB L2 never holds the next weight),
 microseconds per call = median over replays / calls.  Mixtral expert layers (E=8, H=4096,
 I=14336, top-2) are timed through ``quant_moe_forward`` against ``moe_forward`` in bf16.
 """
@@ -37,7 +37,7 @@ FORMATS = {
 }
 TOL = 2.0 ** -6
 DT = torch.bfloat16
-ROTATE_BYTES = 512 << 20
+ROTATE_BYTES = 256 << 20
 OUT_PATH = [""]
 
 
@@ -118,25 +118,23 @@ def candidates(name: str, m: QuantLinear, rows: int):
     if name == "fp8":
         out["scaled_mm"] = (lambda mod, x: qk.fp8_scaled_mm(x, mod.weight, mod.weights_scaling_factor,
                                                              mod.activation_scaling_factor), "torch._scaled_mm")
-        out["triton_fp8"] = (lambda mod, x: qk.dequant_mm(qf.fake_quant_fp8(x, mod.activation_scaling_factor),
-                                                           mod.weight, mod.weights_scaling_factor,
-                                                           weight_kind="fp8", scale_kind="tensor"), "Triton fp8 weights")
-    if name.startswith("int4"):
+        if rows == 1:
+            out["triton_fp8"] = (lambda mod, x: qk.dequant_mm(qf.fake_quant_fp8(x, mod.activation_scaling_factor),
+                                                               mod.weight, mod.weights_scaling_factor,
+                                                               weight_kind="fp8", scale_kind="tensor"),
+                                 "Triton fp8-weight GEMV")
+    if name.startswith("int4") and rows <= qk.INT4PACK_MAX_ROWS:
         out["triton"] = (lambda mod, x: qk.dequant_mm(
             x, mod.weight, mod.weights_scaling_factor, weight_kind="int4", scale_kind="group", group_size=128,
-            prequant=getattr(mod, "prequant_scaling_factor", None)), "Triton int4")
+            prequant=getattr(mod, "prequant_scaling_factor", None)), "Triton int4 GEMV")
         out["int4pack"] = (lambda mod, x: qk.int4pack_mm(x, *mod._cand_packed, 128,
                                                          getattr(mod, "prequant_scaling_factor", None)),
                            "torch._weight_int4pack_mm")
-    if name == "int8-wo":
-        out["triton"] = (lambda mod, x: qk.dequant_mm(x, mod.weight, mod.weights_scaling_factor, weight_kind="int8",
-                                                      scale_kind="channel"), "Triton int8")
-        out["int8pack"] = (lambda mod, x: torch._weight_int8pack_mm(x, mod.weight, mod.weights_scaling_factor.to(x.dtype)),
-                           "torch._weight_int8pack_mm")
-    if name == "int8-sq" and rows >= qk.INT_MM_MIN_ROWS:
-        out["int_mm"] = (lambda mod, x: qk.int8_int_mm(x, mod.weight, mod.weights_scaling_factor,
-                                                       mod.activation_scaling_factor, mod.prequant_scaling_factor),
-                         "torch._int_mm")
+    if name in ("int8-wo", "int4-wo") and rows > 1:
+        wk, sk = ("int8", "channel") if name == "int8-wo" else ("int4", "group")
+        out["dequant+linear"] = (lambda mod, x: F.linear(x, qk.dequantize_fast(
+            mod.weight, mod.weights_scaling_factor, weight_kind=wk, scale_kind=sk, group_size=128, dtype=x.dtype,
+            out_features=mod.out_features)), "Triton dequantize + cuBLAS")
     return out
 
 
@@ -180,37 +178,38 @@ def bench_linears(results: dict, log) -> None:
 
 
 def sweep(results: dict, log) -> None:
-    """Triton tile/split-K sweep at the decode shapes (the defaults of kernels._config come from this)."""
+    """Triton GEMV tile/split-K sweep at one row (the defaults GEMV_BN/GEMV_BK come from this)."""
     gen = torch.Generator("cuda").manual_seed(1)
     for out_f, in_f in SHAPES:
-        for name in ("int4-wo", "int8-wo"):
+        for name in ("int4-wo", "int8-wo", "fp8"):
             m = quant_module(name, out_f, in_f, gen)
             mods = [m] + [copy.deepcopy(m) for _ in range(max(1, ROTATE_BYTES // nbytes(m)) - 1)]
-            wk, sk = ("int4", "group") if name == "int4-wo" else ("int8", "channel")
-            for rows in ROWS:
-                x = torch.randn(rows, in_f, device="cuda", generator=gen, dtype=DT)
-                ref = m.emulate(x)
-                best = None
-                for bn in ((32, 64, 128) if rows == 1 else (64, 128)):
-                    for split in (1, 2, 4, 8):
-                        for warps in (4,):
-                            cfg = {"bn": bn, "split": split, "num_warps": warps, "bk": 128 if rows == 1 else 64}
-                            try:
-                                fn = lambda mod, x, cfg=cfg: qk.dequant_mm(x, mod.weight, mod.weights_scaling_factor,
-                                                                           weight_kind=wk, scale_kind=sk, group_size=128,
-                                                                           config=cfg)
-                                err = rel_err(fn(m, x), ref)
-                                us = time_op(lambda i: (lambda: fn(mods[i % len(mods)], x)), nbytes(m), reps=3)
-                            except Exception as e:  # noqa: BLE001
-                                log(f"  sweep {cfg} error {type(e).__name__}: {str(e)[:100]}")
-                                continue
-                            results["sweep"].append({"format": name, "shape": [out_f, in_f], "rows": rows, **cfg,
-                                                     "us": us, "rel_err": err})
-                            if err <= TOL and (best is None or us < best[0]):
-                                best = (us, cfg)
-                log(f"sweep {name} {out_f}x{in_f} rows={rows}: best {best}")
-                with open(OUT_PATH[0], "w") as f:
-                    json.dump(results, f, indent=1)
+            wk, sk = {"int4-wo": ("int4", "group"), "int8-wo": ("int8", "channel"), "fp8": ("fp8", "tensor")}[name]
+            x = torch.randn(1, in_f, device="cuda", generator=gen, dtype=DT)
+            if name == "fp8":
+                x = qf.fake_quant_fp8(x, m.activation_scaling_factor)
+            ref = m.emulate(x)
+            best = None
+            for bn in (16, 32, 64):
+                for bk in ((128,) if name == "int4-wo" else (256, 512)):
+                    for split in ((0, 1, 2, 4) if name == "int4-wo" else (0,)):
+                        cfg = {"bn": bn, "bk": bk, **({"split": split} if split else {})}
+                        try:
+                            fn = lambda mod, x, cfg=cfg: qk.dequant_mm(x, mod.weight, mod.weights_scaling_factor,
+                                                                       weight_kind=wk, scale_kind=sk, group_size=128,
+                                                                       config=cfg)
+                            err = rel_err(fn(m, x), ref)
+                            us = time_op(lambda i: (lambda: fn(mods[i % len(mods)], x)), nbytes(m), reps=3)
+                        except Exception as e:  # noqa: BLE001
+                            log(f"  sweep {name} {cfg} error {type(e).__name__}: {str(e)[:100]}")
+                            continue
+                        results["sweep"].append({"format": name, "shape": [out_f, in_f], "rows": 1, **cfg,
+                                                 "us": us, "rel_err": err})
+                        if err <= TOL and (best is None or us < best[0]):
+                            best = (round(us, 1), cfg)
+            log(f"sweep {name} {out_f}x{in_f} rows=1: best {best}")
+            with open(OUT_PATH[0], "w") as f:
+                json.dump(results, f, indent=1)
             del mods, m
             torch.cuda.empty_cache()
 
@@ -250,7 +249,8 @@ def bench_moe(results: dict, log) -> None:
             fc.prepare(); pr.prepare()
             try:
                 y = quant_moe_forward(x, router, fc, pr, k, 1)
-                ref = moe_forward(fc.quantize_input(x), router, fc.dense(DT), pr.dense(DT), k, 1)
+                emulated = [qf.dequantize(m.algo, dict(m.named_buffers()), DT) for m in (fc, pr)]
+                ref = moe_forward(fc.quantize_input(x), router, *emulated, k, 1)
                 err = rel_err(y, ref)
                 us = time_op(lambda i: (lambda: quant_moe_forward(x, router, fc, pr, k, 1)), nbytes(fc) + nbytes(pr),
                              reps=3)

@@ -22,6 +22,7 @@ class EngineRun:
     streamed_texts: list[str]  #: concatenated ``new_text`` deltas (completion 0)
     outputs: list[Any]  #: per request, the last RequestOutput seen (None if it never produced one)
     num_cached_tokens: list[int]
+    completions: list[list[list[int]]] = field(default_factory=list)  #: per request, every completion's ids
     max_running: int = 0
     max_waiting_below_batch_limit: int = 0  #: most requests waiting while the batch had room (memory-bound)
     partial_prefill_steps: int = 0  #: steps after which some prompt was only partly computed (chunked)
@@ -31,9 +32,10 @@ class EngineRun:
 
     def summary(self) -> dict[str, Any]:
         """JSON-able view (what a rank-0 script sends back)."""
-        return {"token_ids": self.token_ids, "texts": self.texts, "finish_reasons": self.finish_reasons,
-                "num_cached_tokens": self.num_cached_tokens, "preemptions": self.preemptions,
-                "partial_prefill_steps": self.partial_prefill_steps, "max_running": self.max_running}
+        return {"token_ids": self.token_ids, "completions": self.completions, "texts": self.texts,
+                "finish_reasons": self.finish_reasons, "num_cached_tokens": self.num_cached_tokens,
+                "preemptions": self.preemptions, "partial_prefill_steps": self.partial_prefill_steps,
+                "max_running": self.max_running}
 
 
 def drive(engine: Any, requests: Sequence[tuple[Any, Any]], arrivals: Sequence[int],
@@ -88,6 +90,7 @@ def drive(engine: Any, requests: Sequence[tuple[Any, Any]], arrivals: Sequence[i
         run.texts.append(comp.text if comp else "")
         run.finish_reasons.append("abort" if i in aborts else (comp.finish_reason if comp else None))
         run.num_cached_tokens.append(out.num_cached_tokens if out is not None else 0)
+        run.completions.append([list(c.token_ids) for c in out.outputs] if out is not None else [])
         if i not in aborts:
             assert out is not None and out.finished, f"request {i} did not finish"
     return run

@@ -404,6 +404,8 @@ BAD_INVOCATIONS: list[tuple[str, list[str], list[str]]] = [
     ("new-plugin-bad-architecture", ["new-plugin", "zeta", "--hf-architecture", "1Bad", "--directory", "{out}"],
      ["--hf-architecture"]),
     ("cache-clear-unknown-key", ["cache", "clear", "0123456789abcdef"], ["0123456789abcdef", "trtlm cache list"]),
+    ("bench-batch-0", ["bench", "--engine-dir", "{engine}", "--device", "cpu", "--batch-size", "0"], ["--batch-size"]),
+    ("plugins-unknown-option", ["plugins", "--bogus"], ["--bogus", "trtlm plugins --help"]),
     ("unknown-command", ["conver"], ["conver"]),
 ]
 
@@ -429,7 +431,8 @@ def test_the_table_is_big_enough():
     assert len(BAD_INVOCATIONS) >= 30
     assert len({case[0] for case in BAD_INVOCATIONS}) == len(BAD_INVOCATIONS)
     commands = {argv[0] for _, argv, _ in BAD_INVOCATIONS}
-    assert {"convert", "build", "run", "eval", "quickstart", "inspect", "new-plugin", "cache"} <= commands
+    assert {"convert", "build", "run", "eval", "bench", "quickstart", "inspect", "plugins", "new-plugin",
+            "cache"} <= commands
 
 
 @pytest.mark.parametrize("case_id,argv,needles", BAD_INVOCATIONS, ids=[c[0] for c in BAD_INVOCATIONS])

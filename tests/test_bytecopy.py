@@ -67,9 +67,11 @@ def test_unquantized_convert_imports_no_torch(tiny_mistral_dir, tmp_path):
     dict(tp_size=1), dict(tp_size=2), dict(tp_size=4), dict(tp_size=2, pp_size=2),
     dict(tp_size=2, use_parallel_embedding=False),
 ])
-def test_byte_copies_equal_the_torch_writer(make_tiny_mistral, tmp_path, layout):
+@pytest.mark.parametrize("window", [bytecopy.WINDOW, 1000])
+def test_byte_copies_equal_the_torch_writer(make_tiny_mistral, tmp_path, layout, window):
     # vocab 1001 does not divide by tp: lm_head and the parallel embedding get zero padding rows;
-    # tp=4 > 2 KV heads: each KV head is repeated on two ranks.
+    # tp=4 > 2 KV heads: each KV head is repeated on two ranks.  A 1000-byte window cuts through
+    # rows, pieces and the sources of fused qkv (tensors are read and written a window at a time).
     model_dir = make_tiny_mistral(max_shard_size=200_000)  # several shards
     assert len(list(model_dir.glob("*.safetensors"))) > 1
     options = ConvertOptions(**layout)
@@ -78,7 +80,8 @@ def test_byte_copies_equal_the_torch_writer(make_tiny_mistral, tmp_path, layout)
     assert copies is not None
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    n_a, bytes_a = bytecopy.write_checkpoint(copies, mapping.world_size, tmp_path / "a", loaded.origin, workers=2)
+    n_a, bytes_a = bytecopy.write_checkpoint(copies, mapping.world_size, tmp_path / "a", loaded.origin, workers=2,
+                                             window=window)
     n_b, bytes_b = torch_write_checkpoint(plan, rank_plans, mapping, loaded, "float32", tmp_path / "b")
     assert (n_a, bytes_a) == (n_b, bytes_b)
     for r in range(mapping.world_size):

@@ -183,12 +183,12 @@ def test_empty_directory_is_written(work):
 
 
 def test_python_api_refuses_too(work):
-    """convert() without the CLI's input list still refuses the model dir (not an earlier output)."""
+    """convert() called from Python refuses the model dir as the CLI does (it names the input)."""
     from trtlm.convert.options import ConvertOptions
     from trtlm.convert.pipeline import convert as api_convert
 
     before = tree(work)
-    with pytest.raises(UserError, match="not an earlier trtlm output"):
+    with pytest.raises(UserError, match="it is the input --model-dir"):
         api_convert(work / "model", work / "model", ConvertOptions(force=True))
     with pytest.raises(UserError, match="current directory"):
         api_convert(work / "model", Path("."), ConvertOptions(force=True))
@@ -215,6 +215,22 @@ def test_build_replaces_its_earlier_engine(work, ckpt):
     res = run_cli("build", "--checkpoint-dir", ckpt, "--output-dir", "engine", "--force", "--max-batch-size", "3")
     assert res.exit_code == 0, res.stderr
     assert json.loads((work / "engine" / "config.json").read_text())["build_config"]["max_batch_size"] == 3
+
+
+def test_force_replaces_only_the_same_commands_output(work, ckpt, tmp_path):
+    """An engine is not replaced by a checkpoint, nor a checkpoint by an engine or a scaffold."""
+    other = tmp_path / "other-ckpt"
+    assert convert(work / "model", other).exit_code == 0
+    assert run_cli("build", "--checkpoint-dir", ckpt, "--output-dir", "engine").exit_code == 0
+    before = tree(tmp_path)
+    assert_refused(run_cli("build", "--checkpoint-dir", ckpt, "--output-dir", other, "--force"),
+                   "holds a TensorRT-LLM checkpoint", "not an earlier output of trtlm build")
+    assert_refused(convert("model", "engine", "--force"), "holds an engine", "not an earlier output of trtlm convert")
+    os.rename(other, tmp_path / "trtlm-plugin-acme")
+    res = run_cli("new-plugin", "acme", "--directory", tmp_path, "--force")
+    assert_refused(res, "holds a TensorRT-LLM checkpoint")
+    os.rename(tmp_path / "trtlm-plugin-acme", other)
+    assert tree(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------- others

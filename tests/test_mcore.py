@@ -336,11 +336,14 @@ def test_megatron_enum_in_args_is_read_without_megatron(mc_tp2_ep2, tmp_path):
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-    from trtlm.mcore.torchfile import MegatronGlobal, load_rank_file
-
-    state = load_rank_file(mc_tp2_ep2 / "iter_0000001" / "mp_rank_00_000" / "model_optim_rng.pt")
-    assert isinstance(state["args"].model_type, MegatronGlobal)
-    assert state["args"].model_type == "megatron.core.enums.ModelType(1)"
+    # In a fresh process: this one may have imported megatron.core (the Megatron check above).
+    code = ("import sys; from pathlib import Path; from trtlm.mcore.torchfile import MegatronGlobal, load_rank_file; "
+            f"s = load_rank_file(Path({str(mc_tp2_ep2 / 'iter_0000001' / 'mp_rank_00_000' / 'model_optim_rng.pt')!r})); "
+            "assert isinstance(s['args'].model_type, MegatronGlobal), type(s['args'].model_type); "
+            "assert not [m for m in sys.modules if m.startswith('megatron')]; print(s['args'].model_type)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "megatron.core.enums.ModelType(1)"
     convert("--model-dir", mc_tp2_ep2, "--output-dir", tmp_path / "ckpt")
 
 
@@ -364,3 +367,11 @@ def test_tp_not_dividing_query_groups_is_refused(tiny_mistral, outs):
     res = run_cli("convert", "--model-dir", tiny_mistral, "--output-dir", outs / "mc", "--to", "mcore",
                   "--tp-size", "4")
     assert_one_line_failure(res, outs, "--tp-size 4", "KV heads")
+
+
+def test_inspect_describes_an_mcore_dir(mc_tp2_ep2):
+    res = run_cli("inspect", mc_tp2_ep2, "--json")
+    assert res.exit_code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert (info["format"], info["family"], info["layers"]) == ("mcore", "mixtral", 2)
+    assert info["parallel"] == {"tp_size": 2, "pp_size": 1, "ep_size": 2}

@@ -264,7 +264,7 @@ def _rel(y, ref) -> float:
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(FORMATS))
-@pytest.mark.parametrize("rows", [1, 33])
+@pytest.mark.parametrize("rows", [1, 5, 33])  # GEMV, tiled Triton GEMM / torch kernels, dequantize + cuBLAS
 def test_fast_kernel_matches_emulation(name, rows):
     m = _linear(name, 512, 1024, torch.bfloat16, "cuda")
     path = m.prepare()
@@ -289,6 +289,27 @@ def test_fast_moe_matches_emulation(name, tokens):
     proj = _experts(name, E, H, inter, torch.bfloat16, "cuda", seed=4)
     router = torch.randn(E, H, device="cuda")
     x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
-    ref = moe_forward(fc.quantize_input(x), router, fc.dense(), proj.dense(), k, 1)
+    emulated = [qf.dequantize(m.algo, dict(m.named_buffers()), torch.bfloat16) for m in (fc, proj)]
+    ref = moe_forward(fc.quantize_input(x), router, *emulated, k, 1)
     got = quant_moe_forward(x, router, fc, proj, k, 1)
     assert _rel(got, ref) <= TOL
+
+
+@cuda
+@pytest.mark.gpu
+def test_alternative_kernels_match_emulation():
+    """The measured alternatives stay correct too: tinygemm int4 (repacked once) and per-channel FP8."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs compute capability 8.9+ (FP8)")
+    m = _linear("int4-awq", 512, 1024, torch.bfloat16, "cuda")
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+    packed = qk.repack_int4pack(m.weight, m.weights_scaling_factor)
+    y = qk.int4pack_mm(x, *packed, m.group_size, m.prequant_scaling_factor)
+    assert _rel(y, m.emulate(x)) <= TOL
+    w = torch.randn(256, 512, device="cuda") * 0.05
+    s = qf.fp8_per_channel_scale(w)
+    a = qf.fp8_activation_scale(3.0).cuda()
+    xb = torch.randn(20, 512, device="cuda", dtype=torch.bfloat16)
+    y = qk.fp8_scaled_mm(xb, qf.quantize_fp8(w, s), s, a)
+    ref = torch.nn.functional.linear(qf.fake_quant_fp8(xb, a), qf.dequantize_fp8(qf.quantize_fp8(w, s), s, xb.dtype))
+    assert _rel(y, ref) <= TOL

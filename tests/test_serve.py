@@ -59,6 +59,7 @@ class Server:
                                      stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self.url = None
+        self.loading_health = None
         self.lines: list[str] = []
         deadline = time.monotonic() + 120
         while self.url is None:
@@ -66,6 +67,9 @@ class Server:
             if not line:
                 raise AssertionError(f"trtlm serve exited ({self.proc.wait()}): {self.stderr()}")
             self.lines.append(line)
+            if (m := re.search(r"listening on (http://\S+)", line)) and self.loading_health is None:
+                r = httpx.get(m.group(1) + "/health")  # the engine is still loading (importing torch alone takes >1 s)
+                self.loading_health = (r.status_code, r.json())
             if m := re.search(r"ready at (http://\S+)", line):
                 self.url = m.group(1)
             if time.monotonic() > deadline:
@@ -359,9 +363,16 @@ def test_disconnects_free_the_kv_cache(server):
                     if got >= 3:
                         break  # leaving the block closes the connection mid-stream
 
-    async def main():
-        await asyncio.gather(*(one(i) for i in range(20)))
+    async def gone(i):  # non-streamed: the client gives up (read timeout) while the server generates
+        async with httpx.AsyncClient(headers=auth(), timeout=0.3) as h:
+            with pytest.raises(httpx.ReadTimeout):
+                await h.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [500 + i, 9],
+                                                                   "max_tokens": 500, "ignore_eos": True})
 
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(20)), *(gone(i) for i in range(4)))
+
+    before = metric(httpx.get(server.url + "/metrics").text, "trtlm:generation_tokens_total")
     asyncio.run(main())
     deadline = time.monotonic() + 10
     while True:
@@ -372,8 +383,10 @@ def test_disconnects_free_the_kv_cache(server):
             break
         time.sleep(0.05)
     assert (used, running, waiting) == (0, 0, 0), "requests of disconnected clients kept running"
-    # 20 x 500 tokens were asked for; the aborted ones generated only a few each.
+    # 20 x 500 tokens were asked for; aborted after 3 chunks, they generated a few steps' worth each
+    # (the engine keeps stepping between a disconnect and its abort: allow 20 steps per client).
     generated = metric(text, "trtlm:generation_tokens_total")
+    assert generated - before <= 20 * (3 + 20) + 4 * 200, generated - before
     r = httpx.post(server.url + "/v1/completions", headers=auth(),
                    json={"model": MODEL, "prompt": "x = ", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
@@ -454,6 +467,11 @@ def test_api_key_is_required_on_v1_and_v2(server):
         bad.completions.create(model=MODEL, prompt="x", max_tokens=2)
     assert httpx.get(server.url + "/health").status_code == 200  # operations routes stay open
     assert httpx.get(server.url + "/metrics").status_code == 200
+    # The structured access log: one JSON object per request on stderr.
+    records = [json.loads(line) for line in server.stderr().splitlines() if line.startswith('{"ts"')]
+    assert any(r["path"] == "/v1/completions" and r["status"] == 401 for r in records)
+    done = [r for r in records if r["path"] == "/v1/completions" and r["status"] == 200]
+    assert done and {"request_id", "prompt_tokens", "completion_tokens", "finish_reason", "duration_ms"} <= set(done[0])
 
 
 def test_bench_serve_client(server):
@@ -494,6 +512,7 @@ def test_queue_full_and_request_timeout(tmp_path):
     s = Server(["--engine-dir", engine, "--served-model-name", MODEL, "--max-batch-size", 2, "--max-queue-size", 2,
                 "--request-timeout", 1], tmp_path)
     try:
+        assert s.loading_health == (503, {"status": "loading", "detail": "the model is still loading"})
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
@@ -551,5 +570,115 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
             reasons = [c["finish_reason"] for e in events[:-1] for c in e["choices"]]
             assert reasons[-1] == "abort" and reasons.count("abort") == 1
         assert "trtlm serve: stopped" in "".join(s.lines)
+    finally:
+        s.stop()
+
+
+# ----------------------------------------------------------------------------------------------- several ranks
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def tp2_engine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp2")
+    for argv in (("convert", "--model-dir", TINY, "--output-dir", out / "ckpt", "--tp-size", 2),
+                 ("build", "--checkpoint-dir", out / "ckpt", "--output-dir", out / "engine")):
+        r = run_cli(*argv)
+        assert r.exit_code == 0, r.stderr
+    return out / "engine"
+
+
+def test_tp2_engine_served_end_to_end(tp2_engine, tmp_path):
+    """A tp2 (gloo) engine: two rank processes, rank 0 serves; the same text as `trtlm run` (one
+    process per rank too); SIGTERM mid-stream ends the stream cleanly, every rank exits, exit 0."""
+    ref = trtlm_run(tp2_engine, PROMPTS[0], 24)
+    s = Server(["--engine-dir", tp2_engine, "--served-model-name", MODEL, "--shutdown-grace", 0.5], tmp_path)
+    try:
+        ranks = children(s.proc.pid)
+        assert len(ranks) == 2, ranks
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0)
+        assert r.choices[0].text == ref["text"]
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True))
+        assert streamed == ref["text"]
+        results: dict = {}
+        t = threading.Thread(target=stream_events, args=(s.url, long_stream(0), results, 0))
+        t.start()
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(s.url + "/metrics").text, "trtlm:generation_tokens_total") < 60:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0, s.stderr()[-3000:]
+        t.join(timeout=10)
+        status, _, events = results[0]
+        assert status == 200 and events[-1] == "[DONE]"
+        assert [c["finish_reason"] for e in events[:-1] for c in e["choices"]][-1] == "abort"
+        assert not [p for p in ranks if alive(p)], "rank processes outlived trtlm serve"
+    finally:
+        s.stop()
+
+
+def test_tp2_rank_failure_stops_the_server(tp2_engine, tmp_path):
+    """Rank 1 dies at its 4th forward (test-only fault injection): the launcher kills rank 0 too and
+    `trtlm serve` fails with one line naming rank 1; the client sees its connection end."""
+    s = Server(["--engine-dir", tp2_engine, "--served-model-name", MODEL], tmp_path,
+               env={"TRTLM_TEST_FAULT": "1:4:exit"})
+    try:
+        ranks = children(s.proc.pid)
+        try:  # the request fails one way or the other: an error answer, or the connection ends
+            r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50},
+                           timeout=30)
+            assert r.status_code >= 500, r.text
+        except httpx.TransportError:
+            pass
+        assert s.proc.wait(timeout=30) == 1
+        err = [line for line in s.stderr().splitlines() if line.startswith("error:")]
+        assert err and "rank 1 failed" in err[-1], s.stderr()[-2000:]
+        assert not [p for p in ranks if alive(p)]
+    finally:
+        s.stop()
+
+
+def test_engine_failure_makes_health_503(tp2_engine, tmp_path):
+    """Rank 0's engine step raises (test-only fault injection at its 4th forward): the request in
+    flight fails with a 5xx, /health and new requests answer 503 naming the failure, and SIGTERM then
+    ends `trtlm serve` with one error line (exit 1) and no rank left behind."""
+    s = Server(["--engine-dir", tp2_engine, "--served-model-name", MODEL], tmp_path,
+               env={"TRTLM_TEST_FAULT": "0:4:raise"})
+    try:
+        ranks = children(s.proc.pid)
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50}, timeout=30)
+        assert r.status_code in (500, 503) and "injected fault" in r.json()["error"]["message"], r.text
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and "injected fault" in health.json()["detail"]
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5}, timeout=30)
+        assert r.status_code == 503 and r.headers.get("retry-after")
+        assert httpx.get(s.url + "/v2/health/ready").status_code == 400
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 1
+        err = [line for line in s.stderr().splitlines() if line.startswith("error:")]
+        assert err and "injected fault" in err[-1], s.stderr()[-2000:]
+        assert not [p for p in ranks if alive(p)]
     finally:
         s.stop()

@@ -76,11 +76,14 @@ class LLM:
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None, keep_logits: bool = False,
-                 sampling_params: Any = None) -> list[dict[str, Any]]:
+                 sampling_params: Any = None,
+                 on_output: Callable[[int, Any], None] | None = None) -> list[dict[str, Any]]:
         """Generate for each prompt (text, or token ids); greedy unless ``temperature > 0``.
 
         ``sampling_params``: one :class:`~trtlm.runtime.sampling.SamplingParams` for all prompts
-        or one per prompt (then the keyword settings are ignored).  ``on_tokens(step, ids)`` is
+        or one per prompt (then the keyword settings are ignored).  Streaming: ``on_output(i, out)``
+        gets prompt ``i``'s :class:`~trtlm.runtime.outputs.RequestOutput` after every step that
+        advanced it (``out.outputs[0].new_text`` is the new text); ``on_tokens(step, ids)`` is
         called after every engine step with each prompt's new token (``-1``: none this step).
 
         :return: one ``{"output_ids": [...], "text": str | None, "finish_reason": ...}`` per prompt
@@ -99,10 +102,10 @@ class LLM:
                                              top_p=top_p, seed=seed)
         per_prompt = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else \
             [sampling_params] * len(prompts)
-        return self._generate(prompts, per_prompt, keep_logits, on_tokens)
+        return self._generate(prompts, per_prompt, keep_logits, on_tokens, on_output)
 
-    def _generate(self, prompts, params, keep_logits, on_tokens) -> list[dict[str, Any]]:
-        on_output = None
+    def _generate(self, prompts, params, keep_logits, on_tokens, user_on_output=None) -> list[dict[str, Any]]:
+        on_output = user_on_output
         if on_tokens is not None:
             step_box = {"step": -1, "ids": None}
 
@@ -119,6 +122,8 @@ class LLM:
                 new = out.outputs[0].new_token_ids
                 if new:
                     step_box["ids"][i] = new[-1]
+                if user_on_output is not None:
+                    user_on_output(i, out)
 
         outs = self.engine.generate(prompts, params, keep_logits=keep_logits, on_output=on_output)
         if on_tokens is not None:
@@ -210,7 +215,8 @@ class DistributedLLM(LLM):
     def generate(self, prompts=None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None, keep_logits: bool = False,
-                 sampling_params: Any = None) -> list[dict[str, Any]]:
+                 sampling_params: Any = None, on_output: Callable[[int, Any], None] | None = None
+                 ) -> list[dict[str, Any]]:
         """As :meth:`LLM.generate`; collective, rank 0's arguments count; the logits are kept on rank 0."""
         from trtlm.runtime.distributed import RemoteError
         from trtlm.runtime.executor import follow
@@ -225,7 +231,7 @@ class DistributedLLM(LLM):
             return result["outputs"]
         try:
             outputs = super().generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, on_tokens,
-                                       keep_logits, sampling_params)
+                                       keep_logits, sampling_params, on_output)
         except UserError as exc:
             self.engine.executor.release({"error": str(exc)})
             raise

@@ -98,12 +98,12 @@ def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> Non
 def dummy_model(family: str, preset: str, dtype: str, device: str | torch.device, layers: int | None = None,
                 seed: int = 0) -> BenchModel:
     """The preset's network built on ``device`` with random weights (no checkpoint on disk)."""
-    from trtlm.mapping import Mapping
+    from trtlm.build import BuildOptions
     from trtlm.convert.options import ConvertOptions
     from trtlm.convert.pipeline import final_config
+    from trtlm.mapping import Mapping
     from trtlm.plugins import get_registry
     from trtlm.runtime.distributed import rank_network
-    from trtlm.build import BuildOptions
     from trtlm.runtime.model import TORCH_DTYPES
 
     if dtype not in TORCH_DTYPES:

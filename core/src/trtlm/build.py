@@ -86,7 +86,8 @@ def build(checkpoint_dir: Path, output_dir: Path, options: BuildOptions) -> dict
     world = int((config.get("mapping") or {}).get("world_size", 1))
     if options.backend == "tensorrt-llm":
         network = hooks.trtlm_build_network(config=config, backend="tensorrt-llm", options=options)
-        with atomic_dir(output_dir, options.force) as tmp:
+        with atomic_dir(output_dir, options.force, inputs={"--checkpoint-dir": checkpoint_dir},
+                        command="build") as tmp:
             network.build(checkpoint_dir, tmp)
         return build_config
 
@@ -103,7 +104,7 @@ def build(checkpoint_dir: Path, output_dir: Path, options: BuildOptions) -> dict
                           f"(e.g. {names[0]}); ignored", stacklevel=2)
     engine_config = {"pretrained_config": config, "build_config": build_config,
                      "family": entry.family.name, "plugin": entry.plugin}
-    with atomic_dir(output_dir, options.force) as tmp:
+    with atomic_dir(output_dir, options.force, inputs={"--checkpoint-dir": checkpoint_dir}, command="build") as tmp:
         def place(rank: int) -> None:
             src = checkpoint_dir / f"rank{rank}.safetensors"
             try:

@@ -39,22 +39,35 @@ def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+#: What an output's content says wrote it, for the TensorRT-LLM formats (checked before the marker:
+#: a checkpoint written by TensorRT-LLM's own tools has no marker but is still convert's kind).
+_KIND_NAMES = {"convert": "a TensorRT-LLM checkpoint (trtlm convert)", "build": "an engine (trtlm build)"}
+
+
+def output_kind(path: Path) -> str | None:
+    """Which command's output ``path`` is: ``"build"`` (an engine config.json), ``"convert"`` (a
+    TensorRT-LLM checkpoint config.json), else the ``command`` its :data:`MARKER` names, else None."""
+    cfg = path / "config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict):
+            if "build_config" in data and "pretrained_config" in data:
+                return "build"
+            if "architecture" in data and "mapping" in data:
+                return "convert"
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return marker.get("command") if isinstance(marker, dict) else None
+
+
 def looks_like_output(path: Path) -> bool:
     """The directory holds trtlm's marker, or a TensorRT-LLM checkpoint/engine ``config.json``."""
-    if (path / MARKER).is_file():
-        return True
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    if not isinstance(data, dict):
-        return False
-    engine = "build_config" in data and "pretrained_config" in data
-    checkpoint = "architecture" in data and "mapping" in data
-    return engine or checkpoint
+    return (path / MARKER).is_file() or output_kind(path) in ("convert", "build")
 
 
 def _refusal(out: Path, inputs: Inputs, empty: bool) -> str | None:
@@ -85,14 +98,16 @@ def _refusal(out: Path, inputs: Inputs, empty: bool) -> str | None:
     return None
 
 
-def check_output_dir(out: Path, force: bool, inputs: Inputs | None = None, flag: str = "--output-dir") -> None:
+def check_output_dir(out: Path, force: bool, inputs: Inputs | None = None, flag: str = "--output-dir",
+                     command: str | None = None) -> None:
     """Raise :class:`UserError` (one line naming ``flag`` and why) unless ``out`` may be written.
 
     A missing or empty directory may be written unless it is an input, the current directory,
     the home directory or a root (or contains one).  A non-empty one is replaced only with
-    ``force``, and only if it looks like trtlm's own earlier output and neither is, contains nor
-    lies inside an input (``inputs``: option name -> path), the current directory or one of its
-    parents, the home directory or a filesystem root.
+    ``force``, and only if it looks like trtlm's own earlier output (of ``command``, when given
+    and the directory says which command wrote it: :func:`output_kind`) and neither is, contains
+    nor lies inside an input (``inputs``: option name -> path), the current directory or one of
+    its parents, the home directory or a filesystem root.
     """
     out = _resolve(out)
     if not out.exists():
@@ -113,6 +128,11 @@ def check_output_dir(out: Path, force: bool, inputs: Inputs | None = None, flag:
         raise UserError(f"refusing to replace {flag} {out}: it is not empty and not an earlier trtlm output "
                         f"(no {MARKER} marker or checkpoint/engine config.json), even with --force; "
                         f"choose another {flag} or empty it yourself")
+    kind = output_kind(out)
+    if command is not None and kind is not None and kind != command:
+        what = _KIND_NAMES.get(kind, f"the output of trtlm {kind}")
+        raise UserError(f"refusing to replace {flag} {out}: it holds {what}, not an earlier output of "
+                        f"trtlm {command}; choose another {flag}")
     if not force:
         raise UserError(f"{flag} {out}: exists and is not empty; pass --force to replace it")
 
@@ -176,12 +196,13 @@ def atomic_dir(out: Path, force: bool = False, inputs: Inputs | None = None, fla
     """Yield a temporary sibling of ``out``; on success it replaces ``out``.
 
     :func:`check_output_dir` runs first (``inputs``: the command's input paths by option name, which
-    ``out`` must never replace).  The temporary directory gets :data:`MARKER` and the umask's mode.
+    ``out`` must never replace; ``command``: the command writing, whose earlier output alone
+    ``force`` replaces, recorded in the marker).  The temporary directory gets :data:`MARKER` and the umask's mode.
     On any error the temporary directory (and any parent this call created) is removed and ``out``
     is untouched, so a failed run never leaves a half-written output behind.
     """
     out = _resolve(out)
-    check_output_dir(out, force, inputs, flag)
+    check_output_dir(out, force, inputs, flag, command)
     created = _make_parents(out.parent, flag)
     try:
         tmp = _make_tmp(out.parent, out.name, flag)

@@ -132,6 +132,17 @@ def inspect_path(path: Path) -> dict[str, Any]:
                     rank_files=[f.name for f in files])
         if build_cfg is not None:
             info["build_config"] = build_cfg
+    elif fmt == "mcore":  # Megatron-Core (trtlm.mcore): described by its args
+        from trtlm.mcore.reader import resolve_family
+
+        entry, ckpt = resolve_family(path, None)
+        a = ckpt.args
+        dtype = "bfloat16" if a.get("bf16") else "float16" if a.get("fp16") else str(a.get("params_dtype") or "")
+        info.update(architecture="Megatron-Core GPT" + (f" ({a['num_experts']} experts)" if a.get("num_experts") else ""),
+                    layers=a.get("num_layers"), hidden_size=a.get("hidden_size"), parameters=None,
+                    dtype=dtype.replace("torch.", "") or None, iteration=ckpt.iteration,
+                    parallel={"tp_size": ckpt.tp, "pp_size": ckpt.pp, "ep_size": ckpt.ep},
+                    rank_files=[str(p.relative_to(path)) for p in sorted(ckpt.paths.values())])
     else:  # ft
         readers = registry.families_reading("ft")
         if not readers:

@@ -35,7 +35,7 @@ def build_cmd(checkpoint_dir, output_dir, backend, max_batch_size, max_input_len
 
     if max_seq_len is not None and max_input_len > max_seq_len:
         raise UserError(f"--max-input-len {max_input_len} is longer than --max-seq-len {max_seq_len}")
-    check_output_dir(output_dir, force, {"--checkpoint-dir": checkpoint_dir})
+    check_output_dir(output_dir, force, {"--checkpoint-dir": checkpoint_dir}, command="build")
     from trtlm.build import BuildOptions, build
 
     with warnings.catch_warnings(record=True) as caught:

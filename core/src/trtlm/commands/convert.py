@@ -76,7 +76,8 @@ def convert_cmd(model_dir, output_dir, family, preset, dummy_weights, dtype, tp_
     if to != "mcore":  # Megatron's expert parallelism is its own dimension (tp x pp x ep ranks), not inside tp
         check_moe_sizes(tp_size, moe_tp_size, moe_ep_size)
     # Before any work: --force must never replace an input (or the current directory...).
-    check_output_dir(output_dir, force, convert_inputs(model_dir, calib_data))
+    check_output_dir(output_dir, force, convert_inputs(model_dir, calib_data),
+                     command="convert" if to == "trtllm" else None)
 
     from trtlm.convert.options import ConvertOptions
     from trtlm.convert.pipeline import convert

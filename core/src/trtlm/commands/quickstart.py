@@ -38,8 +38,8 @@ def quickstart_cmd(model_dir, work_dir, prompts, tp_size, max_output_len, device
     model_dir = check_model_path(model_dir, "model", "--model-dir") if model_dir else bundled_model_dir()
     prompts = prompts or ("def ", "for i in range(", "    def __init__(self")
     ckpt, engine = work_dir / "checkpoint", work_dir / "engine"
-    for out in (ckpt, engine):  # quickstart always replaces its own outputs: never an input or a stranger's dir
-        check_output_dir(out, True, {"--model-dir": model_dir}, flag="--work-dir")
+    for out, step in ((ckpt, "convert"), (engine, "build")):  # its own earlier outputs only, never an input
+        check_output_dir(out, True, {"--model-dir": model_dir}, flag="--work-dir", command=step)
     dev = resolve_device(device)
 
     from trtlm.api import LLM

@@ -9,8 +9,6 @@ torchrun says.  Every rank executes the same request; rank 0 prints.
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,8 @@ import click
 
 from trtlm.commands.convert import DTYPES
 from trtlm.commands.engine_options import engine_config, engine_options, engine_settings
-from trtlm.commands.options import (DEVICE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, TOKEN_IDS,
-                                    TOP_P)
+from trtlm.commands.options import DEVICE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, TOKEN_IDS, TOP_P
+from trtlm.job import RunRequest, check_engine_request, execute, run_rank
 
 
 @click.command("run")
@@ -86,10 +84,11 @@ def run_cmd(engine_dir, model_dir, no_cache, tokenizer_dir, input_text, input_fi
     if streaming and len(prompts) > 1:
         raise UserError(f"--streaming streams one prompt, got {len(prompts)}: run them without --streaming "
                         f"(printed one after another), or one at a time")
-    request = {"engine_dir": str(engine_dir) if engine_dir else None, "tokenizer_dir": str(tokenizer_dir or "") or None,
-               "device": device, "prompts": prompts, "max_output_len": max_output_len, "temperature": temperature,
-               "top_k": top_k, "top_p": top_p, "seed": seed, "streaming": streaming, "as_json": as_json,
-               "dist_timeout": dist_timeout, "engine": engine_settings(engine)}
+    request = RunRequest(engine_dir=str(engine_dir) if engine_dir else None,
+                         tokenizer_dir=str(tokenizer_dir) if tokenizer_dir else None, device=device, prompts=prompts,
+                         max_output_len=max_output_len, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                         streaming=streaming, as_json=as_json, dist_timeout=dist_timeout,
+                         engine=engine_settings(engine))
 
     from trtlm.runtime.launch import engine_world_size, launch_ranks, rank_env
 
@@ -123,7 +122,8 @@ def run_cmd(engine_dir, model_dir, no_cache, tokenizer_dir, input_text, input_fi
                 work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trtlm-run-")))
             engine_dir = prepare_engine(Path(model_dir), ConvertOptions(dtype=dtype), use_cache=not no_cache,
                                         work_dir=work, log=lambda msg: click.echo(msg, err=True))
-            request.update(engine_dir=str(engine_dir), tokenizer_dir=request["tokenizer_dir"] or str(model_dir))
+            request.engine_dir = str(engine_dir)
+            request.tokenizer_dir = request.tokenizer_dir or str(model_dir)
         else:
             from trtlm.modeldir import check_model_path
 
@@ -131,104 +131,13 @@ def run_cmd(engine_dir, model_dir, no_cache, tokenizer_dir, input_text, input_fi
         check_engine_request(Path(engine_dir), prompts, max_output_len)
         world = engine_world_size(Path(engine_dir))  # no torch import: the ranks import it, not the launcher
         if launch == "multi" or (launch == "auto" and world > 1):
-            launch_ranks(request, world)
+            launch_ranks(request.to_dict(), world)
             return
         from trtlm.api import LLM
         from trtlm.devices import resolve_device
 
-        llm = LLM(engine_dir, tokenizer_dir=request["tokenizer_dir"], device=resolve_device(device),
-                  engine_config=engine_config(request["engine"]))
+        llm = LLM(engine_dir, tokenizer_dir=request.tokenizer_dir, device=resolve_device(device),
+                  engine_config=engine_config(request.engine))
         execute(llm, request, emit=True)
 
 
-def check_engine_request(engine_dir: Path, prompts: list[Any], max_output_len: int) -> None:
-    """Token-id prompts against the engine's limits, from its config.json (no torch, before any rank starts):
-    an id outside the vocabulary or a prompt longer than the engine's --max-input-len is one line here
-    instead of an IndexError (or, on tp > 1, garbage) later.  Text prompts are checked after tokenizing,
-    by the runtime."""
-    from trtlm.errors import UserError
-    from trtlm.modeldir import read_json
-
-    cfg = read_json(engine_dir / "config.json")
-    pretrained, build = cfg.get("pretrained_config") or {}, cfg.get("build_config") or {}
-    vocab = pretrained.get("vocab_size")
-    max_input = build.get("max_input_len")
-    for ids in prompts:
-        if not isinstance(ids, list):
-            continue
-        if vocab is not None:
-            bad = [t for t in ids if t >= int(vocab)]
-            if bad:
-                raise UserError(f"--input-ids: token id {bad[0]} is outside the vocabulary of {engine_dir} "
-                                f"(ids must be in [0, {int(vocab)}))")
-        if max_input is not None and len(ids) > int(max_input):
-            raise UserError(f"--input-ids: a prompt of {len(ids)} tokens is longer than the engine allows "
-                            f"(max_input_len {int(max_input)}; rebuild with a larger --max-input-len)")
-
-
-def run_rank(request: dict[str, Any], env) -> None:
-    """Be rank ``env.rank`` of the job: load this rank's file, generate, and print on rank 0."""
-    from trtlm.api import DistributedLLM
-
-    with DistributedLLM(request["engine_dir"], tokenizer_dir=request["tokenizer_dir"], device=request["device"],
-                        timeout_s=request["dist_timeout"], env=env,
-                        engine_config=engine_config(request.get("engine"))) as llm:
-        execute(llm, request, emit=env.rank == 0)
-
-
-def execute(llm, request: dict[str, Any], emit: bool) -> list[dict[str, Any]]:
-    """Generate for ``request`` with ``llm`` (one process or one rank); print when ``emit``.
-
-    One format whether streamed or not: a text prompt is printed followed by its completion, a
-    token-id prompt as its ids followed by the generated ids (comma-separated); one sequence after
-    another for a batch.  --streaming (one prompt) prints the same bytes as they are generated:
-    the prompt first, then each new piece of text whose UTF-8 is complete, then what remains.
-    """
-    prompts = request["prompts"]
-    on_tokens = None
-    texts = bool(prompts) and isinstance(prompts[0], str)
-    printed = [""]
-    if emit and request["streaming"] and len(prompts) == 1 and not request["as_json"]:
-        sofar: list[int] = []
-        sys.stdout.write(prompts[0] if texts else ",".join(map(str, prompts[0])))
-        sys.stdout.flush()
-
-        def on_tokens(step, ids):
-            if ids[0] < 0:
-                return
-            sofar.append(ids[0])
-            if texts:
-                text = llm.tokenizer.decode(sofar)
-                if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
-                    return
-                piece = text[len(printed[0]):] if text.startswith(printed[0]) else ""
-                printed[0] += piece
-            else:
-                piece = f",{ids[0]}"
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    outputs = llm.generate(prompts, max_new_tokens=request["max_output_len"], temperature=request["temperature"],
-                           top_k=request["top_k"], top_p=request["top_p"], seed=request["seed"],
-                           on_tokens=on_tokens)
-    if not emit:
-        return outputs
-    if request["as_json"]:
-        click.echo(json.dumps({"outputs": outputs}))
-    elif on_tokens is not None:
-        out = outputs[0]
-        rest = out["text"][len(printed[0]):] if texts and out["text"] is not None else ""
-        click.echo(rest)
-    else:
-        for prompt, out in zip(prompts, outputs):
-            click.echo(format_output(prompt, out))
-    sys.stdout.flush()
-    return outputs
-
-
-def format_output(prompt: Any, out: dict[str, Any]) -> str:
-    """The printed form of one sequence: prompt + completion, or prompt ids + generated ids."""
-    if isinstance(prompt, str) and out.get("text") is not None:
-        return f"{prompt}{out['text']}"
-    ids = list(prompt) if not isinstance(prompt, str) else []
-    return ",".join(map(str, [*ids, *out["output_ids"]]))

@@ -70,13 +70,13 @@ def serve(repo: Path, http_port: int) -> None:
     install = find_triton(work)
     server = TritonServer(install, repo, work / "tritonserver.log", http_port=http_port)
     click.echo(f"starting {install.origin} on port {http_port} (log: {server.log_path})", err=True)
-    with server:
+    with server:  # stopped on the way out, whatever happens
         try:
-            server.wait_ready()
-        except RuntimeError:
-            raise UserError(f"tritonserver did not become ready on {repo}; its log: {server.log_path}") from None
-        click.echo(f"ready: {server.url}/v2/health/ready", err=True)
-        try:
+            try:
+                server.wait_ready()
+            except RuntimeError:
+                raise UserError(f"tritonserver did not become ready on {repo}; its log: {server.log_path}") from None
+            click.echo(f"ready: {server.url}/v2/health/ready (Ctrl-C stops it)", err=True)
             server.proc.wait()
         except KeyboardInterrupt:
-            pass
+            click.echo("stopping tritonserver", err=True)

@@ -5,9 +5,9 @@ is a source tensor taken as is or several concatenated along rows (fused qkv), t
 or indexed along one dimension per rank (column-parallel rows, row-parallel columns, q/k/v
 heads with KV repetition, vocabulary rows with zero padding, whole experts).  Row-major bytes
 make each rank's part a list of byte ranges of the sources, so the job is what ``dd`` does:
-read each source tensor once into a reused buffer (one ``preadv`` per source tensor: a short
-read means the file shrank while converting, a one-line error rather than the ``SIGBUS`` a
-memory map would raise), check it for NaN/Inf on that buffer (:mod:`numpy`, in L2-sized
+read each source tensor once into a reused buffer (``preadv``, 64 MB at a time: a short read
+means the file shrank while converting, a one-line error rather than the ``SIGBUS`` a memory
+map would raise), check it for NaN/Inf on that buffer (:mod:`numpy`, in L2-sized
 chunks), and write each rank's ranges out of it with ``pwritev`` at the offsets the
 precomputed safetensors headers fix (:class:`~trtlm.convert.writer.RankFileWriter`).
 
@@ -37,6 +37,8 @@ from trtlm.mapping import Mapping
 
 #: Elements per NaN/Inf check step: small enough that the scratch array stays in L2.
 _CHECK_CHUNK = 1 << 16
+#: Bytes of a tensor read, checked and written at a time (one such buffer per worker).
+WINDOW = 64 << 20
 
 
 @dataclass
@@ -58,21 +60,23 @@ class TensorCopy:
     sources: list[tuple[str, Path, int, int]]  #: (HF name, file, offset, nbytes)
     parts: list[RankPart] = field(default_factory=list)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(s[3] for s in self.sources)
-
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
     """``(first, count)`` of each run of consecutive indices (``-1`` runs are padding)."""
+    if not indices:
+        return []
+    first = indices[0]
+    if first != -1 and indices == list(range(first, first + len(indices))):  # one run (compared in C)
+        return [(first, len(indices))]
     runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs:
-            first, count = runs[-1]
-            if (i == -1 and first == -1) or (i != -1 and first != -1 and i == first + count):
-                runs[-1] = (first, count + 1)
-                continue
-        runs.append((i, 1))
+    start, count = first, 1
+    for i in indices[1:]:
+        if (i == -1 and start == -1) or (i != -1 and start != -1 and i == start + count):
+            count += 1
+        else:
+            runs.append((start, count))
+            start, count = i, 1
+    runs.append((start, count))
     return runs
 
 
@@ -84,6 +88,12 @@ def _pieces(shape: tuple[int, ...], dim: int, indices: list[int], itemsize: int)
     inner = math.prod(shape[dim + 1:]) * itemsize
     size = shape[dim]
     runs = _runs(indices)
+    if len(runs) == 1 and runs[0][0] != -1:  # one block per outer row: the common split cases
+        first, count = runs[0]
+        n = count * inner
+        if count == size or outer == 1:  # the whole tensor, or one block of rows
+            return [(0, first * inner, outer * n)]
+        return [(o * n, (o * size + first) * inner, n) for o in range(outer)]
     out: list[tuple[int, int, int]] = []
     pos = 0
     for o in range(outer):
@@ -214,9 +224,13 @@ def _read(fd: int, path: Path, name: str, offset: int, into: memoryview) -> None
 
 
 def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origin: str, workers: int = 1,
-                     check_finite: bool = True, progress: bool = False) -> tuple[int, int]:
+                     check_finite: bool = True, progress: bool = False, window: int = WINDOW) -> tuple[int, int]:
     """Write ``rank{r}.safetensors`` for every rank into ``out`` (an empty directory) from the
-    byte copies of :func:`plan_copies`.  Returns ``(tensors, bytes)`` written."""
+    byte copies of :func:`plan_copies`.  Returns ``(tensors, bytes)`` written.
+
+    Each tensor passes through one reused buffer of ``window`` bytes per worker, a window at a
+    time, so memory does not grow with the size of a tensor (a 128k-vocabulary embedding)."""
+    window = max(window - window % 8, 8)  # whole elements of every dtype
     layouts: list[dict[str, tuple[tuple[int, ...], str]]] = [{} for _ in range(world_size)]
     total = 0
     for copy in copies:
@@ -230,19 +244,29 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
 
     def convert_one(copy: TensorCopy) -> None:
         buf: bytearray | None = getattr(local, "buf", None)
-        if buf is None or len(buf) < copy.nbytes:
-            buf = local.buf = bytearray(max(copy.nbytes, 1 << 20))
+        if buf is None:
+            buf = local.buf = bytearray(window)
             local.scratch = {}
-        view = memoryview(buf)[: copy.nbytes]
-        pos = 0
-        for name, path, offset, nbytes in copy.sources:
-            chunk = view[pos:pos + nbytes]
-            _read(files.fd(path), path, name, offset, chunk)
-            if check_finite and not all_finite(chunk, copy.dtype, local.scratch):
-                raise UserError(f"{origin}: tensor {name} contains NaN or Inf values")
-            pos += nbytes
-        for part in copy.parts:
-            writers[part.rank].write_gather(part.name, [(at, view[src:src + n]) for at, src, n in part.pieces])
+        starts = [0]
+        for src in copy.sources:
+            starts.append(starts[-1] + src[3])
+        total_bytes = starts[-1]
+        for w0 in range(0, max(total_bytes, 1), window):  # the tensor's bytes, one window at a time
+            w1 = min(w0 + window, total_bytes)
+            view = memoryview(buf)[: w1 - w0]
+            for (name, path, offset, _n), s0, s1 in zip(copy.sources, starts, starts[1:]):
+                lo, hi = max(w0, s0), min(w1, s1)
+                if lo >= hi:
+                    continue
+                chunk = view[lo - w0:hi - w0]
+                _read(files.fd(path), path, name, offset + lo - s0, chunk)
+                if check_finite and not all_finite(chunk, copy.dtype, local.scratch):
+                    raise UserError(f"{origin}: tensor {name} contains NaN or Inf values")
+            last = w1 >= total_bytes
+            for part in copy.parts:
+                pieces = [(at + lo - src, view[lo - w0:hi - w0]) for at, src, n in part.pieces
+                          if (lo := max(src, w0)) < (hi := min(src + n, w1))]
+                writers[part.rank].write_gather(part.name, pieces, last=last)
 
     bar = None
     if progress:

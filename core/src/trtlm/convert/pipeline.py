@@ -21,7 +21,7 @@ from trtlm.hf_config import torch_dtype_name
 from trtlm.mapping import Mapping
 from trtlm.modeldir import detect_format, read_json  # noqa: F401  (re-exported)
 from trtlm.plugins import get_registry
-from trtlm.registry import FamilyEntry, FamilyHooks
+from trtlm.registry import FamilyEntry, FamilyHooks, Registry
 from trtlm.sources import DummySource
 from trtlm.weights import LoadedModel
 
@@ -35,9 +35,11 @@ class ConvertResult:
     bytes_written: int
 
 
-def resolve_model(model_dir: Path | None, family: str | None) -> tuple[FamilyEntry, str]:
-    """The family handling ``model_dir`` (or named ``family``) and the directory format."""
-    registry = get_registry()
+def resolve_model(model_dir: Path | None, family: str | None,
+                  registry: Registry | None = None) -> tuple[FamilyEntry, str]:
+    """The family handling ``model_dir`` (or named ``family``) and the directory format
+    (``registry``: the process-wide one unless given)."""
+    registry = registry or get_registry()
     if model_dir is None:
         if family is None:
             raise UserError("give --model-dir, or --family with --preset and --dummy-weights")
@@ -156,12 +158,22 @@ def copy_tokenizer(model_dir: Path | None, out: Path) -> None:
         shutil.copy2(path, out / path.name)
 
 
+def calib_path(options: ConvertOptions) -> str | None:
+    """The calibration file of ``--calib-data`` (``random:...`` and the default are not files)."""
+    spec = getattr(options, "calib_data", None)
+    return str(spec) if spec and not str(spec).startswith("random:") else None
+
+
 def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
-            family: str | None = None, preset: str | None = None) -> ConvertResult:
-    """Convert a model into a TensorRT-LLM checkpoint (or another ``options.to`` format)."""
-    entry, fmt = resolve_model(model_dir, family)
+            family: str | None = None, preset: str | None = None,
+            registry: Registry | None = None) -> ConvertResult:
+    """Convert a model into a TensorRT-LLM checkpoint (or another ``options.to`` format).
+
+    The registry (the process-wide one unless given) is asked once, here; every later step
+    gets the family's hooks."""
+    registry = registry or get_registry()
+    entry, fmt = resolve_model(model_dir, family, registry)
     check_capabilities(entry, options)
-    registry = get_registry()
     hooks = registry.hooks(entry)
     if fmt == "mcore":  # Megatron-Core: read through the family's MCore layout (trtlm.mcore.reader)
         from trtlm.mcore.reader import load_mcore
@@ -169,8 +181,9 @@ def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
         loaded = load_mcore(model_dir, hooks)
     else:
         loaded = load(hooks, model_dir, preset, options)
+    inputs = {"--model-dir": model_dir, "--calib-data": calib_path(options)}
     if options.to != "trtllm":
-        with atomic_dir(output_dir, options.force) as tmp:
+        with atomic_dir(output_dir, options.force, inputs=inputs, command="convert") as tmp:
             written = hooks.trtlm_export(fmt=options.to, loaded=loaded, options=options, output_dir=tmp,
                                          hooks=hooks)
             if written is None:
@@ -187,7 +200,7 @@ def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
     mapping = Mapping(options.tp_size, options.pp_size, options.moe_tp_size or 0, options.moe_ep_size or 0)
     rank_plans = hooks.trtlm_shard(plan=plan, mapping=mapping)
     config = final_config(plan, mapping, dtype)
-    with atomic_dir(output_dir, options.force) as tmp:
+    with atomic_dir(output_dir, options.force, inputs=inputs, command="convert") as tmp:
         n, nbytes = write_rank_files(plan, rank_plans, mapping, loaded, dtype, tmp, options)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
         copy_tokenizer(model_dir, tmp)

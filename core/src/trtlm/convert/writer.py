@@ -80,10 +80,11 @@ class RankFileWriter:
             self._written(offset, nbytes)
             self._pending.discard(name)
 
-    def write_gather(self, name: str, pieces: Sequence[tuple[int, memoryview]]) -> None:
+    def write_gather(self, name: str, pieces: Sequence[tuple[int, memoryview]], last: bool = True) -> None:
         """Fill tensor ``name`` from ``(byte offset in the tensor, bytes)`` pieces sorted by offset;
         bytes not covered stay zero (the file was created zero-filled at its full size).  Runs of
-        adjacent pieces go out in one ``pwritev`` (up to ``IOV_MAX`` buffers per call)."""
+        adjacent pieces go out in one ``pwritev`` (up to ``IOV_MAX`` buffers per call).  ``last``:
+        the tensor is complete (a tensor may be written in several calls)."""
         offset, nbytes, _shape, _dtype = self._offsets[name]
         base = self._base + offset
         i = 0
@@ -99,8 +100,9 @@ class RankFileWriter:
             if done < end - start:  # short write: finish piece by piece
                 self._finish(base + start, bufs, done)
             i = j
-        self._written(offset, nbytes)
-        self._pending.discard(name)
+        if last:
+            self._written(offset, nbytes)
+            self._pending.discard(name)
 
     def _finish(self, pos: int, bufs: list[memoryview], done: int) -> None:
         """Complete a short ``pwritev`` that wrote ``done`` bytes of ``bufs`` at ``pos``."""

@@ -2,31 +2,35 @@
 
 The runtime modules (:mod:`trtlm.quant.runtime`) ask :func:`linear_plan` which path a linear
 takes on its device, once, in their load-time ``prepare()``; everything here is only used on CUDA
-(everything falls back to the emulation in :mod:`trtlm.quant.formats` elsewhere).
+(every format falls back to the emulation of :mod:`trtlm.quant.formats` elsewhere).
 
-Paths (the strings modules expose as ``kernel_path``):
+Paths (the strings modules expose as ``kernel_path``), and which kernel runs at which size:
 
-``"triton"``  -- :func:`dequant_mm`, one Triton kernel for every weight-only product: it streams
-    the stored codes (int8, packed int4, fp8) and their scales from memory, converts them to the
-    activation dtype in registers and multiplies with ``tl.dot`` accumulating in float32; group
-    scales are applied to each group's partial sum, per-channel / per-tensor scales once at the
-    end; AWQ's pre-quant scale is applied to the activation tile in the kernel.  Split-K with
-    float32 atomics keeps all SMs busy at decode (M = 1).  The same kernel serves MoE experts: an
-    expert id per row selects the weights, so only *routed* experts are read (no dequantized
-    copy of any expert is ever made).  Layout is the checkpoint's own (no repacking needed).
-``"scaled_mm"`` -- FP8 W8A8: ``torch._scaled_mm`` (cuBLASLt, sm_89+), activation quantized with
-    the checkpoint's static scale; per-channel weight scales are applied to the float32 output.
-``"int_mm"``  -- SmoothQuant W8A8 for M > 16 rows: ``torch._int_mm`` (int8 x int8 -> int32,
-    exact), then ``acc * a_scale * w_scale``; at M <= 16 (``_int_mm`` needs M > 16) the
-    activation is fake-quantized (the same rounding) and the Triton kernel runs.
-``"int4pack"`` -- ``torch._weight_int4pack_mm`` (tinygemm), weights repacked once at load.
-    Kept as a measured alternative (see docs/benchmarks.md, "quantized kernels"): its scales are
-    bfloat16 (a 2**-9 relative error on every scale) and it needs bfloat16 activations.
+``"triton"`` -- weight-only int8 / int4 (and the int8/fp8 MoE experts):
+    * 1 row (decode at batch 1, each routed expert of a token): a Triton GEMV
+      (``dequant_gemv_kernel``) streaming the stored codes (int8, packed int4, fp8) and their
+      scales, converting in registers, float32 accumulation, group scales applied per group,
+      AWQ's pre-quant scale applied to the activation in the kernel, split-K with float32 atomics
+      so every SM streams weights.  MoE: an expert id per row selects the weights, so only the
+      *routed* experts are read, no dequantized copy is ever made.
+    * 2..16 rows: the tiled Triton GEMM (``dequant_mm_kernel``, ``tl.dot``) on the same layout.
+    * 17+ rows: one Triton pass writes the dense weight (:func:`dequantize_fast`), then cuBLAS --
+      once the product is compute-bound cuBLAS beats any dequantizing GEMM of ours.
+    The checkpoint layout is used as is (no repacking).
+``"scaled_mm"`` -- FP8 W8A8: ``torch._scaled_mm`` (cuBLASLt, sm_89+), the activation quantized
+    with the checkpoint's static scale; per-channel weight scales are applied to the float32
+    output.  At 1 row (:data:`FP8_TRITON_MAX_ROWS`) the Triton GEMV on the fp8 codes, with the
+    activation fake-quantized by the same static scale (same numbers).
+``"int_mm"`` -- SmoothQuant W8A8 from 17 rows on: ``torch._int_mm`` (int8 x int8 -> int32,
+    exact), then ``acc * a_scale * w_scale``; below (``_int_mm`` needs M > 16) the activation is
+    fake-quantized (the same rounding) and the Triton kernels run on the int8 codes.
+``"int4pack"`` -- ``torch._weight_int4pack_mm`` (tinygemm) up to 16 rows, weights repacked once in
+    ``prepare()`` (a second copy of the int4 weight); chosen by :data:`INT4_KERNEL` from the
+    measurements in docs/benchmarks.md ("quantized kernels").  Its scales are bfloat16.
 ``"emulation"`` -- dequantize then ``F.linear`` (any device, any dtype).
 
-Numerics: every fast path computes what the emulation computes up to accumulation order and, for
-``"triton"``, the activation dtype of the partial products (codes are exact in fp16/bf16; scales
-are applied in float32).
+Numerics: every fast path computes what the emulation computes up to accumulation order and the
+rounding of partial products (codes are exact in fp16/bf16; scales are applied in float32).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import os
 import torch
 
 __all__ = ["EMULATION", "TRITON", "SCALED_MM", "INT_MM", "INT4PACK", "triton_available", "cuda_capability",
-           "linear_plan", "choose_path", "dequant_mm", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
+           "linear_plan", "choose_path", "dequant_mm", "dequantize_fast", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
            "INT_MM_MIN_ROWS"]
 
 EMULATION = "emulation"
@@ -48,9 +52,14 @@ INT4PACK = "int4pack"
 
 #: ``torch._int_mm`` on CUDA requires more than 16 rows
 INT_MM_MIN_ROWS = 17
-#: rows up to which FP8 uses the Triton fp8-weight kernel instead of ``_scaled_mm`` (0: never);
-#: set from measurement (docs/benchmarks.md)
-FP8_TRITON_MAX_ROWS = 16
+#: rows up to which FP8 uses the Triton fp8-weight GEMV (activation fake-quantized with the same
+#: static scale) instead of ``_scaled_mm`` (0: never); set from measurement (docs/benchmarks.md)
+FP8_TRITON_MAX_ROWS = 1
+#: weight-only formats from this many rows on: dequantize in one Triton pass, then a dense GEMM
+#: (cuBLAS beats any dequantizing GEMM of ours once the product is no longer memory-bound)
+DENSE_MIN_ROWS = 17
+#: rows up to which the int4 path takes ``torch._weight_int4pack_mm`` when INT4_KERNEL is INT4PACK
+INT4PACK_MAX_ROWS = 16
 
 #: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")
 INT4_KERNEL = TRITON
@@ -105,7 +114,7 @@ def choose_path(weight: str, activation: str | None, device_type: str, capabilit
     if weight == "fp8":
         if cap < (8, 9) or not scaled_mm:
             return EMULATION, f"FP8 needs compute capability 8.9+ (this GPU: {cap[0]}.{cap[1]})"
-        small = f" (Triton fp8-weight kernel up to {FP8_TRITON_MAX_ROWS} rows)" if FP8_TRITON_MAX_ROWS and triton else ""
+        small = f" (Triton fp8-weight GEMV up to {FP8_TRITON_MAX_ROWS} row(s))" if FP8_TRITON_MAX_ROWS and triton else ""
         return SCALED_MM, "torch._scaled_mm" + small
     if not triton:
         if activation == "int8":
@@ -114,8 +123,9 @@ def choose_path(weight: str, activation: str | None, device_type: str, capabilit
     if cap < (8, 0):
         return EMULATION, f"the Triton kernels need compute capability 8.0+ (this GPU: {cap[0]}.{cap[1]})"
     if activation == "int8":
-        return INT_MM, "torch._int_mm above 16 rows, Triton int8-weight kernel below"
-    return TRITON, f"Triton dequant-matmul ({weight} weights)"
+        return INT_MM, "torch._int_mm above 16 rows, Triton on the int8 codes below"
+    return TRITON, (f"{weight} weights: Triton GEMV at 1 row, Triton GEMM up to {DENSE_MIN_ROWS - 1}, "
+                    f"Triton dequantize + cuBLAS beyond")
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -128,7 +138,7 @@ def _kernel():
     @triton.jit
     def dequant_mm_kernel(
         x_ptr, w_ptr, s_ptr, p_ptr, ids_ptr, y_ptr,
-        M, N, K, K_PER_SPLIT,
+        M, N, K, ITERS,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ym,
         XDIV: tl.constexpr, GROUP: tl.constexpr, WKIND: tl.constexpr, SKIND: tl.constexpr,
         HAS_P: tl.constexpr, HAS_IDS: tl.constexpr, ATOMIC: tl.constexpr,
@@ -156,9 +166,9 @@ def _kernel():
         s_base = s_ptr + e * stride_se
         acc_e = tl.zeros((BM, HALF), dtype=tl.float32)
         acc_o = tl.zeros((BM, HALF), dtype=tl.float32)
-        k_start = pid_k * K_PER_SPLIT
-        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-        for k0 in range(k_start, k_end, BK):
+        k_start = pid_k * (ITERS * BK)  # split-K: host ints only in the loop bounds
+        for it in range(0, ITERS):
+            k0 = k_start + it * BK
             kk = k0 + offs_k
             x = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_mask[:, None], other=0.0)
             if HAS_P:
@@ -208,6 +218,160 @@ def _kernel():
 
 
 @functools.lru_cache(maxsize=None)
+def _gemv_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequant_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, p_ptr, ids_ptr, y_ptr,
+        N, K, ITERS,
+        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ym,
+        XDIV: tl.constexpr, GROUP: tl.constexpr, WKIND: tl.constexpr, SKIND: tl.constexpr,
+        HAS_P: tl.constexpr, HAS_IDS: tl.constexpr, ATOMIC: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        # One input row per program (decode, gathered experts): a matrix-vector product on the
+        # CUDA cores, weight tiles read along K (coalesced), float32 accumulation.
+        HALF: tl.constexpr = BN // 2
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        if HAS_IDS:
+            e = tl.load(ids_ptr + row).to(tl.int64)
+        else:
+            e = 0
+        x_base = x_ptr + (row // XDIV).to(tl.int64) * stride_xm
+        w_base = w_ptr + e * stride_we
+        s_base = s_ptr + e * stride_se
+        offs_j = pid_n * HALF + tl.arange(0, HALF)
+        j_mask = offs_j < N // 2
+        offs_k = tl.arange(0, BK)
+        acc_e = tl.zeros((HALF,), dtype=tl.float32)
+        acc_o = tl.zeros((HALF,), dtype=tl.float32)
+        k_start = pid_k * (ITERS * BK)  # split-K: host ints only in the loop bounds
+        for it in range(0, ITERS):
+            k0 = k_start + it * BK
+            kk = k0 + offs_k
+            x = tl.load(x_base + kk).to(tl.float32)
+            if HAS_P:
+                x = x * tl.load(p_ptr + kk).to(tl.float32)
+            if WKIND == 1:
+                b = tl.load(w_base + offs_j[:, None].to(tl.int64) * stride_wn + kk[None, :], mask=j_mask[:, None], other=0)
+                w_e = ((b << 4).to(tl.int8) >> 4).to(tl.float32)
+                w_o = (b >> 4).to(tl.float32)
+            else:
+                ne = (2 * offs_j)[:, None].to(tl.int64) * stride_wn
+                b_e = tl.load(w_base + ne + kk[None, :], mask=j_mask[:, None], other=0)
+                b_o = tl.load(w_base + ne + stride_wn + kk[None, :], mask=j_mask[:, None], other=0)
+                if WKIND == 2:
+                    w_e = b_e.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    w_o = b_o.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                else:
+                    w_e = b_e.to(tl.float32)
+                    w_o = b_o.to(tl.float32)
+            d_e = tl.sum(w_e * x[None, :], axis=1)
+            d_o = tl.sum(w_o * x[None, :], axis=1)
+            if SKIND == 2:
+                g = k0 // GROUP
+                acc_e += d_e * tl.load(s_base + (2 * offs_j) * stride_sn + g * stride_sg, mask=j_mask, other=0.0)
+                acc_o += d_o * tl.load(s_base + (2 * offs_j + 1) * stride_sn + g * stride_sg, mask=j_mask, other=0.0)
+            else:
+                acc_e += d_e
+                acc_o += d_o
+        if SKIND == 1:
+            acc_e = acc_e * tl.load(s_base + (2 * offs_j) * stride_sn, mask=j_mask, other=0.0)
+            acc_o = acc_o * tl.load(s_base + (2 * offs_j + 1) * stride_sn, mask=j_mask, other=0.0)
+        elif SKIND == 0:
+            s = tl.load(s_base)
+            acc_e = acc_e * s
+            acc_o = acc_o * s
+        y_e = y_ptr + row.to(tl.int64) * stride_ym + 2 * offs_j
+        if ATOMIC:
+            tl.atomic_add(y_e, acc_e, mask=j_mask)
+            tl.atomic_add(y_e + 1, acc_o, mask=j_mask)
+        else:
+            tl.store(y_e, acc_e.to(y_ptr.dtype.element_ty), mask=j_mask)
+            tl.store(y_e + 1, acc_o.to(y_ptr.dtype.element_ty), mask=j_mask)
+
+    return dequant_gemv_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
+                       GROUP: tl.constexpr, WKIND: tl.constexpr, SKIND: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr):
+        # codes * scales -> the activation dtype, one pass (read codes, write the dense tile)
+        HALF: tl.constexpr = BN // 2
+        offs_j = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        kk = tl.program_id(1) * BK + tl.arange(0, BK)
+        mask = (offs_j < N // 2)[:, None] & (kk < K)[None, :]
+        if WKIND == 1:
+            b = tl.load(w_ptr + offs_j[:, None].to(tl.int64) * stride_wn + kk[None, :], mask=mask, other=0)
+            w_e = ((b << 4).to(tl.int8) >> 4).to(tl.float32)
+            w_o = (b >> 4).to(tl.float32)
+        else:
+            ne = (2 * offs_j)[:, None].to(tl.int64) * stride_wn
+            b_e = tl.load(w_ptr + ne + kk[None, :], mask=mask, other=0)
+            b_o = tl.load(w_ptr + ne + stride_wn + kk[None, :], mask=mask, other=0)
+            if WKIND == 2:
+                w_e = b_e.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                w_o = b_o.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:
+                w_e = b_e.to(tl.float32)
+                w_o = b_o.to(tl.float32)
+        if SKIND == 2:
+            gk = (kk // GROUP)[None, :] * stride_sg
+            w_e = w_e * tl.load(s_ptr + (2 * offs_j)[:, None] * stride_sn + gk, mask=mask, other=0.0)
+            w_o = w_o * tl.load(s_ptr + (2 * offs_j + 1)[:, None] * stride_sn + gk, mask=mask, other=0.0)
+        elif SKIND == 1:
+            w_e = w_e * tl.load(s_ptr + (2 * offs_j) * stride_sn, mask=offs_j < N // 2, other=0.0)[:, None]
+            w_o = w_o * tl.load(s_ptr + (2 * offs_j + 1) * stride_sn, mask=offs_j < N // 2, other=0.0)[:, None]
+        else:
+            s = tl.load(s_ptr)
+            w_e = w_e * s
+            w_o = w_o * s
+        o = out_ptr + (2 * offs_j)[:, None].to(tl.int64) * stride_on + kk[None, :]
+        tl.store(o, w_e.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o + stride_on, w_o.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return dequant_kernel
+
+
+def dequantize_fast(weight: torch.Tensor, scale: torch.Tensor, *, weight_kind: str, scale_kind: str,
+                    group_size: int = 0, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
+                    out_features: int | None = None) -> torch.Tensor:
+    """The dense ``[N, K]`` weight in ``dtype`` from one linear's codes and scales, in one Triton pass.
+
+    Used where a dense GEMM beats any dequantizing GEMM (many rows): ``F.linear(x, dequantize_fast(..))``.
+    """
+    wk, sk = _WKIND[weight_kind], _SKIND[scale_kind]
+    K = weight.shape[-1]
+    N = out_features or (weight.shape[-2] * 2 if wk == 1 else weight.shape[-2])
+    w = weight.view(torch.uint8) if wk == 2 else weight
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=weight.device)
+    bn, bk = 32, 128
+    sn = scale.stride(-2) if sk == 2 else (scale.stride(-1) if sk == 1 else 0)
+    sg = scale.stride(-1) if sk == 2 else 0
+    _dequant_kernel()[(math.ceil(N / bn), math.ceil(K / bk))](
+        w, scale, out, N, K, w.stride(-2), sn, sg, out.stride(0),
+        GROUP=group_size if sk == 2 else 1, WKIND=wk, SKIND=sk, BN=bn, BK=bk, num_warps=4)
+    return out
+
+
+def _divisor_at_most(n: int, want: int) -> int:
+    """The largest divisor of ``n`` not above ``want`` (split-K parts of equal length)."""
+    want = max(1, min(n, int(want)))
+    return max(d for d in range(1, want + 1) if n % d == 0)
+
+
+@functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -230,10 +394,8 @@ def _config(M: int, N: int, K: int, bk_max: int, device: torch.device, rows_per_
     n_blocks = math.ceil(N / bn)
     iters = K // bk
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 132
-    split = max(1, min(iters // 2 or 1, math.ceil(2 * sms / (m_blocks * n_blocks))))
-    per = math.ceil(iters / split)
-    split = math.ceil(iters / per)
-    return bm, bn, bk, split, per * bk
+    split = _divisor_at_most(iters, min(iters // 2 or 1, math.ceil(2 * sms / (m_blocks * n_blocks))))
+    return bm, bn, bk, split, iters // split
 
 
 def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, weight_kind: str, scale_kind: str,
@@ -275,15 +437,15 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
         bk_max = 128
     if K % bk_max:
         bk_max = 64 if K % 64 == 0 else 32 if K % 32 == 0 else 16
+    if (experts or rows == 1) and (config or {}).get("kernel", "gemv") == "gemv":
+        return _gemv(x, w, scale, wk, sk, group_size, prequant, expert_ids, rows_per_id, N, K, rows, config)
     bm, bn, bk, split, k_per = _config(rows, N, K, bk_max, x.device, rows if experts else None)
     warps, stages = 4, 3
     if config:
         bn, bk = config.get("bn", bn), min(config.get("bk", bk), bk_max)
         warps, stages = config.get("num_warps", warps), config.get("num_stages", stages)
-        iters = K // bk
-        split = max(1, min(iters, config.get("split", split)))
-        per = math.ceil(iters / split)
-        split, k_per = math.ceil(iters / per), per * bk
+        split = _divisor_at_most(K // bk, config.get("split", split))
+        k_per = K // bk // split
     if K % bk:
         raise ValueError(f"in_features {K} is not a multiple of {bk}")
     atomic = split > 1
@@ -305,6 +467,51 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
         HAS_P=prequant is not None, HAS_IDS=experts, ATOMIC=atomic, BM=bm, BN=bn, BK=bk,
         num_warps=warps, num_stages=stages,
     )
+    return y.to(x.dtype) if atomic else y
+
+
+#: GEMV tiles (output rows per program, K per step), set from the sweep in docs/benchmarks.md
+GEMV_BN, GEMV_BK = 32, 256
+
+
+def _gemv(x, w, scale, wk, sk, group_size, prequant, expert_ids, rows_per_id, N, K, rows, config):
+    experts = expert_ids is not None
+    bn = (config or {}).get("bn", GEMV_BN)
+    bk = (config or {}).get("bk", GEMV_BK)
+    if sk == 2:
+        bk = min(bk, group_size)
+        while group_size % bk:
+            bk //= 2
+    while K % bk:
+        bk //= 2
+    if bk < 16:
+        raise ValueError(f"in_features {K} / group size {group_size} too small for the GEMV kernel")
+    iters = K // bk
+    n_blocks = math.ceil(N / bn)
+    if config and "split" in config:
+        split = config["split"]
+    else:  # enough programs to keep every SM streaming weights
+        sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+            if x.device.type == "cuda" else 132
+        split = max(1, min(iters, math.ceil(4 * sms / (rows * n_blocks))))
+    split = _divisor_at_most(iters, split)
+    per = iters // split
+    atomic = split > 1
+    y = torch.zeros(rows, N, dtype=torch.float32, device=x.device) if atomic else torch.empty(
+        rows, N, dtype=x.dtype, device=x.device)
+    if sk == 0:
+        se, sn, sg = (scale.stride(0) if experts and scale.dim() > 0 else 0), 0, 0
+    elif sk == 1:
+        se, sn, sg = (scale.stride(0) if experts else 0), scale.stride(-1), 0
+    else:
+        se, sn, sg = (scale.stride(0) if experts else 0), scale.stride(-2), scale.stride(-1)
+    _gemv_kernel()[(rows, n_blocks, split)](
+        x, w, scale, prequant if prequant is not None else x, expert_ids if experts else x, y,
+        N, K, per,
+        x.stride(0), w.stride(0) if experts else 0, w.stride(-2), se, sn, sg, y.stride(0),
+        XDIV=rows_per_id if experts else 1, GROUP=group_size if sk == 2 else 1, WKIND=wk, SKIND=sk,
+        HAS_P=prequant is not None, HAS_IDS=experts, ATOMIC=atomic, BN=bn, BK=bk,
+        num_warps=(config or {}).get("num_warps", 4))
     return y.to(x.dtype) if atomic else y
 
 

@@ -119,7 +119,9 @@ class QuantLinear(nn.Module):
         self.kernel_path, self.kernel_reason = qk.linear_plan(
             self.fmt.weight, self.fmt.activation, dev, self.dtype, self.in_features, self.out_features)
         if self.kernel_path == qk.TRITON and self.fmt.weight == "int4" and qk.INT4_KERNEL == qk.INT4PACK:
-            self.kernel_path, self.kernel_reason = qk.INT4PACK, "torch._weight_int4pack_mm (tinygemm)"
+            self.kernel_path, self.kernel_reason = qk.INT4PACK, (
+                f"torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows (weights repacked at load), "
+                f"Triton dequantize + cuBLAS beyond")
         self._packed = (qk.repack_int4pack(self.weight, self.weights_scaling_factor)
                         if self.kernel_path == qk.INT4PACK else None)
         self._prepared_on = dev
@@ -161,8 +163,13 @@ class QuantLinear(nn.Module):
             if qk.triton_available():
                 return qk.dequant_mm(xq, self.weight, w_s, weight_kind="int8", scale_kind="channel")
             return F.linear(xq, qf.dequantize_int8(self.weight, w_s, x.dtype))
-        if path == qk.INT4PACK:
+        if path == qk.INT4PACK and rows <= qk.INT4PACK_MAX_ROWS:
             return qk.int4pack_mm(x, *self._packed, self.group_size, p)
+        if rows >= qk.DENSE_MIN_ROWS:  # compute-bound: one dequantizing pass, then cuBLAS
+            w = qk.dequantize_fast(self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
+                                   scale_kind=fmt.weight_scale, group_size=self.group_size, dtype=x.dtype,
+                                   out_features=self.out_features)
+            return F.linear(x * p.to(x.dtype) if p is not None else x, w)
         return qk.dequant_mm(x, self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
                              scale_kind=fmt.weight_scale, group_size=self.group_size,
                              prequant=p.to(x.dtype) if p is not None else None)
@@ -211,12 +218,29 @@ class QuantExpertWeights(nn.Module):
                 qk.EMULATION, "Triton is not installed")
         if path == qk.TRITON and self.fmt.weight_scale == "group" and self.in_features % self.group_size:
             path, why = qk.EMULATION, "group size does not divide the expert's input features"
-        self.kernel_path, self.kernel_reason = path, why + " (gathered experts at decode, dense beyond)"
+        self.kernel_path, self.kernel_reason = path, (
+            f"{self.fmt.weight} experts: Triton GEMV over the routed experts only at decode, Triton dequantize "
+            f"of the local experts + the dense MoE path beyond" if path == qk.TRITON else why)
         self._prepared_on = dev
         return path
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return qf.dequantize(self.algo, dict(self.named_buffers(recurse=False)), dtype or self.dtype)
+        """Every local expert dequantized ``[E, out, in]`` (Triton, one pass per expert, where available)."""
+        dtype = dtype or self.dtype
+        if self.fast_for(dtype):
+            out = torch.empty(self.weight.shape[0], self.out_features, self.in_features, dtype=dtype,
+                              device=self.weight.device)
+            for e in range(out.shape[0]):
+                qk.dequantize_fast(self.weight[e], self.weights_scaling_factor[e], weight_kind=self.fmt.weight,
+                                   scale_kind=self.fmt.weight_scale, group_size=self.group_size, dtype=dtype,
+                                   out=out[e], out_features=self.out_features)
+            return out
+        return qf.dequantize(self.algo, dict(self.named_buffers(recurse=False)), dtype)
+
+    def fast_for(self, dtype: torch.dtype) -> bool:
+        if self._prepared_on != self.weight.device:
+            self.prepare()
+        return self.kernel_path == qk.TRITON and self.weight.is_cuda and dtype == self.dtype
 
     def dense_experts(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dequantized weights of the experts ``ids`` only: ``[len(ids), out, in]``."""
@@ -235,18 +259,6 @@ class QuantExpertWeights(nn.Module):
         xs = x.repeat_interleave(rows_per_id, dim=0) if rows_per_id > 1 else x
         return torch.bmm(self.dense_experts(ids, x.dtype), xs.unsqueeze(-1)).squeeze(-1)
 
-    def fast(self, x: torch.Tensor) -> bool:
-        """Whether products with ``x`` run through the Triton kernel (else the emulation)."""
-        if self._prepared_on != self.weight.device:
-            self.prepare()
-        return self.kernel_path == qk.TRITON and x.is_cuda and x.dtype == self.dtype
-
-    def expert_mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Local expert ``e`` applied to every row of ``x`` (``[T, in]`` -> ``[T, out]``), from its codes."""
-        return qk.dequant_mm(x, self.weight[e], self.weights_scaling_factor[e], weight_kind=self.fmt.weight,
-                             scale_kind=self.fmt.weight_scale, group_size=self.group_size,
-                             out_features=self.out_features)
-
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Activation quantization of the formats that have it (emulated, static per-tensor scale)."""
         if self.fmt.activation == "fp8":
@@ -264,7 +276,8 @@ def quant_moe_forward(x: torch.Tensor, router_weight: torch.Tensor, fc: QuantExp
     The input is quantized as the format does (the router sees it too, as before).  With the
     ``"gather"`` strategy (decode at small batch) only the routed experts' codes are read --
     through the Triton kernel on CUDA, else by dequantizing just those experts; beyond, every
-    local expert is dequantized once per call and ``moe_forward`` runs its dense/sorted path.
+    local expert is dequantized once per call (one Triton pass per expert on CUDA) and
+    ``moe_forward`` runs its dense/sorted path.
     """
     from trtlm.runtime import moe as rm
 
@@ -274,9 +287,6 @@ def quant_moe_forward(x: torch.Tensor, router_weight: torch.Tensor, fc: QuantExp
     num_local = fc.weight.shape[0]
     if strategy is None:
         strategy = rm.select_strategy(x2.shape[0], top_k, num_local)
-    if strategy == "dense" and fc.fast(xin) and proj.fast(xin) and x2.shape[0] > 0:
-        return _dense_experts(xin, router_weight, fc, proj, top_k, normalization_mode, expert_offset,
-                              x.dtype).reshape(shape)
     if strategy != "gather" or x2.shape[0] == 0:
         out = rm.moe_forward(xin, router_weight, fc.dense(x.dtype), proj.dense(x.dtype), top_k, normalization_mode,
                              expert_offset=expert_offset, strategy=None if strategy == "gather" else strategy)
@@ -291,26 +301,6 @@ def quant_moe_forward(x: torch.Tensor, router_weight: torch.Tensor, fc: QuantExp
     h = fc.gathered_mm(xin, idx, rows_per_id=top_k)  # [T*k, 2I], pair order t*k + j
     y = proj.gathered_mm(rm._swiglu(h), idx, rows_per_id=1)  # [T*k, H]
     return rm._combine(y, scales, valid, x.dtype).reshape(shape)
-
-
-def _dense_experts(x, router_weight, fc: QuantExpertWeights, proj: QuantExpertWeights, top_k: int,
-                   normalization_mode: int, expert_offset: int, dtype: torch.dtype) -> torch.Tensor:
-    """``moe_forward``'s ``"dense"`` strategy on quantized experts: each local expert's codes are read
-    once (one kernel per expert and projection, fixed shapes: CUDA-graph capturable), never dequantized
-    into a float copy; combined exactly as :func:`trtlm.runtime.moe._dense` does."""
-    from trtlm.runtime import moe as rm
-
-    num_local = fc.weight.shape[0]
-    logits = F.linear(x.float(), router_weight.float())
-    scales, expert_ids = rm.route(logits, top_k, normalization_mode)
-    local = expert_ids - expert_offset if expert_offset else expert_ids
-    onehot = local.unsqueeze(-1) == torch.arange(num_local, device=local.device)  # [T, k, E]
-    dense_scales = (onehot * scales.unsqueeze(-1)).sum(dim=1)  # [T, E]
-    selected = onehot.any(dim=1)
-    y = torch.stack([proj.expert_mm(rm._swiglu(fc.expert_mm(x, e)), e) for e in range(num_local)])  # [E, T, H]
-    weighted = y.float() * dense_scales.t().unsqueeze(-1)
-    weighted = torch.where(selected.t().unsqueeze(-1), weighted, 0.0)
-    return weighted.sum(dim=0).to(dtype)
 
 
 def quant_linear(quant_algo: str, config: dict[str, Any], in_features: int, out_features: int, bias: bool,

@@ -21,7 +21,7 @@ FP8/INT8 caches store ``x / scale`` and are read back as ``stored × scale``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,8 @@ class ForwardBatch:
     context_lens_host: list[int]
     decode_only: bool  #: every sequence contributes one token
     max_context: int  #: longest context of the step (the kernels' loop bound, bucketed for graphs)
+    block_tables_host: list[list[int]] | None = None  #: host copy (the reference ops take views of runs)
+    memo: dict = field(default_factory=dict)  #: per-step values every layer shares (reference masks)
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +97,31 @@ def attention_bias(q_len: int, ctx: int, window: int | None, slopes: torch.Tenso
     return bias
 
 
+def _mask(batch: ForwardBatch, s: int, q_len: int, ctx: int, window, slopes, dtype) -> torch.Tensor | None:
+    """Sequence ``s``'s attention bias, computed once per step and shared by every layer
+    (None when nothing is masked: a decode token that sees its whole context)."""
+    key = (s, window, dtype)
+    if key not in batch.memo:
+        plain = slopes is None and q_len == 1 and (window is None or ctx <= window)
+        batch.memo[key] = None if plain else attention_bias(q_len, ctx, window, slopes, batch.tokens.device).to(dtype)
+    return batch.memo[key]
+
+
+def _contiguous_run(batch: ForwardBatch, s: int, nb: int) -> int | None:
+    """The first block id when sequence ``s``'s first ``nb`` blocks are consecutive ids, else None."""
+    key = ("run", s)
+    if key not in batch.memo:
+        table = batch.block_tables_host[s] if batch.block_tables_host is not None else None
+        first = None
+        if table is not None and table[:nb] == list(range(table[0], table[0] + nb)):
+            first = table[0]
+        batch.memo[key] = first
+    return batch.memo[key]
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
                               scale: float, window: int | None = None, slopes: torch.Tensor | None = None,
                               kv_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,16 +134,25 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     start = 0
     for s, (q_len, ctx) in enumerate(zip(batch.query_lens_host, batch.context_lens_host)):
         nb = -(-ctx // bs)
-        blocks = tables[s, :nb].long()
-        keys = dequantize_kv(k_cache[blocks].reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
-        values = dequantize_kv(v_cache[blocks].reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
+        first = _contiguous_run(batch, s, nb)
+        if first is not None:  # consecutive block ids (the usual case): a view, no gather
+            k_seq, v_seq = k_cache[first:first + nb], v_cache[first:first + nb]
+        else:
+            blocks = tables[s, :nb].long()
+            k_seq, v_seq = k_cache[blocks], v_cache[blocks]
+        keys = dequantize_kv(k_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
+        values = dequantize_kv(v_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
         qs = q[start:start + q_len].transpose(0, 1)  # [H, q, D]
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [KV, ctx, D]
+        gqa = {}
         if KV != H:
-            keys = keys.repeat_interleave(H // KV, dim=0)
-            values = values.repeat_interleave(H // KV, dim=0)
-        bias = attention_bias(q_len, ctx, window, slopes, q.device).to(q.dtype)
-        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=bias, scale=scale)
+            if _SDPA_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                keys = keys.repeat_interleave(H // KV, dim=0)
+                values = values.repeat_interleave(H // KV, dim=0)
+        bias = _mask(batch, s, q_len, ctx, window, slopes, q.dtype)
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=bias, scale=scale, **gqa)
         out[start:start + q_len] = o.transpose(0, 1)
         start += q_len
     return out

@@ -19,7 +19,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence as Seq
+from typing import Any, Callable
+from typing import Sequence as Seq
 
 import torch
 
@@ -27,8 +28,14 @@ from trtlm.errors import UserError
 from trtlm.runtime.executor import StepInputs
 from trtlm.runtime.kv_cache import BlockAllocator, KVPool, blocks_for
 from trtlm.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from trtlm.runtime.sampling import (IncrementalDetokenizer, SampleRow, SamplingParams, banned_ids, request_generator,
-                                    sample)
+from trtlm.runtime.sampling import (
+    IncrementalDetokenizer,
+    SampleRow,
+    SamplingParams,
+    banned_ids,
+    request_generator,
+    sample,
+)
 from trtlm.runtime.scheduler import CAPACITY_POLICIES, Scheduler, Sequence, Status
 
 #: KV pool on CPU when neither ``kv_cache_gb`` nor anything else says (enough for tests and the tiny model).

@@ -62,7 +62,8 @@ def to_batch(inputs: StepInputs, device: torch.device, max_blocks: int | None = 
                         query_start_loc=t(starts, torch.int32),
                         logits_indices=t(inputs.logits_indices, torch.long),
                         query_lens_host=list(inputs.query_lens), context_lens_host=list(inputs.context_lens),
-                        decode_only=inputs.decode_only, max_context=max(inputs.context_lens))
+                        decode_only=inputs.decode_only, max_context=max(inputs.context_lens),
+                        block_tables_host=inputs.block_tables)
 
 
 class LocalExecutor:

@@ -177,7 +177,7 @@ def watch(procs: list[subprocess.Popen], error_dir: Path) -> None:
 
 
 def launch_ranks(request: dict[str, Any], world_size: int, python: str | None = None) -> None:
-    """Run ``request`` (see :func:`trtlm.commands.run.execute`) as ``world_size``
+    """Run ``request`` (see :func:`trtlm.job.execute`) as ``world_size``
     local processes; return when all succeeded, raise :class:`UserError` otherwise."""
     with tempfile.TemporaryDirectory(prefix="trtlm-ranks-") as tmp:
         tmpdir = Path(tmp)

@@ -169,6 +169,28 @@ def run_trtllm_engine(engine_dir: str | Path, prompts: Sequence[Sequence[int]], 
     return results
 
 
+def generate_text(engine_dir: str | Path, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int,
+                  tokenizer_dir: str | Path | None = None, **sampling: Any) -> list[dict[str, Any]]:
+    """``trtlm run`` on a TensorRT-LLM engine: text (or token-id) prompts in, one dict per prompt out
+    (``prompt_token_ids``, ``token_ids``, ``text``; ``text`` is ``None`` without a tokenizer).
+
+    The tokenizer is the engine directory's own (trtlm copies it there when building) unless
+    ``tokenizer_dir`` is given; it also gives the end id.  ``sampling``: the keyword arguments of
+    :func:`run_trtllm_engine` (``temperature``, ``top_k``, ``top_p``, ``seed``)."""
+    from trtlm.runtime.tokenizer import load_tokenizer, tokenizer_files
+
+    engine_dir = Path(engine_dir)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else engine_dir
+    texts = bool(prompts) and isinstance(prompts[0], str)
+    tokenizer = load_tokenizer(tok_dir) if texts or tokenizer_files(tok_dir) else None
+    ids = [tokenizer.encode(p) for p in prompts] if texts else [list(p) for p in prompts]
+    end_id = tokenizer.eos_ids[0] if tokenizer is not None and tokenizer.eos_ids else None
+    outputs = run_trtllm_engine(engine_dir, ids, max_new_tokens=max_new_tokens, end_id=end_id, **sampling)
+    return [{"prompt_token_ids": p, "token_ids": o.token_ids,
+             "text": tokenizer.decode(o.token_ids) if tokenizer is not None else None}
+            for p, o in zip(ids, outputs)]
+
+
 # ----------------------------------------------------------------------------- building
 
 def check_architecture(architecture: str, known: Iterable[str], where: str, version: str = "?") -> None:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from trtlm.errors import UserError
 
     try:
-        from trtlm.commands.run import run_rank
+        from trtlm.job import RunRequest, run_rank
         from trtlm.runtime.distributed import rank_env
 
         if len(argv) != 1:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         env = rank_env()
         if env is None:
             raise UserError("RANK and WORLD_SIZE are not set: trtlm.runtime.worker is started by trtlm run")
-        request = json.loads(Path(argv[0]).read_text())
+        request = RunRequest.from_dict(json.loads(Path(argv[0]).read_text()))
         run_rank(request, env)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
         peer = False

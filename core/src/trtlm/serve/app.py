@@ -545,6 +545,12 @@ def create_app(state: ServerState):
     async def ready():
         return Response(status_code=200 if state.problem() is None else 400)
 
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):
+        state.metrics.error("disconnect")
+        request.scope.setdefault("trtlm", {})["error"] = "client disconnected"
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         return error_response(request.url.path, internal_error(state, exc))

@@ -194,17 +194,26 @@ def run_server(config: ServeConfig, loader=None, on_stop=None) -> None:
     print(f"trtlm serve: listening on {url} (model {settings.model_name!r}, loading)", flush=True)
     loader_thread = threading.Thread(target=load, name="trtlm-load", daemon=True)
     loader_thread.start()
+    dead = None
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
         loader_thread.join(timeout=None if state.status != "loading" else 0)
-        if state.engine is not None:
-            state.engine.shutdown(grace_s=0)
-        if on_stop is not None:
-            on_stop()
+        engine = state.engine
+        if engine is not None and not engine.healthy and engine.error is not None:
+            # The stepping thread died: stopping the engine could wait forever on a collective
+            # with ranks stuck in the failed step; leave that to the process's exit.
+            dead = engine.error
+        else:
+            if engine is not None:
+                engine.shutdown(grace_s=0)
+            if on_stop is not None:
+                on_stop()
     if state.status == "failed":
         raise UserError(state.error or "the engine failed to load")
+    if dead is not None:
+        raise UserError(f"the engine failed while serving: {_one_line(dead)}")
     print("trtlm serve: stopped", flush=True)
 
 

@@ -20,8 +20,12 @@ import torch
 
 from trtlm.runtime.kernels import reference
 from trtlm.runtime.kernels.reference import (
-    dequantize_kv, is_quantized_cache, paged_decode_attention_ref, paged_prefill_attention_ref,
-    quantize_kv, write_kv_ref,
+    dequantize_kv,
+    is_quantized_cache,
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    quantize_kv,
+    write_kv_ref,
 )
 
 __all__ = [

@@ -1,0 +1,519 @@
+"""The engine (continuous batching on a paged KV cache), checked on CPU in float32 (issue 12).
+
+* Greedy parity: 20 prompts of different lengths and ``max_tokens`` arrive staggered (some
+  while others decode) and each must get exactly transformers' greedy tokens for that prompt
+  alone — Mistral (sliding window 8, shorter than every sequence), Mixtral and MPT (ALiBi),
+  with and without chunked prefill, under ``max_utilization`` with a pool so small that it
+  preempts and recomputes, and under ``guaranteed_no_evict`` with a small pool (requests wait).
+  Token equality is exact: float32 on these tiny models differs from transformers by ~1e-6 in
+  the logits (test_runtime_mistral.py), far below the argmax margins of greedy decoding.
+* Prefix caching, ``n > 1``, aborts (``Engine.abort``, an ``AsyncEngine`` consumer that stops),
+  seeded sampling, stop strings, streaming text, the other sampling settings, request limits.
+
+After every test each engine the test opened must have a fully free KV pool (autouse check).
+Engines here use 8-token blocks so short prompts span several blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_DEFAULTS, transformers_greedy
+from engine_driver import drive
+
+from trtlm.errors import UserError
+from trtlm.runtime.async_engine import AsyncEngine
+from trtlm.runtime.engine import Engine, EngineConfig
+from trtlm.runtime.executor import LocalExecutor
+from trtlm.runtime.kv_cache import KVPool, blocks_for
+from trtlm.runtime.loader import load_engine
+from trtlm.runtime.sampling import SamplingParams
+
+BLOCK = 8
+#: the tiny models of test_multiprocess.py (same arguments: the session shares the checkpoints)
+HF_MODELS = {"mistral": dict(tokenizer=True), "mixtral": dict(), "mpt": dict(initializer_range=0.2)}
+
+
+# -- engines -------------------------------------------------------------------------------------------
+_LOADED: dict[Path, object] = {}
+_OPEN: list[Engine] = []
+
+
+@pytest.fixture(autouse=True)
+def _pools_are_free_after_each_test():
+    """Every engine a test opened ends with no request and every KV block free."""
+    _OPEN.clear()
+    yield
+    for eng in _OPEN:
+        st = eng.stats()
+        assert not eng.has_unfinished() and st.running == 0 and st.waiting == 0, st
+        assert eng.allocator.all_free(), f"{st.kv_blocks_used} KV blocks still held"
+    _OPEN.clear()
+
+
+def open_engine(engine_dir: Path, kv_blocks: int | None = None, **config) -> Engine:
+    """An engine over ``engine_dir`` (the model is loaded once per module), 8-token blocks;
+    ``kv_blocks``: a pool of exactly that many blocks."""
+    if engine_dir not in _LOADED:
+        _LOADED[engine_dir] = load_engine(engine_dir)
+    loaded = _LOADED[engine_dir]
+    config.setdefault("block_size", BLOCK)
+    if kv_blocks is not None:
+        spec = loaded.model.kv_cache_spec()
+        elem = torch.empty((), dtype=spec["kv_dtype"] or spec["dtype"]).element_size()
+        per_block = KVPool.bytes_per_block(spec["num_layers"], config["block_size"], spec["kv_heads"],
+                                           spec["head_size"], elem)
+        config["kv_cache_gb"] = (kv_blocks + 0.5) * per_block / 2 ** 30
+    eng = Engine.for_loaded(loaded, LocalExecutor(loaded.model, loaded.device), EngineConfig(**config))
+    if kv_blocks is not None:
+        assert eng.allocator.num_blocks == kv_blocks
+    _OPEN.append(eng)
+    return eng
+
+
+@pytest.fixture(scope="module")
+def hf_dir(make_tiny_hf):
+    return lambda model_type: make_tiny_hf(model_type, **HF_MODELS[model_type])
+
+
+@pytest.fixture(scope="module")
+def engine_dir(hf_dir, make_engine):
+    return lambda model_type: make_engine(hf_dir(model_type))
+
+
+def prompt(seed: int, length: int, vocab: int = 1001) -> list[int]:
+    return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# -- greedy parity with transformers, staggered arrivals --------------------------------------------------
+_g = torch.Generator().manual_seed(12)
+PROMPT_LENS = torch.randint(3, 41, (20,), generator=_g).tolist()
+MAX_TOKENS = torch.randint(2, 25, (20,), generator=_g).tolist()
+PROMPTS = [prompt(100 + i, n) for i, n in enumerate(PROMPT_LENS)]
+#: 4 requests at step 0, then 4 more every 3 steps: later ones arrive while earlier ones decode
+ARRIVALS = [3 * (i // 4) for i in range(20)]
+#: the longest request (40 + 24 tokens) needs 8 blocks: a 10-block pool holds one or two at a time
+SMALL_POOL = 10
+MODES = {
+    "chunked": dict(max_num_tokens=16),
+    "unchunked": dict(max_num_tokens=64, enable_chunked_prefill=False),
+    "preempt": dict(capacity_policy="max_utilization", kv_blocks=SMALL_POOL),
+    "no_evict": dict(capacity_policy="guaranteed_no_evict", kv_blocks=SMALL_POOL),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir):
+    """transformers' greedy tokens for each of PROMPTS alone (cut after EOS), per model type."""
+    cache = {}
+
+    def get(model_type: str) -> list[list[int]]:
+        if model_type not in cache:
+            cache[model_type] = transformers_greedy(hf_dir(model_type), PROMPTS, MAX_TOKENS)
+        return cache[model_type]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("model_type", list(HF_MODELS))
+def test_staggered_greedy_matches_transformers(engine_dir, reference, model_type, mode):
+    assert max(PROMPT_LENS) > TINY_DEFAULTS["mistral"]["sliding_window"]  # the window is exercised
+    eng = open_engine(engine_dir(model_type), **MODES[mode])
+    requests = [(p, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS, MAX_TOKENS)]
+    run = drive(eng, requests, ARRIVALS)
+    want = reference(model_type)
+    bad = [i for i in range(20) if run.token_ids[i] != want[i]]
+    assert not bad, f"requests {bad} differ from transformers: {[(run.token_ids[i], want[i]) for i in bad]}"
+    assert run.finish_reasons == ["length" if len(w) == m else "stop" for w, m in zip(want, MAX_TOKENS)]
+    assert run.max_running > 1  # requests really were batched
+    if mode == "chunked":
+        assert run.partial_prefill_steps > 0  # some prompt was computed over several steps
+    if mode == "unchunked":
+        assert run.partial_prefill_steps == 0
+    if mode == "preempt":
+        assert run.preemptions > 0
+    if mode == "no_evict":
+        assert run.preemptions == 0
+        assert run.max_waiting_below_batch_limit > 0  # requests waited for memory, not for a batch slot
+
+
+# -- prefix caching and n > 1 --------------------------------------------------------------------------------
+def test_prefix_cache_shares_full_blocks_and_changes_no_token(engine_dir, hf_dir):
+    mistral = engine_dir("mistral")
+    eng = open_engine(mistral)
+    off = open_engine(mistral, enable_prefix_caching=False)
+    shared = prompt(7, 3 * BLOCK)  # 3 full blocks
+    a, b, c = shared + prompt(8, 5), shared + prompt(9, 7), shared + prompt(10, 3)
+    params = SamplingParams(max_tokens=12)
+
+    # b arrives while a decodes: it takes a's 3 full blocks and allocates only its own 4th
+    ra = eng.add_request(a, params)
+    for _ in range(3):
+        eng.step()
+    seq_a = eng.requests[ra].seqs[0]
+    used, table_a = eng.stats().kv_blocks_used, len(seq_a.block_table)
+    rb = eng.add_request(b, params)
+    [out_b] = [o for o in eng.step() if o.request_id == rb]
+    seq_b = eng.requests[rb].seqs[0]
+    assert out_b.num_cached_tokens == 3 * BLOCK
+    assert seq_b.block_table[:3] == seq_a.block_table[:3]
+    assert all(eng.allocator.refs[blk] == 2 for blk in seq_b.block_table[:3])
+    new_for_a = len(seq_a.block_table) - table_a
+    assert eng.stats().kv_blocks_used - used == new_for_a + blocks_for(len(b), BLOCK) - 3
+    finals = {o.request_id: o for o in _run_out(eng)}
+    assert eng.allocator.all_free()
+
+    # c arrives after both finished: the 3 blocks, free but still cached, are taken back; only c's
+    # last 3 prompt tokens are computed
+    prompt_tokens = eng.stats().prompt_tokens_total
+    rc = eng.add_request(c, params)
+    [out_c] = eng.step()
+    assert out_c.num_cached_tokens == 3 * BLOCK
+    assert eng.stats().prompt_tokens_total - prompt_tokens == len(c) - 3 * BLOCK
+    assert eng.stats().kv_blocks_used == blocks_for(len(c), BLOCK)
+    final_c = _run_out(eng)[-1]
+    # the whole prompt cached: its last block is computed again (its logits give the first token)
+    [final_d] = eng.generate([shared], params)
+    assert final_d.num_cached_tokens == 2 * BLOCK
+
+    ref = off.generate([a, b, c, shared], params)
+    assert all(o.num_cached_tokens == 0 for o in ref)
+    got = [finals[ra], finals[rb], final_c, final_d]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert [o.outputs[0].token_ids for o in ref] == transformers_greedy(hf_dir("mistral"), [a, b, c, shared], 12)
+
+
+def _run_out(eng: Engine) -> list:
+    """Step until nothing is left; the finished outputs in order."""
+    done = []
+    while eng.has_unfinished():
+        done += [o for o in eng.step() if o.finished]
+    return done
+
+
+def test_n_completions_share_the_prompt_blocks(engine_dir):
+    eng = open_engine(engine_dir("mistral"))
+    p = prompt(11, 2 * BLOCK + 4)  # 2 full blocks + a partial one
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    [single] = eng.generate([p], greedy)
+    rid = eng.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True, n=3))
+    eng.step()  # the prompt, once; then 3 sequences: shared full blocks, a copy of the partial one each
+    seqs = eng.requests[rid].seqs
+    assert len(seqs) == 3 and all(s.block_table[:2] == seqs[0].block_table[:2] for s in seqs)
+    assert all(eng.allocator.refs[blk] == 3 for blk in seqs[0].block_table[:2])
+    assert eng.stats().kv_blocks_used == 2 + 3  # not 3 x 3
+    [out] = _run_out(eng)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(c.token_ids == single.outputs[0].token_ids for c in out.outputs)
+
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=2, ignore_eos=True)
+    [x] = eng.generate([p], sampled)
+    [y] = eng.generate([p], sampled)
+    assert [c.token_ids for c in x.outputs] == [c.token_ids for c in y.outputs]  # seeded: reproducible
+    assert x.outputs[0].token_ids != x.outputs[1].token_ids  # each completion draws its own tokens
+
+
+# -- cancelling ------------------------------------------------------------------------------------------------
+def held_blocks(eng: Engine) -> int:
+    return len({b for r in eng.requests.values() for s in r.seqs for b in s.block_table})
+
+
+def test_abort_frees_blocks_at_once_in_every_state(engine_dir, hf_dir):
+    eng = open_engine(engine_dir("mistral"), max_batch_size=2, max_num_tokens=16)
+    p = [prompt(20 + i, 20) for i in range(4)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    r0, r1, r2 = (eng.add_request(x, params) for x in p[:3])
+    eng.step()  # r0: 16 prompt tokens
+    eng.step()  # r0: last 4 + first token; r1: 12 of its 20 (partial prefill); r2 waits (batch of 2)
+    seq1 = eng.requests[r1].seqs[0]
+    assert 0 < seq1.num_computed < 20 and eng.stats().waiting == 1
+    blocks1 = list(seq1.block_table)
+    assert eng.abort(r1) and eng.abort(r2)  # partly computed, and still waiting
+    assert all(eng.allocator.refs[b] == 0 for b in blocks1)
+    assert eng.stats().kv_blocks_used == held_blocks(eng) and eng.stats().waiting == 0
+    for _ in range(3):
+        eng.step()
+    assert len(eng.requests[r0].seqs[0].output_ids) >= 3  # decoding
+    assert eng.abort(r0)
+    assert eng.stats().kv_blocks_used == 0 and not eng.has_unfinished()
+    assert not eng.abort(r0) and not eng.abort("no-such-request")
+    # the engine goes on as if nothing happened
+    [out] = eng.generate([p[3]], SamplingParams(max_tokens=8))
+    assert out.outputs[0].token_ids == transformers_greedy(hf_dir("mistral"), [p[3]], 8)[0]
+
+
+def test_async_consumer_that_stops_aborts_its_request(engine_dir):
+    eng = open_engine(engine_dir("mistral"))
+    aeng = AsyncEngine(eng)
+    aeng.start()
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def wait_free(steps_at_stop: int) -> None:
+        deadline = time.monotonic() + 10
+        while aeng.stats().kv_blocks_used or aeng.stats().running:
+            assert time.monotonic() < deadline, aeng.stats()
+            await asyncio.sleep(0.01)
+        assert aeng.stats().steps <= steps_at_stop + 1  # freed within one engine step
+
+    async def main() -> None:
+        # 1. a consumer that reads three outputs and leaves (aclose: a client disconnect)
+        stream = aeng.generate(prompt(30, 10), long)
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()
+        await wait_free(eng.steps)
+        # 2. a consumer task cancelled mid-stream, while another request runs to its end
+        got: list = []
+
+        async def consume() -> None:
+            async for out in aeng.generate(prompt(31, 10), long):
+                got.append(out)
+
+        task = asyncio.create_task(consume())
+        short = [o async for o in aeng.generate(prompt(32, 6), SamplingParams(max_tokens=5, ignore_eos=True))]
+        assert short[-1].finished and len(short[-1].outputs[0].token_ids) == 5
+        while len(got) < 3:
+            await asyncio.sleep(0.005)
+        assert not got[-1].finished
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_free(eng.steps)
+        # 3. a bad request is refused before it is queued
+        with pytest.raises(UserError, match="outside the vocabulary"):
+            async for _ in aeng.generate([5, 1001], long):
+                pass
+
+    try:
+        asyncio.run(main())
+        assert aeng.healthy
+    finally:
+        aeng.shutdown()
+    assert eng.allocator.all_free()
+
+
+# -- sampling ----------------------------------------------------------------------------------------------------
+def test_seeded_sampling_does_not_depend_on_the_batch(engine_dir):
+    mistral = engine_dir("mistral")
+    p = prompt(40, 12)
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
+    [alone] = open_engine(mistral).generate([p], seeded)
+    others = [(prompt(41, 30), SamplingParams(max_tokens=10, temperature=1.0)),  # unseeded
+              (prompt(42, 5), SamplingParams(max_tokens=14, temperature=0.7, seed=7)),
+              (prompt(43, 17), SamplingParams(max_tokens=9)),  # greedy
+              (prompt(44, 9), SamplingParams(max_tokens=20, temperature=1.3, top_k=5))]
+    # arrives at step 2, between others, with its prompt chunked (16 tokens per step)
+    run = drive(open_engine(mistral, max_num_tokens=16), others[:2] + [(p, seeded)] + others[2:],
+                [0, 0, 2, 2, 3])
+    assert run.token_ids[2] == alone.outputs[0].token_ids
+    other_seed = dataclasses.replace(seeded, seed=1235)
+    [moved] = open_engine(mistral).generate([p], other_seed)
+    assert moved.outputs[0].token_ids != alone.outputs[0].token_ids  # the seed does matter
+
+
+@pytest.fixture(scope="module")
+def bundled_engine(make_engine):
+    from trtlm.commands.quickstart import bundled_model_dir
+
+    if not (bundled_model_dir() / "model.safetensors").is_file():
+        pytest.skip("the bundled tiny-mistral model is not in this checkout")
+    return make_engine(bundled_model_dir())
+
+
+def test_stop_string_across_tokens_stops_at_its_first_character(bundled_engine):
+    """A stop string made of the end of one generated token and the start of the next: the text
+    ends right before it, nothing of it was streamed, and generation stopped at that token."""
+    eng = open_engine(bundled_engine)
+    tok = eng.tokenizer
+    text_prompt = "def fibonacci(n):"
+    free = eng.generate([text_prompt], SamplingParams(max_tokens=48, ignore_eos=True))[0].outputs[0]
+    ids, text = free.token_ids, free.text
+    ends = [len(tok.decode(ids[:k + 1])) for k in range(len(ids))]  # text length after each token
+    stop = at = None
+    for k in range(3, len(ids) - 1):
+        b = ends[k]
+        if ends[k] - ends[k - 1] >= 2 and ends[k + 1] - b >= 2 and text.find(text[b - 2:b + 2]) == b - 2:
+            stop, at = text[b - 2:b + 2], b - 2
+            last_token = k + 1
+            break
+    assert stop is not None, f"no 2+2-character token boundary in {text!r}"
+    run = drive(eng, [(text_prompt, SamplingParams(max_tokens=48, ignore_eos=True, stop=["@@never@@", stop]))],
+                [0])
+    out = run.outputs[0].outputs[0]
+    assert out.text == text[:at], (stop, out.text, text)
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert out.token_ids == ids[:last_token + 1]  # stopped at the token that completed it
+    assert run.streamed_texts[0] == out.text
+
+
+@pytest.fixture(scope="module")
+def bigram_engine(tmp_path_factory, make_engine):
+    """A Mistral that spells a fixed text: its layers add nothing (output projections zero) and
+    ``lm_head`` maps each token of the text to the next one, cyclically, so greedy decoding
+    repeats the text — here emoji and accented letters whose UTF-8 bytes are separate tokens of
+    the bundled byte-level BPE."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trtlm.commands.quickstart import bundled_model_dir
+    from trtlm.runtime.tokenizer import load_tokenizer
+
+    tok_dir = bundled_model_dir()
+    tok = load_tokenizer(tok_dir)
+    text = "ok🎉ü!λ"
+    chain = tok.encode(text)[1:]  # without BOS
+    assert len(set(chain)) == len(chain) and tok.decode(chain) == text
+    assert any("\ufffd" in tok.decode([t]) for t in chain)  # some character spans several tokens
+    start = 20  # the prompt's last token: leads into the text
+    assert start not in chain
+    cfg = AutoConfig.for_model("mistral", **{**TINY_DEFAULTS["mistral"], "vocab_size": 2048,
+                                             "num_hidden_layers": 1, "eos_token_id": 2})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        head = model.lm_head.weight
+        head.zero_()
+        for prev, nxt in zip([start] + chain, chain + chain[:1]):
+            head[nxt] += 10 * emb[prev] / emb[prev].norm()
+    out = tmp_path_factory.mktemp("bigram")
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, out / name)
+    return make_engine(out), text, start, len(chain)
+
+
+def test_streamed_text_never_splits_a_character(bigram_engine):
+    engine, text, start, n = bigram_engine
+    eng = open_engine(engine)
+    run = drive(eng, [([1, start], SamplingParams(max_tokens=2 * n))], [0])
+    out = run.outputs[0].outputs[0]
+    assert out.text == 2 * text
+    assert run.streamed_texts[0] == out.text  # the deltas add up to the text
+    deltas = []
+    eng2 = open_engine(engine)
+    eng2.generate([[1, start]], SamplingParams(max_tokens=2 * n),
+                  on_output=lambda i, o: deltas.append(o.outputs[0].new_text))
+    assert "".join(deltas) == 2 * text
+    assert "" in deltas  # some tokens completed no character: their delta waited for the next token
+    assert not any("\ufffd" in d for d in deltas)
+    # with a stop string held back while it could still match
+    stopped = eng.generate([[1, start]], SamplingParams(max_tokens=2 * n, stop=["ü!λo"]))[0].outputs[0]
+    assert stopped.text == "ok🎉" and stopped.finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def eos_case(engine_dir, hf_dir, make_tiny_hf, make_engine):
+    """(prompt, greedy tokens without EOS, an engine whose EOS id is greedy token 4): the same
+    weights (same seed and shapes) with ``eos_token_id`` set to a token the model does generate."""
+    p = prompt(50, 9)
+    eng = open_engine(engine_dir("mistral"))
+    [out] = eng.generate([p], SamplingParams(max_tokens=12, ignore_eos=True))
+    greedy = out.outputs[0].token_ids
+    eos = greedy[4]
+    assert eos not in greedy[:4]
+    assert eng.allocator.all_free()  # (opened before the per-test check starts)
+    hf = make_tiny_hf("mistral", eos_token_id=eos)
+    return p, greedy, make_engine(hf), eos, hf
+
+
+def test_eos_min_tokens_ignore_eos_and_stop_token_ids(eos_case):
+    p, greedy, eos_engine, eos, hf = eos_case
+    eng = open_engine(eos_engine)
+    assert eng.eos_ids == (eos,)
+
+    def gen(**kw):
+        return eng.generate([p], SamplingParams(max_tokens=12, **kw))[0].outputs[0]
+
+    stopped = gen()
+    assert stopped.token_ids == greedy[:5] and (stopped.finish_reason, stopped.stop_reason) == ("stop", eos)
+    assert gen(ignore_eos=True).token_ids == greedy
+    late = gen(min_tokens=7)  # EOS is masked for the first 7 tokens
+    assert late.token_ids[:4] == greedy[:4] and eos not in late.token_ids[:7]
+    extra = greedy[2]  # an extra stop id (the EOS one still stops too)
+    by_id = gen(stop_token_ids=[extra])
+    assert by_id.token_ids == greedy[:3] and by_id.stop_reason == extra and by_id.finish_reason == "stop"
+    # transformers with that eos_token_id stops at the same token
+    assert stopped.token_ids == transformers_greedy(hf, [p], 12)[0]
+
+
+def test_bad_words_are_never_generated(eos_case):
+    p, greedy = eos_case[:2]
+    eng = open_engine(eos_case[2])
+
+    def gen(bad):
+        return eng.generate([p], SamplingParams(max_tokens=12, ignore_eos=True, bad_words_ids=bad))[0] \
+            .outputs[0].token_ids
+
+    one = gen([[greedy[3]]])
+    assert one[:3] == greedy[:3] and greedy[3] not in one
+    two = gen([[greedy[1], greedy[2]]])  # the pair is banned, each token alone is not
+    assert two[:2] == greedy[:2] and two[2] != greedy[2]
+    assert all(two[i:i + 2] != greedy[1:3] for i in range(len(two) - 1))
+
+
+def test_logprobs_are_log_softmax_of_the_logits(engine_dir):
+    eng = open_engine(engine_dir("mistral"))
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=3, logprobs=4, ignore_eos=True)
+    eng.add_request(prompt(60, 11), params, keep_logits=True)
+    [out] = _run_out(eng)
+    comp = out.outputs[0]
+    rows = [out.prompt_logits[-1]] + list(out.step_logits)
+    assert len(comp.logprobs) == len(comp.token_ids) == len(rows) == 8
+    total = 0.0
+    for token, entry, logits in zip(comp.token_ids, comp.logprobs, rows):
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        top = lp.topk(4)
+        # same float32 logits, same op: 1e-5 leaves room for a different reduction order only
+        assert abs(entry[token] - lp[token].item()) < 1e-5
+        assert set(entry) == set(top.indices.tolist()) | {token}
+        for t, v in entry.items():
+            assert abs(v - lp[t].item()) < 1e-5
+        total += entry[token]
+    assert abs(comp.cumulative_logprob - total) < 1e-4
+    [only] = eng.generate([prompt(60, 11)], SamplingParams(max_tokens=3, logprobs=0))
+    assert all(list(e) == [t] for e, t in zip(only.outputs[0].logprobs, only.outputs[0].token_ids))
+
+
+# -- limits ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, message", [
+    (dict(prompt=33), "longer than the engine's max_input_len 32"),
+    (dict(ids=[5, 1001]), "token id 1001 is outside the vocabulary [0, 1001)"),
+    (dict(ids=[-1, 5]), "token id -1 is outside the vocabulary"),
+    (dict(ids=[]), "empty prompt"),
+    (dict(max_tokens=0), "max_tokens=0: must be an integer >= 1"),
+    (dict(max_tokens=-3), "max_tokens=-3"),
+    (dict(min_tokens=9), "min_tokens=9"),
+    (dict(max_tokens=500), "exceeds the engine's max_seq_len 512"),
+], ids=["too-long", "id-too-big", "negative-id", "empty", "max_tokens-0", "max_tokens-negative", "min>max",
+        "past-max_seq_len"])
+def test_bad_requests_are_refused_in_one_line(hf_dir, make_engine, bad, message):
+    eng = open_engine(make_engine(hf_dir("mistral"), build_options=dict(max_input_len=32)))
+    assert eng.max_input_len == 32
+    ids = bad.get("ids", prompt(70, bad.get("prompt", 20)))
+    params = SamplingParams(max_tokens=bad.get("max_tokens", 4), min_tokens=bad.get("min_tokens", 0))
+    with pytest.raises(UserError) as err:
+        eng.add_request(ids, params)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not eng.has_unfinished()
+    eng.add_request(prompt(70, 32), SamplingParams(max_tokens=4))  # the limit itself is fine
+    _run_out(eng)
+
+
+def test_more_prompts_than_the_batch_wait_their_turn(engine_dir, reference):
+    eng = open_engine(engine_dir("mpt"), max_batch_size=3)
+    requests = [(p, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS[:10], MAX_TOKENS[:10])]
+    run = drive(eng, requests, [0] * 10)  # drive asserts running <= 3 after every step
+    assert run.max_running == 3 and run.stats[0].waiting == 7
+    assert run.token_ids == reference("mpt")[:10]
