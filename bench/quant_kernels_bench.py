@@ -39,6 +39,10 @@ TOL = 2.0 ** -6
 DT = torch.bfloat16
 ROTATE_BYTES = 256 << 20
 OUT_PATH = [""]
+MOE_TOKENS = [1, 64]
+SWEEP_BN = (16, 32, 64)
+SWEEP_BK = (256, 512)
+SWEEP_SPLIT = (0, 1, 2, 4)  # 0: the default rule
 
 
 def quant_module(name: str, out: int, inp: int, gen: torch.Generator) -> QuantLinear:
@@ -190,9 +194,9 @@ def sweep(results: dict, log) -> None:
                 x = qf.fake_quant_fp8(x, m.activation_scaling_factor)
             ref = m.emulate(x)
             best = None
-            for bn in (16, 32, 64):
-                for bk in ((128,) if name == "int4-wo" else (256, 512)):
-                    for split in ((0, 1, 2, 4) if name == "int4-wo" else (0,)):
+            for bn in SWEEP_BN:
+                for bk in ((128,) if name == "int4-wo" else SWEEP_BK):
+                    for split in SWEEP_SPLIT:
                         cfg = {"bn": bn, "bk": bk, **({"split": split} if split else {})}
                         try:
                             fn = lambda mod, x, cfg=cfg: qk.dequant_mm(x, mod.weight, mod.weights_scaling_factor,
@@ -222,7 +226,7 @@ def bench_moe(results: dict, log) -> None:
     router = torch.randn(E, H, device="cuda", generator=gen) * 0.02
     fc16 = torch.randn(E, 2 * I, H, device="cuda", generator=gen, dtype=DT) * 0.02
     pr16 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=DT) * 0.02
-    for T in (1, 64):
+    for T in MOE_TOKENS:
         x = torch.randn(T, H, device="cuda", generator=gen, dtype=DT)
         t16 = time_op(lambda i: (lambda: moe_forward(x, router, fc16, pr16, k, 1)), 3 * fc16.nbytes, reps=3)
         row = {"bf16_us": t16}
@@ -270,7 +274,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-moe", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="MoE at 1 token only, a smaller GEMV sweep")
     args = ap.parse_args()
+    if args.quick:
+        global ROTATE_BYTES, MOE_TOKENS, SWEEP_BK, SWEEP_SPLIT
+        ROTATE_BYTES, MOE_TOKENS, SWEEP_BK, SWEEP_SPLIT = 192 << 20, [1], (256,), (0,)
     OUT_PATH[0] = args.out
     import triton
 

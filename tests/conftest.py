@@ -175,7 +175,7 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]], new: int | li
     news = list(new) if isinstance(new, (list, tuple)) else [new] * len(prompts)
     outs = []
     with torch.no_grad():
-        for p, n in zip(prompts, news):
+        for p, n in zip(prompts, news, strict=True):
             ids = torch.tensor([p])
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                  do_sample=False, pad_token_id=0)[0, len(p):].tolist()

@@ -7,8 +7,9 @@ plain module with no pytest import.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass
@@ -27,6 +28,7 @@ class EngineRun:
     max_waiting_below_batch_limit: int = 0  #: most requests waiting while the batch had room (memory-bound)
     partial_prefill_steps: int = 0  #: steps after which some prompt was only partly computed (chunked)
     preemptions: int = 0
+    preempted: set[int] = field(default_factory=set)  #: requests sent back to the queue after generating
     steps: int = 0
     stats: list[Any] = field(default_factory=list)
 
@@ -79,6 +81,7 @@ def drive(engine: Any, requests: Sequence[tuple[Any, Any]], arrivals: Sequence[i
             run.max_waiting_below_batch_limit = max(run.max_waiting_below_batch_limit, st.waiting)
         if any(0 < s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running):
             run.partial_prefill_steps += 1
+        run.preempted |= {index[s.request_id] for s in engine.scheduler.waiting if s.output_ids}
         step += 1
         assert step < max_steps, "the engine did not finish"
     run.steps = engine.stats().steps

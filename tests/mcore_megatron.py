@@ -32,19 +32,20 @@ def main(rank_file: str, hf_dir: str, seq_len: int) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("gloo", rank=0, world_size=1)
+    import megatron.core.transformer.moe.moe_utils as moe_utils
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
-    import megatron.core.transformer.moe.moe_utils as moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None  # (c)
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()  # (b)
 
-    from trtlm.mcore.torchfile import load_rank_file
     from pathlib import Path
+
+    from trtlm.mcore.torchfile import load_rank_file
 
     data = load_rank_file(Path(rank_file))  # the same safe reader trtlm uses
     a = vars(data["args"])

@@ -2,11 +2,12 @@
 
 * Greedy parity: 20 prompts of different lengths and ``max_tokens`` arrive staggered (some
   while others decode) and each must get exactly transformers' greedy tokens for that prompt
-  alone — Mistral (sliding window 8, shorter than every sequence), Mixtral and MPT (ALiBi),
-  with and without chunked prefill, under ``max_utilization`` with a pool so small that it
-  preempts and recomputes, and under ``guaranteed_no_evict`` with a small pool (requests wait).
-  Token equality is exact: float32 on these tiny models differs from transformers by ~1e-6 in
-  the logits (test_runtime_mistral.py), far below the argmax margins of greedy decoding.
+  alone — Mistral (sliding window 8, shorter than most sequences here), Mixtral and MPT
+  (ALiBi), with and without chunked prefill, under ``max_utilization`` with a pool so small
+  that it preempts and recomputes, and under ``guaranteed_no_evict`` with a small pool
+  (requests wait).  Tokens are compared for equality, as in test_runtime_mistral.py: float32
+  logits differ from transformers' by ~1e-6 there (asserted < 1e-4), so only an exact near-tie
+  could flip a greedy choice, and these seeded prompts have none.
 * Prefix caching, ``n > 1``, aborts (``Engine.abort``, an ``AsyncEngine`` consumer that stops),
   seeded sampling, stop strings, streaming text, the other sampling settings, request limits.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import shutil
 import time
 from pathlib import Path
@@ -125,22 +127,23 @@ def reference(hf_dir):
 def test_staggered_greedy_matches_transformers(engine_dir, reference, model_type, mode):
     assert max(PROMPT_LENS) > TINY_DEFAULTS["mistral"]["sliding_window"]  # the window is exercised
     eng = open_engine(engine_dir(model_type), **MODES[mode])
-    requests = [(p, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS, MAX_TOKENS)]
+    requests = [(p, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS, MAX_TOKENS, strict=True)]
     run = drive(eng, requests, ARRIVALS)
     want = reference(model_type)
     bad = [i for i in range(20) if run.token_ids[i] != want[i]]
     assert not bad, f"requests {bad} differ from transformers: {[(run.token_ids[i], want[i]) for i in bad]}"
-    assert run.finish_reasons == ["length" if len(w) == m else "stop" for w, m in zip(want, MAX_TOKENS)]
+    assert run.finish_reasons == ["length" if len(w) == m else "stop" for w, m in zip(want, MAX_TOKENS, strict=True)]
     assert run.max_running > 1  # requests really were batched
     if mode == "chunked":
         assert run.partial_prefill_steps > 0  # some prompt was computed over several steps
     if mode == "unchunked":
         assert run.partial_prefill_steps == 0
     if mode == "preempt":
-        assert run.preemptions > 0
+        assert run.preemptions > 0 and run.preempted  # prompt and generated tokens were recomputed
     if mode == "no_evict":
         assert run.preemptions == 0
-        assert run.max_waiting_below_batch_limit > 0  # requests waited for memory, not for a batch slot
+        assert run.max_running < eng.max_batch_size  # requests waited for memory, not for a batch slot
+        assert run.max_waiting_below_batch_limit > 0
 
 
 # -- prefix caching and n > 1 --------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ def test_prefix_cache_shares_full_blocks_and_changes_no_token(engine_dir, hf_dir
     # c arrives after both finished: the 3 blocks, free but still cached, are taken back; only c's
     # last 3 prompt tokens are computed
     prompt_tokens = eng.stats().prompt_tokens_total
-    rc = eng.add_request(c, params)
+    eng.add_request(c, params)
     [out_c] = eng.step()
     assert out_c.num_cached_tokens == 3 * BLOCK
     assert eng.stats().prompt_tokens_total - prompt_tokens == len(c) - 3 * BLOCK
@@ -217,6 +220,53 @@ def test_n_completions_share_the_prompt_blocks(engine_dir):
     [y] = eng.generate([p], sampled)
     assert [c.token_ids for c in x.outputs] == [c.token_ids for c in y.outputs]  # seeded: reproducible
     assert x.outputs[0].token_ids != x.outputs[1].token_ids  # each completion draws its own tokens
+
+
+def test_n_completions_under_max_utilization_with_a_full_pool(engine_dir):
+    """The siblings' copies of the partial prompt block are part of what admission needs: with
+    every other block taken, an ``n = 2`` request waits (it used to be admitted, and the fork
+    after its prompt step found no free block: MemoryError)."""
+    mistral = engine_dir("mistral")
+    first, second = prompt(12, 20), prompt(13, 20)  # 3 blocks each, the last partial
+    busy = SamplingParams(max_tokens=4, ignore_eos=True)
+    pair = SamplingParams(max_tokens=4, ignore_eos=True, n=2)
+    eng = open_engine(mistral, kv_blocks=6, capacity_policy="max_utilization")
+    run = drive(eng, [(first, busy), (second, pair)], [0, 0])
+    [alone] = open_engine(mistral).generate([second], pair)
+    assert run.completions[1] == [c.token_ids for c in alone.outputs]
+    # the pair waited for the first request's blocks
+    assert run.outputs[1].metrics.first_scheduled_time > run.outputs[0].metrics.finished_time
+
+
+@pytest.mark.parametrize("seed, policy", [(1, "max_utilization"), (5, "max_utilization"),
+                                          (2, "guaranteed_no_evict")])
+def test_mixed_workload_gives_each_request_what_it_gets_alone(engine_dir, seed, policy):
+    """Everything at once, from a seeded random draw: 14 requests sharing 0-3 prompt blocks,
+    greedy and seeded sampling, n of 1-3, aborts 1-4 steps after arrival, small batches, chunked
+    prefill and a 21-block pool.  Every completion that was not aborted equals that request run
+    alone on a roomy engine (seeded sampling too: batch-independent by design)."""
+    rng = random.Random(seed)
+    mistral = engine_dir("mistral")
+    bases = [prompt(200 + i, 3 * BLOCK) for i in range(3)]
+    requests, arrivals, aborts = [], [], {}
+    for i in range(14):
+        p = rng.choice(bases)[:BLOCK * rng.randint(0, 3)] + prompt(300 + 20 * seed + i, rng.randint(1, 14))
+        sp = SamplingParams(max_tokens=rng.randint(6, 14), n=rng.choice([1, 1, 2, 3]), ignore_eos=True,
+                            temperature=rng.choice([0.0, 0.0, 1.0]), seed=rng.randint(0, 99))
+        requests.append((p, sp))
+        arrivals.append(rng.randint(0, 4))
+        if rng.random() < 0.2:
+            aborts[i] = arrivals[-1] + rng.randint(1, 4)  # max_tokens >= 6: still running then
+    eng = open_engine(mistral, kv_blocks=21, capacity_policy=policy, max_num_tokens=rng.choice([8, 16]),
+                      max_batch_size=rng.choice([4, 8, 8]))
+    run = drive(eng, requests, arrivals, aborts)
+    roomy = open_engine(mistral)
+    for i, (p, sp) in enumerate(requests):
+        if i not in aborts:
+            [alone] = roomy.generate([p], sp)
+            assert run.completions[i] == [c.token_ids for c in alone.outputs], i
+    assert aborts and any(n > 0 for n in run.num_cached_tokens)
+    assert (run.preemptions > 0) == (policy == "max_utilization")
 
 
 # -- cancelling ------------------------------------------------------------------------------------------------
@@ -315,6 +365,11 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine_dir):
     run = drive(open_engine(mistral, max_num_tokens=16), others[:2] + [(p, seeded)] + others[2:],
                 [0, 0, 2, 2, 3])
     assert run.token_ids[2] == alone.outputs[0].token_ids
+    # preempted and recomputed: each token is still drawn once, from the request's own generator
+    tight = drive(open_engine(mistral, kv_blocks=8, capacity_policy="max_utilization", max_num_tokens=16),
+                  others[:2] + [(p, seeded)] + others[2:], [0, 0, 2, 2, 3])
+    assert 2 in tight.preempted
+    assert tight.token_ids[2] == alone.outputs[0].token_ids
     other_seed = dataclasses.replace(seeded, seed=1235)
     [moved] = open_engine(mistral).generate([p], other_seed)
     assert moved.outputs[0].token_ids != alone.outputs[0].token_ids  # the seed does matter
@@ -385,7 +440,7 @@ def bigram_engine(tmp_path_factory, make_engine):
         emb = model.model.embed_tokens.weight
         head = model.lm_head.weight
         head.zero_()
-        for prev, nxt in zip([start] + chain, chain + chain[:1]):
+        for prev, nxt in zip([start] + chain, chain + chain[:1], strict=True):
             head[nxt] += 10 * emb[prev] / emb[prev].norm()
     out = tmp_path_factory.mktemp("bigram")
     model.save_pretrained(out)
@@ -472,7 +527,7 @@ def test_logprobs_are_log_softmax_of_the_logits(engine_dir):
     rows = [out.prompt_logits[-1]] + list(out.step_logits)
     assert len(comp.logprobs) == len(comp.token_ids) == len(rows) == 8
     total = 0.0
-    for token, entry, logits in zip(comp.token_ids, comp.logprobs, rows):
+    for token, entry, logits in zip(comp.token_ids, comp.logprobs, rows, strict=True):
         lp = torch.log_softmax(logits.float(), dim=-1)
         top = lp.topk(4)
         # same float32 logits, same op: 1e-5 leaves room for a different reduction order only
@@ -483,7 +538,7 @@ def test_logprobs_are_log_softmax_of_the_logits(engine_dir):
         total += entry[token]
     assert abs(comp.cumulative_logprob - total) < 1e-4
     [only] = eng.generate([prompt(60, 11)], SamplingParams(max_tokens=3, logprobs=0))
-    assert all(list(e) == [t] for e, t in zip(only.outputs[0].logprobs, only.outputs[0].token_ids))
+    assert all(list(e) == [t] for e, t in zip(only.outputs[0].logprobs, only.outputs[0].token_ids, strict=True))
 
 
 # -- limits ---------------------------------------------------------------------------------------------------------
@@ -496,13 +551,14 @@ def test_logprobs_are_log_softmax_of_the_logits(engine_dir):
     (dict(max_tokens=-3), "max_tokens=-3"),
     (dict(min_tokens=9), "min_tokens=9"),
     (dict(max_tokens=500), "exceeds the engine's max_seq_len 512"),
+    (dict(n=9), "n=9 completions exceed --max-batch-size 8"),
 ], ids=["too-long", "id-too-big", "negative-id", "empty", "max_tokens-0", "max_tokens-negative", "min>max",
-        "past-max_seq_len"])
+        "past-max_seq_len", "n>batch"])
 def test_bad_requests_are_refused_in_one_line(hf_dir, make_engine, bad, message):
     eng = open_engine(make_engine(hf_dir("mistral"), build_options=dict(max_input_len=32)))
     assert eng.max_input_len == 32
     ids = bad.get("ids", prompt(70, bad.get("prompt", 20)))
-    params = SamplingParams(max_tokens=bad.get("max_tokens", 4), min_tokens=bad.get("min_tokens", 0))
+    params = SamplingParams(max_tokens=bad.get("max_tokens", 4), min_tokens=bad.get("min_tokens", 0), n=bad.get("n", 1))
     with pytest.raises(UserError) as err:
         eng.add_request(ids, params)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -513,7 +569,7 @@ def test_bad_requests_are_refused_in_one_line(hf_dir, make_engine, bad, message)
 
 def test_more_prompts_than_the_batch_wait_their_turn(engine_dir, reference):
     eng = open_engine(engine_dir("mpt"), max_batch_size=3)
-    requests = [(p, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS[:10], MAX_TOKENS[:10])]
+    requests = [(p, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS[:10], MAX_TOKENS[:10], strict=True)]
     run = drive(eng, requests, [0] * 10)  # drive asserts running <= 3 after every step
     assert run.max_running == 3 and run.stats[0].waiting == 7
     assert run.token_ids == reference("mpt")[:10]

@@ -1,7 +1,7 @@
 """Megatron-Core checkpoints in and out (trtlm.mcore, the mcore hooks, `--to mcore`, `--model-dir MCORE`).
 
 * Round trips: HF -> MCore (tp/pp/ep splits) -> TensorRT-LLM checkpoint equals HF -> TensorRT-LLM
-  directly, tensor for tensor, and the MCore directory read back as HF tensors equals the source.
+  directly, tensor for tensor, and HF -> MCore -> HF (`--to hf`) equals the source.
   Conversions only move, concatenate, pad and slice data (no arithmetic), so equality is exact.
 * The layout facts, checked against formulas transcribed from Megatron-LM's own converter
   (tools/checkpoint/loader_mixtral_hf.py, saver_base.py) rather than against trtlm's code.
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import load_hf_model, run_cli
+from safetensors.torch import load_file
 
 TESTS = Path(__file__).resolve().parent
 
@@ -121,6 +120,67 @@ def test_mcore_reads_back_the_hf_tensors(family, split, tiny_mistral, tiny_mixtr
     for key in ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads",
                 "sliding_window", "rope_theta", "num_local_experts", "num_experts_per_tok"):
         assert loaded.hf_config.get(key) == original.get(key), key
+
+
+@pytest.mark.parametrize("family,split", [("mistral", ["--tp-size", "2", "--pp-size", "2"]),
+                                          ("mixtral", ["--tp-size", "2", "--pp-size", "2", "--moe-ep-size", "2"])])
+def test_hf_to_mcore_to_hf_equals_source(family, split, tiny_mistral, tiny_mixtral, tmp_path):
+    hf = tiny_mistral if family == "mistral" else tiny_mixtral
+    mc = to_mcore(hf, tmp_path / "mc", *split)
+    convert("--model-dir", mc, "--output-dir", tmp_path / "back", "--to", "hf")
+    a, b = load_file(str(tmp_path / "back" / "model.safetensors")), load_file(str(hf / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+
+
+@pytest.mark.parametrize("family,split", [("mistral", ["--tp-size", "2", "--pp-size", "2"]),
+                                          ("mixtral", ["--tp-size", "2", "--moe-ep-size", "2"])])
+def test_megatron_written_args_are_enough(family, split, tiny_mistral, tiny_mixtral, tmp_path):
+    """A checkpoint Megatron-LM wrote has no trtlm_hf_config: the family and the config come from the
+    model args alone (num_experts picks Mixtral), and the weights convert to the same tensors."""
+    hf = tiny_mistral if family == "mistral" else tiny_mixtral
+    mc = to_mcore(hf, tmp_path / "mc", *split)
+    for f in (mc / "iter_0000001").glob("*/model_optim_rng.pt"):
+        rewrite(f, lambda s: (delattr(s["args"], "trtlm_hf_config"), delattr(s["args"], "trtlm_version")))
+    convert("--model-dir", mc, "--output-dir", tmp_path / "via-mcore")
+    convert("--model-dir", hf, "--output-dir", tmp_path / "direct")
+    a = json.loads((tmp_path / "via-mcore" / "config.json").read_text())
+    b = json.loads((tmp_path / "direct" / "config.json").read_text())
+    for key in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_size", "intermediate_size", "norm_epsilon", "rotary_base",
+                "max_position_embeddings", "moe", "dtype"):
+        assert a.get(key) == b.get(key), key
+    for name in ("rank0.safetensors",):
+        x, y = load_file(str(tmp_path / "via-mcore" / name)), load_file(str(tmp_path / "direct" / name))
+        assert x.keys() == y.keys()
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_local_spec_names_are_read(tiny_mistral, tmp_path):
+    """Megatron's converter with --saver-transformer-impl local keeps the norms as input_layernorm /
+    pre_mlp_layernorm (schema_core.py CoreLocalSchema): read under either name."""
+    mc = to_mcore(tiny_mistral, tmp_path / "mc", "--tp-size", "2")
+    local = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+    def to_local(state):
+        renamed = {}
+        for name, tensor in state["model"].items():
+            for te, loc in local.items():
+                name = name.replace(te, loc)
+            renamed[name] = tensor
+        state["model"] = renamed
+        state["args"].transformer_impl = "local"
+
+    for f in (mc / "iter_0000001").glob("*/model_optim_rng.pt"):
+        rewrite(f, to_local)
+    assert "decoder.layers.0.input_layernorm.weight" in rank_state(mc / "iter_0000001" / "mp_rank_00" /
+                                                                   "model_optim_rng.pt")["model"]
+    convert("--model-dir", mc, "--output-dir", tmp_path / "via-mcore")
+    convert("--model-dir", tiny_mistral, "--output-dir", tmp_path / "direct")
+    assert_same_checkpoint(tmp_path / "via-mcore", tmp_path / "direct")
 
 
 def test_bfloat16_source(make_tiny_hf, tmp_path):

@@ -153,10 +153,15 @@ def pytriton_dir() -> Path:
 def triton(pytriton_dir):
     """A :class:`trtlm.triton.server.TritonInstall` for the wheel's tritonserver, its stub running
     this environment's packages (behind numpy < 2), as ``trtlm triton-repo --launch`` sets it up."""
+    from trtlm.errors import UserError
     from trtlm.triton.server import pytriton_install, stub_python
 
     work = CACHE / "triton"
-    return pytriton_install(pytriton_dir, work, stub_python(work))
+    try:
+        python = stub_python(work)  # pip-installs numpy<2 into a small venv the first time
+    except UserError as exc:
+        _unavailable(str(exc))
+    return pytriton_install(pytriton_dir, work, python)
 
 
 # ------------------------------------------------------------------------------------- engines and repositories
@@ -186,10 +191,13 @@ def mixtral_engine(tmp_path_factory, make_tiny_hf) -> Path:
     return out / "engine"
 
 
-def trtlm_run(engine: Path, prompt: str, max_tokens: int) -> str:
-    """``trtlm run``'s greedy text (generated part) for one prompt."""
-    out = cli_ok("run", "--engine-dir", engine, "--input-text", prompt, "--max-output-len", max_tokens, "--json")
-    return json.loads(out)["outputs"][0]["text"]
+def trtlm_run(engine: Path, prompt: str | list[str], max_tokens: int) -> str | list[str]:
+    """``trtlm run``'s greedy text (the generated part) for a prompt, or for each of a list of prompts."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    args = [a for p in prompts for a in ("--input-text", p)]
+    out = json.loads(cli_ok("run", "--engine-dir", engine, *args, "--max-output-len", max_tokens, "--json"))
+    texts = [o["text"] for o in out["outputs"]]
+    return texts[0] if isinstance(prompt, str) else texts
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +353,49 @@ def test_malformed_requests_get_triton_error_json_and_server_keeps_serving(serve
     assert generate(server, {"text_input": PROMPT, "max_tokens": 4})["text_output"].startswith(PROMPT)
 
 
+def metrics(server) -> dict[tuple[str, str], float]:
+    """tensorrtllm_backend-named gauges of model ``ensemble`` from Triton's /metrics: (family, type) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for m in re.finditer(r'^(nv_trt_llm_\w+)\{([^}]*)\} (\S+)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if labels.get("model") == "ensemble":
+            out[(m.group(1), labels.get("request_type") or labels.get("kv_cache_block_type"))] = float(m.group(3))
+    return out
+
+
+def test_metrics_and_client_disconnect_aborts(server):
+    """Engine stats under tensorrtllm_backend's metric names; a streaming client that goes away has its
+    request aborted (KV blocks freed) long before the generation would have ended."""
+    import http.client
+
+    requests, blocks = "nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics"
+    idle = metrics(server)
+    assert idle[(requests, "max")] == 8 and idle[(requests, "active")] == 0  # 8: the engine's build max_batch_size
+    assert idle[(blocks, "used")] == 0 and idle[(blocks, "max")] == idle[(blocks, "free")] > 0
+    assert idle[(blocks, "tokens_per")] > 0
+    body = {"text_input": PROMPT, "max_tokens": 900, "end_id": 2047}  # a long generation (rare end id)
+    start = time.monotonic()
+    generate(server, body)
+    full_s = time.monotonic() - start
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", "/v2/models/ensemble/generate_stream", body=json.dumps({**body, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200 and response.fp.readline()  # the first chunk arrived: it is generating
+    seen = time.monotonic()  # gauges are refreshed every 0.1 s while the engine runs
+    while not (metrics(server)[(requests, "active")] == 1 and metrics(server)[(blocks, "used")] > 0):
+        assert time.monotonic() - seen < full_s / 3, "the running request never showed in the metrics"
+        time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    gone = time.monotonic()
+    while metrics(server)[(requests, "active")] != 0:
+        assert time.monotonic() - gone < full_s / 2, f"not aborted within {full_s / 2:.2f} s (full run {full_s:.2f} s)"
+        time.sleep(0.02)
+    assert metrics(server)[(blocks, "used")] == 0
+
+
 def test_non_decoupled_model(server, mistral_engine):
     expected = trtlm_run(mistral_engine, PROMPT, MAX_TOKENS)
     out = generate(server, {"text_input": PROMPT, "max_tokens": MAX_TOKENS}, model="ensemble_sync")
@@ -353,8 +404,8 @@ def test_non_decoupled_model(server, mistral_engine):
 
 def test_mixtral_ep2_served(server, mixtral_engine):
     """A Mixtral engine with two expert-parallel ranks, merged into the model instance, against `trtlm run`."""
-    for prompt in ("The quick brown fox", "def main():"):
-        expected = trtlm_run(mixtral_engine, prompt, 12)
+    prompts = ["The quick brown fox", "def main():"]
+    for prompt, expected in zip(prompts, trtlm_run(mixtral_engine, prompts, 12)):  # one two-rank job
         out = generate(server, {"text_input": prompt, "max_tokens": 12}, model="mixtral")
         assert out["text_output"] == prompt + expected
 
@@ -387,6 +438,12 @@ def test_torch_repo_files(mistral_engine, tmp_path):
     engine_copy = repo / "ensemble" / "1" / "engine"
     assert (engine_copy / "rank0.safetensors").is_file() and not (engine_copy / "rank0.safetensors").is_symlink()
     assert (repo / "ensemble" / "1" / "model.py").read_text().count("class TritonPythonModel") == 1
+
+    with_tok = tmp_path / "with-tokenizer"
+    cli_ok("triton-repo", "--engine-dir", mistral_engine, "--output-dir", with_tok, "--tokenizer-dir", TINY)
+    assert params_of(parse_pbtxt((with_tok / "ensemble" / "config.pbtxt").read_text()))["tokenizer_dir"] == "1/tokenizer"
+    assert (with_tok / "ensemble" / "1" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (TINY / "tokenizer.json").read_bytes()
 
     linked = tmp_path / "linked"
     cli_ok("triton-repo", "--engine-dir", mistral_engine, "--output-dir", linked, "--link")
@@ -454,8 +511,8 @@ def test_trtllm_repo_field_by_field(trtllm_engine, tmp_path):
     expect = {  # placeholder -> value the engine config and options call for
         "triton_backend": "tensorrtllm", "triton_max_batch_size": str(build["max_batch_size"]),
         "decoupled_mode": "false", "max_queue_delay_microseconds": "500", "max_queue_size": "0",
-        "engine_dir": str(repo.resolve() / "tensorrt_llm" / "1" / "engine"),
-        "tokenizer_dir": str(repo.resolve() / "preprocessing" / "1" / "tokenizer"),
+        "engine_dir": os.path.abspath(repo / "tensorrt_llm" / "1" / "engine"),
+        "tokenizer_dir": os.path.abspath(repo / "preprocessing" / "1" / "tokenizer"),
         "batching_strategy": "inflight_fused_batching", "max_beam_width": str(build["max_beam_width"]),
         "kv_cache_free_gpu_mem_fraction": "0.8", "batch_scheduler_policy": "guaranteed_no_evict",
         "enable_kv_cache_reuse": "false", "enable_chunked_context": "false",  # no paged context FMHA here

@@ -67,12 +67,17 @@ def trtlm_shard(family, plan, mapping):
 @hookimpl(trylast=True)
 def trtlm_export(family, fmt: str, loaded, options, output_dir: Path, hooks):
     """``--to mcore``: a Megatron-Core checkpoint (:func:`trtlm.mcore.writer.export_mcore`), laid out by
-    the family's ``trtlm_mcore_layout``; ``None`` for any other format."""
-    if fmt != "mcore":
-        return None
-    from trtlm.mcore.writer import export_mcore
+    the family's ``trtlm_mcore_layout``; ``--to hf``: a Hugging Face directory of the loaded tensors
+    (:func:`trtlm.mcore.hf.export_hf`, the way back from Megatron-Core); ``None`` for other formats."""
+    if fmt == "mcore":
+        from trtlm.mcore.writer import export_mcore
 
-    return export_mcore(family, hooks, loaded, options, output_dir)
+        return export_mcore(family, hooks, loaded, options, output_dir)
+    if fmt == "hf":
+        from trtlm.mcore.hf import export_hf
+
+        return export_hf(loaded, options, output_dir)
+    return None
 
 
 @hookimpl(trylast=True)

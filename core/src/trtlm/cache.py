@@ -103,15 +103,18 @@ def remove_entry(entry: CacheEntry) -> None:
 
 
 def engine_cache_key(model_dir: Path, convert_options: Any, build_options: Any) -> str:
-    """Changes when the checkpoint's files, the options or trtlm's version change."""
+    """Changes when the checkpoint's files, the options or trtlm's version change.
+
+    The files are the directory's own and, for a Megatron-Core checkpoint, every rank file of its
+    ``iter_*/mp_rank_*`` directories (an iteration saved again in place changes them only)."""
     from trtlm import __version__
 
     h = hashlib.sha256()
     h.update(str(model_dir.resolve()).encode())
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    files = [f for f in model_dir.iterdir() if f.is_file()] + list(model_dir.glob("iter_*/mp_rank_*/*.pt"))
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}".encode())
     opts = {k: str(v) for k, v in asdict(convert_options).items() if k not in ("workers", "progress", "force")}
     h.update(json.dumps([opts, asdict(build_options), __version__], sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -17,7 +17,6 @@ from typing import Any
 from trtlm.errors import UserError
 
 #: bytes per element of FasterTransformer storage dtypes.
-_FT_ITEMSIZE = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 
 
 def _dir_size(path: Path) -> int:
@@ -157,7 +156,10 @@ def inspect_path(path: Path) -> dict[str, Any]:
         gpt = dict(cp["gpt"]) if cp.has_section("gpt") else {}
         dtype = gpt.get("storage_dtype") or gpt.get("weight_data_type")
         stored = sum(f.stat().st_size for f in ini.parent.glob("*.bin"))
-        itemsize = _FT_ITEMSIZE.get(str(dtype))
+        from trtlm import dtypes as dtype_table
+
+        stored_as = dtype_table.lookup(str(dtype)) if dtype else None
+        itemsize = stored_as.itemsize if stored_as is not None and stored_as.is_float else None
         info.update(architecture="FasterTransformer " + gpt.get("model_name", "?"),
                     layers=int(gpt["n_layer"]) if "n_layer" in gpt else None,
                     hidden_size=int(gpt["n_embd"]) if "n_embd" in gpt else None,

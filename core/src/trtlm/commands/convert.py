@@ -46,7 +46,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")  # = trtlm.convert.options.D
               help="int4-wo / int4-awq: input channels sharing one scale (must divide each layer's inputs).")
 @click.option("--smoothquant-alpha", default=0.5, show_default=True, type=UNIT,
               help="int8-sq: migration strength in [0, 1] (0: all on weights, 1: all on activations).")
-@click.option("--to", "to", default="trtllm", show_default=True, help="Output format: trtllm, ft (MPT) or mcore (Megatron-Core).")
+@click.option("--to", "to", default="trtllm", show_default=True, help="Output format: trtllm, ft (MPT), mcore (Megatron-Core) or hf (e.g. back from Megatron-Core).")
 @click.option("--no-parallel-embedding", is_flag=True, help="Replicate the embedding instead of splitting its rows.")
 @click.option("--workers", default=1, show_default=True, type=POSITIVE, help="Tensors converted in parallel.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")

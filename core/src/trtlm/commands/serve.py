@@ -16,7 +16,7 @@ import click
 @click.option("--served-model-name", help="The `model` clients send (default: the --engine-dir / --model-dir as given).")
 @click.option("--api-key", envvar="TRTLM_API_KEY", show_envvar=True,
               help="Require `Authorization: Bearer KEY` on every /v1 and /v2 route.")
-@click.option("--max-queue-size", default=256, show_default=True, type=int,
+@click.option("--max-queue-size", default=2048, show_default=True, type=int,
               help="Requests waiting for the engine at most; more get 503 with Retry-After.")
 @click.option("--request-timeout", type=float, help="Seconds a request may take before it is aborted (504).")
 @click.option("--max-batch-size", type=int, help="Sequences in flight (default: the engine's build max_batch_size).")

@@ -5,7 +5,7 @@ is a source tensor taken as is or several concatenated along rows (fused qkv), t
 or indexed along one dimension per rank (column-parallel rows, row-parallel columns, q/k/v
 heads with KV repetition, vocabulary rows with zero padding, whole experts).  Row-major bytes
 make each rank's part a list of byte ranges of the sources, so the job is what ``dd`` does:
-read each source tensor once into a reused buffer (``preadv``, 64 MB at a time: a short read
+read each source tensor once into a reused buffer (``preadv``, 16 MB at a time: a short read
 means the file shrank while converting, a one-line error rather than the ``SIGBUS`` a memory
 map would raise), check it for NaN/Inf on that buffer (:mod:`numpy`, in L2-sized
 chunks), and write each rank's ranges out of it with ``pwritev`` at the offsets the
@@ -37,8 +37,9 @@ from trtlm.mapping import Mapping
 
 #: Elements per NaN/Inf check step: small enough that the scratch array stays in L2.
 _CHECK_CHUNK = 1 << 16
-#: Bytes of a tensor read, checked and written at a time (one such buffer per worker).
-WINDOW = 64 << 20
+#: Bytes of a tensor read, checked and written at a time (one such buffer per worker): 16 MB, as
+#: `dd bs=16M`; a buffer half the size of L3 keeps the two copies cache-friendly (64 MB was slower).
+WINDOW = 16 << 20
 
 
 @dataclass

@@ -188,7 +188,7 @@ def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
                                          hooks=hooks)
             if written is None:
                 raise UserError(f"no plugin writes --to {options.to} for family {entry.family.name}")
-            if options.to == "mcore":
+            if options.to in ("mcore", "hf"):
                 copy_tokenizer(model_dir, tmp)  # Megatron ignores them; `trtlm run --model-dir` decodes with them
         return ConvertResult(output_dir, entry.family.name, {}, 0, 0)
     dtype = resolve_dtype(options, loaded.hf_config, entry)

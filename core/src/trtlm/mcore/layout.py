@@ -31,8 +31,9 @@ Megatron-Core facts encoded here (Megatron-LM ``tools/checkpoint/``
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -214,12 +215,13 @@ MlpLayout = Callable[[int, dict[str, Any], dict[str, int]], list[MCoreTensor]]
 def dense_mlp(i: int, hf: dict[str, Any], d: dict[str, int]) -> list[MCoreTensor]:
     """Dense SwiGLU MLP with Transformer-Engine names (the pre-MLP norm fused into ``linear_fc1``)."""
     p, m = f"model.layers.{i}.", f"decoder.layers.{i}.mlp."
-    H, I = d["hidden"], d["inter"]
+    H, inter = d["hidden"], d["inter"]
     return [
         MCoreTensor(m + "linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",), ((H,),), layer=i),
         MCoreTensor(m + "linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                    ((I, H), (I, H)), split="gate_up", layer=i, to_mcore=gate_up_cat, from_mcore=gate_up_split),
-        MCoreTensor(m + "linear_fc2.weight", (p + "mlp.down_proj.weight",), ((H, I),), split="row", layer=i),
+                    ((inter, H), (inter, H)), split="gate_up", layer=i, to_mcore=gate_up_cat,
+                    from_mcore=gate_up_split),
+        MCoreTensor(m + "linear_fc2.weight", (p + "mlp.down_proj.weight",), ((H, inter),), split="row", layer=i),
     ]
 
 

@@ -29,6 +29,20 @@ from trtlm.mcore.torchfile import load_rank_file
 from trtlm.weights import LoadedModel
 
 _IGNORED_SUFFIXES = ("._extra_state",)
+#: Where the local (no Transformer Engine) layer spec keeps the norms TE fuses into the next linear
+#: layer (Megatron-LM schema_core.py CoreLocalSchema vs CoreTESchema): read under either name.
+_LOCAL_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+def _stored_name(name: str, have: dict[str, object]) -> str | None:
+    """``name`` as the rank file stores it: the Transformer-Engine name, or the local spec's."""
+    if name in have:
+        return name
+    for te, local in _LOCAL_NAMES.items():
+        if name.endswith(te) and name[: -len(te)] + local in have:
+            return name[: -len(te)] + local
+    return None
 
 
 class MCoreCheckpoint:
@@ -79,7 +93,7 @@ class MCoreSource:
 
     def __init__(self, ckpt: MCoreCheckpoint, layout: MCoreLayout) -> None:
         self._ckpt = ckpt
-        tp, pp, ep = ckpt.tp, ckpt.pp, ckpt.ep
+        pp, ep = ckpt.pp, ckpt.ep
         layers = int(ckpt.args.get("num_layers") or 0)
         experts = int(ckpt.args.get("num_experts") or 0)
         self._lps = max(layers // pp, 1)
@@ -89,6 +103,7 @@ class MCoreSource:
             if t.read:
                 for pos, name in enumerate(t.hf):
                     self._index.setdefault(name, (t, pos))
+        self._stored: dict[tuple[tuple[int, int, int], str], str] = {}
         self._check(layout)
         self._cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self._lock = threading.Lock()
@@ -114,17 +129,21 @@ class MCoreSource:
         for rank, want in expected.items():
             path = ck.paths[rank]
             have = ck.state_dict(*rank)
+            used = set()
             for name, shape in want.items():
-                if name not in have:
+                key = _stored_name(name, have)
+                if key is None:
                     raise UserError(f"{path}: tensor {name} is missing")
-                tensor = have[name]
+                self._stored[(rank, name)] = key
+                used.add(key)
+                tensor = have[key]
                 if not isinstance(tensor, torch.Tensor):
-                    raise UserError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
+                    raise UserError(f"{path}: {key} is a {type(tensor).__name__}, not a tensor")
                 if tuple(tensor.shape) != shape:
-                    raise UserError(f"{path}: tensor {name} has shape {list(tensor.shape)} but args "
+                    raise UserError(f"{path}: tensor {key} has shape {list(tensor.shape)} but args "
                                     f"(tp={ck.tp}) imply {list(shape)}; the args and the weights do not match")
             for name in have:
-                if name not in want and not name.endswith(_IGNORED_SUFFIXES):
+                if name not in used and not name.endswith(_IGNORED_SUFFIXES):
                     raise UserError(f"{path}: tensor {name} is not part of the model trtlm maps from these args "
                                     f"(biases, qk-norms and other extras are not supported)")
 
@@ -139,7 +158,7 @@ class MCoreSource:
     def dtype(self, name: str) -> torch.dtype:
         t, _ = self._index[name]
         rank = (self._stage(t), self._ep_ranks(t)[0], 0)
-        return self._ckpt.state_dict(*rank)[local_name(t, self._lps, self._epr)].dtype
+        return self._ckpt.state_dict(*rank)[self._stored[(rank, local_name(t, self._lps, self._epr))]].dtype
 
     def _full(self, t: MCoreTensor) -> tuple[torch.Tensor, ...]:
         with self._lock:
@@ -149,7 +168,7 @@ class MCoreSource:
                 return hit
         stage, e = self._stage(t), self._ep_ranks(t)[0]
         name = local_name(t, self._lps, self._epr)
-        parts = [self._ckpt.state_dict(stage, e, r)[name] for r in range(self._ckpt.tp)]
+        parts = [self._ckpt.state_dict(stage, e, r)[self._stored[((stage, e, r), name)]] for r in range(self._ckpt.tp)]
         out = tuple(t.from_mcore(merge(t.split, parts)))
         with self._lock:
             self._cache[t.name] = out
@@ -200,6 +219,12 @@ def load_mcore(model_dir: Path, hooks, ckpt: MCoreCheckpoint | None = None) -> L
     if int(ckpt.args.get("expert_tensor_parallel_size") or ckpt.tp) != ckpt.tp:
         raise UserError(f"{ckpt.where}: args.expert_tensor_parallel_size = {ckpt.args['expert_tensor_parallel_size']} "
                         f"differs from tensor_model_parallel_size {ckpt.tp}; not supported")
+    for key in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                "num_layers_per_virtual_pipeline_stage", "account_for_embedding_in_pipeline_split",
+                "account_for_loss_in_pipeline_split"):
+        if ckpt.args.get(key):
+            raise UserError(f"{ckpt.where}: args.{key} = {ckpt.args[key]!r}: uneven or virtual pipeline stages "
+                            f"are not supported; re-save with Megatron-LM's converter (even stages)")
     layout = hooks.trtlm_mcore_layout(hf_config=hf, tp_size=ckpt.tp, pp_size=ckpt.pp, ep_size=ckpt.ep)
     source = MCoreSource(ckpt, layout)
     origin = (f"{ckpt.files.iter_dir} (Megatron-Core, tp={ckpt.tp} pp={ckpt.pp} ep={ckpt.ep})")

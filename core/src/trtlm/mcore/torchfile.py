@@ -24,8 +24,9 @@ import io
 import pickle
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

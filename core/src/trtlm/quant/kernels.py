@@ -55,6 +55,9 @@ INT_MM_MIN_ROWS = 17
 #: rows up to which FP8 uses the Triton fp8-weight GEMV (activation fake-quantized with the same
 #: static scale) instead of ``_scaled_mm`` (0: never); set from measurement (docs/benchmarks.md)
 FP8_TRITON_MAX_ROWS = 1
+#: rows up to which the one-row Triton GEMV runs (and gathered MoE experts use it); 0: the tiled
+#: Triton GEMM everywhere.  Set from measurement (docs/benchmarks.md, "quantized kernels").
+GEMV_MAX_ROWS = 1
 #: weight-only formats from this many rows on: dequantize in one Triton pass, then a dense GEMM
 #: (cuBLAS beats any dequantizing GEMM of ours once the product is no longer memory-bound)
 DENSE_MIN_ROWS = 17
@@ -437,7 +440,10 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
         bk_max = 128
     if K % bk_max:
         bk_max = 64 if K % 64 == 0 else 32 if K % 32 == 0 else 16
-    if (experts or rows == 1) and (config or {}).get("kernel", "gemv") == "gemv":
+    kernel = (config or {}).get("kernel", "gemv" if GEMV_MAX_ROWS and (experts or rows <= GEMV_MAX_ROWS) else "dot")
+    if kernel == "gemv" and not (experts or rows == 1):
+        raise ValueError("the GEMV kernel takes one row per program (1 row, or expert ids)")
+    if kernel == "gemv":
         return _gemv(x, w, scale, wk, sk, group_size, prequant, expert_ids, rows_per_id, N, K, rows, config)
     bm, bn, bk, split, k_per = _config(rows, N, K, bk_max, x.device, rows if experts else None)
     warps, stages = 4, 3

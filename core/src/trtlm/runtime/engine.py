@@ -205,6 +205,9 @@ class Engine:
         if need > self.allocator.num_blocks:
             raise UserError(f"the request needs {need} KV blocks and the cache has {self.allocator.num_blocks}: "
                             f"raise --kv-cache-gb / --kv-cache-free-gpu-mem-fraction or lower max_tokens")
+        if params.n > self.max_batch_size:
+            raise UserError(f"n={params.n} completions exceed --max-batch-size {self.max_batch_size} "
+                            f"(each completion is a sequence of the batch)")
         if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_tokens:
             raise UserError(f"prompt of {len(ids)} tokens exceeds --max-num-tokens {self.config.max_num_tokens} "
                             f"and chunked prefill is off")
@@ -333,8 +336,8 @@ class Engine:
             child.block_table = list(parent.block_table[:full])
             for b in child.block_table:
                 self.allocator.refs[b] += 1
-            if len(parent.block_table) > full:
-                child.block_table += self.allocator.allocate(1)
+            if len(parent.block_table) > full:  # the block the scheduler took for it (or a free one)
+                child.block_table += [parent.fork_blocks.pop()] if parent.fork_blocks else self.allocator.allocate(1)
                 self.executor.copy_block(parent.block_table[full], child.block_table[-1])
             child.block_hashes = list(parent.block_hashes[:full])
             child.num_computed = parent.num_computed

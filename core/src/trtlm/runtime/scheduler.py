@@ -65,6 +65,7 @@ class Sequence:
     prompt_logits: list[Any] = field(default_factory=list)
     step_logits: list[Any] = field(default_factory=list)
     forks: int = 0  #: siblings (n > 1) to fork from this sequence once its prompt is computed
+    fork_blocks: list[int] = field(default_factory=list)  #: taken for the siblings' copies of the partial block
     admitted_once: bool = False
 
     @property
@@ -128,7 +129,12 @@ class Scheduler:
 
     def outstanding(self) -> int:
         """Blocks the running sequences may still claim (``guaranteed_no_evict``)."""
-        return sum(max(0, (1 + s.forks) * self.worst_case_blocks(s) - len(s.block_table)) for s in self.running)
+        return sum(max(0, (1 + s.forks) * self.worst_case_blocks(s) - len(s.block_table) - len(s.fork_blocks))
+                   for s in self.running)
+
+    def batch_slots_taken(self) -> int:
+        """Running sequences, and the siblings (n > 1) they will fork once their prompt is computed."""
+        return sum(1 + s.forks for s in self.running)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -139,7 +145,9 @@ class Scheduler:
     def free_seq(self, seq: Sequence) -> None:
         """Give a sequence's blocks back and take it out of the queues."""
         self.allocator.release(seq.block_table)
+        self.allocator.release(seq.fork_blocks)
         seq.block_table = []
+        seq.fork_blocks = []
         seq.block_hashes = []
         if seq in self.running:
             self.running.remove(seq)
@@ -164,7 +172,9 @@ class Scheduler:
                 plan.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         # 2. admit waiting sequences
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        # a request with n > 1 brings its siblings into the batch when its prompt is done: count them now
+        while self.waiting and budget > 0 and \
+                self.batch_slots_taken() + 1 + self.waiting[0].forks <= self.max_batch_size:
             seq = self.waiting[0]
             n = self._admit(seq, budget)
             if n == 0:
@@ -178,8 +188,9 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
         """Make room for ``n`` more tokens of a running sequence (preempting under max_utilization)."""
+        forks = self._fork_need(seq, seq.num_computed + n)
         need = blocks_for(seq.num_computed + n, self.block_size) - len(seq.block_table)
-        while need > self.allocator.num_free:
+        while need + forks > self.allocator.num_free:
             if self.policy == "guaranteed_no_evict":  # cannot happen: reserved at admission
                 raise AssertionError("KV cache over-committed under guaranteed_no_evict")
             victim = self.running[-1]
@@ -188,7 +199,17 @@ class Scheduler:
                 return False
         if need > 0:
             seq.block_table += self.allocator.allocate(need)
+        seq.fork_blocks += self.allocator.allocate(forks)
         return True
+
+    def _fork_need(self, seq: Sequence, computed: int) -> int:
+        """Blocks the ``n > 1`` siblings of ``seq`` take when its prompt is complete at ``computed``
+        tokens (this step): a copy each of the prompt's partial last block (full blocks are shared).
+        They are taken with the step's own blocks, so the fork after the step always finds them."""
+        if not seq.forks or seq.output_ids or computed < len(seq.prompt_ids) or \
+                len(seq.prompt_ids) % self.block_size == 0:
+            return 0
+        return seq.forks - len(seq.fork_blocks)
 
     def preempt(self, seq: Sequence, plan: StepPlan | None = None) -> None:
         """Free a running sequence's blocks and queue it first, to be recomputed."""
@@ -221,7 +242,7 @@ class Scheduler:
             if need > alloc.num_free - self.outstanding():
                 return 0
         else:
-            need = blocks_for(cached + n, self.block_size) - held
+            need = blocks_for(cached + n, self.block_size) - held + self._fork_need(seq, cached + n)
             if need > alloc.num_free:
                 return 0
         seq.block_table = alloc.take_prefix(prefix)
@@ -232,6 +253,7 @@ class Scheduler:
             seq.admitted_once = True
         fresh = blocks_for(cached + n, self.block_size) - len(seq.block_table)
         seq.block_table += alloc.allocate(fresh)
+        seq.fork_blocks += alloc.allocate(self._fork_need(seq, cached + n))
         return n
 
     def after_step(self, plan: StepPlan) -> None:

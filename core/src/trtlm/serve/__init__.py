@@ -5,8 +5,15 @@ prometheus-client); :func:`require_serve_deps` turns a missing one into one
 line saying which pip command installs it.  Modules:
 
 * :mod:`trtlm.serve.server`   -- configuration, engine loading, uvicorn, SIGTERM draining, ranks
-* :mod:`trtlm.serve.app`      -- the FastAPI application (routes, auth, limits, access log)
+* :mod:`trtlm.serve.app`      -- the FastAPI application (routes)
+* :mod:`trtlm.serve.state`    -- what the routes share (settings, engine, metrics, live requests)
+* :mod:`trtlm.serve.middleware` -- access log, body limit, API key
+* :mod:`trtlm.serve.handling` -- validate, tokenize, check lengths, submit (shared by the routes)
+* :mod:`trtlm.serve.generation` -- one HTTP request's engine requests: pumped, timed, aborted
+* :mod:`trtlm.serve.streams`  -- the SSE streams of completions, chat and Triton generate_stream
 * :mod:`trtlm.serve.openai_protocol` / :mod:`trtlm.serve.triton_protocol` -- request validation, responses
+* :mod:`trtlm.serve.errors`   -- OpenAI / Triton error shapes
+* :mod:`trtlm.serve.ranks`    -- multi-rank engines: one process per rank, rank 0 serves
 * :mod:`trtlm.serve.chat_template` -- chat templates rendered as transformers renders them
 * :mod:`trtlm.serve.metrics`  -- Prometheus metrics
 * :mod:`trtlm.serve.streaming` -- server-sent events with disconnect detection

@@ -201,12 +201,18 @@ async def run_benchmark(base_url: str, requests: list[BenchRequest], *, model: s
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         if model is None:
-            async with session.get(f"{base}/v1/models", headers=headers) as resp:
-                if resp.status != 200:
-                    from trtlm.errors import UserError
+            from trtlm.errors import UserError
 
-                    raise UserError(f"{base}/v1/models answered HTTP {resp.status}: give --model")
-                model = (await resp.json())["data"][0]["id"]
+            try:
+                async with session.get(f"{base}/v1/models", headers=headers) as resp:
+                    if resp.status != 200:
+                        raise UserError(f"{base}/v1/models answered HTTP {resp.status}: give --model (and "
+                                        f"--api-key if the server needs one)")
+                    model = (await resp.json())["data"][0]["id"]
+            except aiohttp.ClientError as exc:
+                raise UserError(f"--base-url {base}: cannot reach the server ({exc})") from None
+            except (KeyError, IndexError, ValueError):
+                raise UserError(f"{base}/v1/models: no model listed; give --model") from None
         url = f"{base}/v1/chat/completions" if chat else f"{base}/v1/completions"
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         rng = random.Random(seed)

@@ -97,7 +97,7 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
 
     @classmethod
-    def from_directory(cls, directory: Path, override: Path | None = None) -> "ChatTemplate | None":
+    def from_directory(cls, directory: Path, override: Path | None = None) -> ChatTemplate | None:
         """The template of a tokenizer directory (``override``: a ``.jinja`` file to use instead)."""
         directory = Path(directory)
         special: dict[str, str] = {}

@@ -131,7 +131,7 @@ class Generation:
 
     async def abort(self) -> None:
         """Stop every unfinished engine request now (disconnect, timeout, shutdown)."""
-        for idx, task in enumerate(self.pumps):
+        for task in self.pumps:
             if not task.done():
                 task.cancel()
         for idx, rid in enumerate(self.engine_ids):

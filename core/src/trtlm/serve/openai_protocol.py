@@ -4,8 +4,8 @@ Field names, defaults and meanings follow OpenAI's API plus the extensions
 vLLM and trtllm-serve accept (``top_k``, ``stop_token_ids``, ``ignore_eos``,
 ``min_tokens``).  Fields trtlm cannot honour (penalties, ``logit_bias``,
 ``suffix``, ``best_of``, JSON response formats) are rejected with a 400 that
-names them instead of being silently ignored; unknown fields are ignored as
-OpenAI's own server does for forward compatibility.
+names them instead of being silently ignored; unknown fields are ignored (as
+vLLM ignores them), so clients sending extra options still work.
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def completion_logprobs(token_text, token_ids: list[int], entries: list[dict[int
                         offset: int) -> dict[str, Any]:
     """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    for tid, entry in zip(token_ids, entries):
+    for tid, entry in zip(token_ids, entries, strict=False):
         text = token_text(tid)
         tokens.append(text)
         token_lps.append(entry.get(tid))
@@ -215,7 +215,7 @@ def completion_logprobs(token_text, token_ids: list[int], entries: list[dict[int
 def chat_logprobs(token_text, token_ids: list[int], entries: list[dict[int, float]], top: int) -> dict[str, Any]:
     """Chat logprobs: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
     content = []
-    for tid, entry in zip(token_ids, entries):
+    for tid, entry in zip(token_ids, entries, strict=False):
         text = token_text(tid)
         ranked = sorted(((t, lp) for t, lp in entry.items()), key=lambda kv: -kv[1])[:top]
         content.append({"token": text, "logprob": entry.get(tid), "bytes": list(text.encode()),

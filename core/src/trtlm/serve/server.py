@@ -42,7 +42,7 @@ class ServeConfig:
     port: int = 8000
     served_model_name: str | None = None
     api_key: str | None = None
-    max_queue_size: int | None = 256
+    max_queue_size: int | None = 2048
     request_timeout: float | None = None
     max_batch_size: int | None = None
     max_num_tokens: int = 8192
@@ -109,10 +109,10 @@ def resolve_engine_dir(config: ServeConfig) -> tuple[Path, Path | None]:
     """(engine directory, tokenizer directory): ``--model-dir`` is converted and built into the cache."""
     if config.engine_dir is not None:
         return Path(config.engine_dir), config.tokenizer_dir
-    from trtlm.api import prepare_engine
+    from trtlm.cache import prepare_engine
     from trtlm.convert.options import ConvertOptions
 
-    engine_dir = prepare_engine(Path(config.model_dir), ConvertOptions(dtype=config.dtype))
+    engine_dir = prepare_engine(Path(config.model_dir), ConvertOptions(dtype=config.dtype), log=log.info)
     return engine_dir, config.tokenizer_dir or Path(config.model_dir)
 
 
@@ -162,7 +162,8 @@ def run_server(config: ServeConfig, loader=None, on_stop=None) -> None:
     """
     import uvicorn
 
-    from trtlm.serve.app import ServerState, ServeSettings, create_app
+    from trtlm.serve.app import create_app
+    from trtlm.serve.state import ServerState, ServeSettings
 
     setup_logging(config.log_level)
     settings = ServeSettings(model_name=config.model_name(), api_key=config.api_key,
@@ -244,8 +245,9 @@ class _Server:
                 if not self.should_exit:
                     log.info("%s: shutting down (grace period %.1f s)", signal.Signals(sig).name, grace_s)
                     loop = self._loop
-                    if loop is not None:
-                        loop.call_soon_threadsafe(lambda: loop.create_task(state.drain(grace_s)))
+                    if loop is not None:  # keep a reference: the loop holds tasks only weakly
+                        loop.call_soon_threadsafe(lambda: setattr(self, "_drain_task",
+                                                                  loop.create_task(state.drain(grace_s))))
                 self.should_exit = True
 
             async def serve(self, sockets=None):

@@ -156,7 +156,7 @@ def response(model_name: str, text: str, req: TritonRequest, completion=None, fi
     if req.request_id is not None:
         out["id"] = req.request_id
     if req.return_log_probs and completion is not None and completion.logprobs is not None:
-        lps = [entry.get(tid) for tid, entry in zip(completion.token_ids, completion.logprobs)]
+        lps = [entry.get(tid) for tid, entry in zip(completion.token_ids, completion.logprobs, strict=False)]
         out["output_log_probs"] = lps
         out["cum_log_probs"] = completion.cumulative_logprob if completion.cumulative_logprob is not None \
             else float(sum(lp for lp in lps if lp is not None))

@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-#: Seconds between checks of whether Triton cancelled a streaming request (client gone).
+#: Seconds between checks of whether Triton cancelled a request (client gone), and between metric updates.
 CANCEL_CHECK_S = 0.1
+METRICS_S = 0.1
 
 
 class BadRequest(Exception):
@@ -135,8 +136,36 @@ class TritonPythonModel:
         self._wake = threading.Event()
         self._stopping = False
         self._jobs: dict[str, Job] = {}
+        self._metrics = self._make_metrics(args)
+        self._report()
         self._thread = threading.Thread(target=self._loop, name="trtlm-engine", daemon=True)
         self._thread.start()
+
+    def _make_metrics(self, args: dict[str, str]) -> dict[str, Any]:
+        """Gauges under tensorrtllm_backend's names and labels (``nv_trt_llm_request_metrics``,
+        ``nv_trt_llm_kv_cache_block_metrics``), on Triton's ``/metrics``, fed from the engine's stats."""
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        requests = pb_utils.MetricFamily(name="nv_trt_llm_request_metrics", description="TRT LLM request metrics",
+                                         kind=pb_utils.MetricFamily.GAUGE)
+        blocks = pb_utils.MetricFamily(name="nv_trt_llm_kv_cache_block_metrics",
+                                       description="TRT LLM KV cache block metrics", kind=pb_utils.MetricFamily.GAUGE)
+        gauges = {f"request_{k}": requests.Metric(labels={**labels, "request_type": k})
+                  for k in ("active", "max", "scheduled", "waiting")}
+        gauges.update({f"kv_{k}": blocks.Metric(labels={**labels, "kv_cache_block_type": k})
+                       for k in ("max", "free", "used", "tokens_per", "fraction")})
+        self._metric_families = (requests, blocks)  # keep the families alive as long as their metrics
+        return gauges
+
+    def _report(self) -> None:
+        stats = self.engine.stats()
+        total, used = stats.kv_blocks_total, stats.kv_blocks_used
+        block_size = getattr(stats, "block_size", None) or getattr(self.engine, "block_size", 0)
+        values = {"request_active": len(self._jobs), "request_max": getattr(self.engine, "max_batch_size", 0),
+                  "request_scheduled": stats.running, "request_waiting": stats.waiting, "kv_max": total,
+                  "kv_free": total - used, "kv_used": used, "kv_tokens_per": block_size,
+                  "kv_fraction": used / total if total else 0.0}
+        for key, value in values.items():
+            self._metrics[key].set(float(value))
 
     # -- requests -----------------------------------------------------------------------------------------
     def _job(self, request) -> Job:
@@ -209,17 +238,21 @@ class TritonPythonModel:
 
     # -- the engine thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
-        last_cancel_check = time.monotonic()
+        last_check = last_report = 0.0
         while not self._stopping:
             if not self._jobs:
                 self._wake.wait(0.5)
             self._wake.clear()
             self._admit()
+            now = time.monotonic()
+            if now - last_check > CANCEL_CHECK_S:
+                self._drop_cancelled()
+                last_check = now
+            if now - last_report > METRICS_S or not self._jobs:
+                self._report()
+                last_report = now
             if not self._jobs:
                 continue
-            if time.monotonic() - last_cancel_check > CANCEL_CHECK_S:
-                self._drop_cancelled()
-                last_cancel_check = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - every request in flight gets the error; the model lives on
@@ -248,16 +281,31 @@ class TritonPythonModel:
             self._jobs[job.request_id] = job
 
     def _drop_cancelled(self) -> None:
+        """Abort the requests whose client went away (Triton marks them cancelled): their KV blocks are freed."""
         for rid, job in list(self._jobs.items()):
             if job.sender is not None and job.sender.is_cancelled():
-                self.engine.abort(rid)
-                del self._jobs[rid]
-                job.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._abort(rid)
+                self._send(job, None, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _abort(self, rid: str) -> None:
+        self.engine.abort(rid)
+        self._jobs.pop(rid, None)
+
+    def _send(self, job: Job, response, flags: int) -> None:
+        """Send on a decoupled request; a request Triton no longer takes responses for is aborted."""
+        try:
+            if response is None:
+                job.sender.send(flags=flags)
+            else:
+                job.sender.send(response, flags=flags)
+        except Exception as exc:  # noqa: BLE001 - e.g. the request was cancelled meanwhile
+            pb_utils.Logger.log_warn(f"{job.request_id}: response not delivered ({exc}); request aborted")
+            self._abort(job.request_id)
 
     def _fail(self, job: Job, message: str) -> None:
         response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
         if job.sender is not None:
-            job.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._send(job, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         else:
             job.response = response
             job.done.set()
@@ -279,14 +327,14 @@ class TritonPythonModel:
                 return  # nothing printable yet (half a UTF-8 character held back)
             job.sent_logprobs = len(completion.token_ids)
             response = self._response(text, completion, new_ids, new_logprobs, job.log_probs)
-            job.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if out.finished else 0)
+            self._send(job, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if out.finished else 0)
             return
         if not out.finished:
             return
         text = ("" if job.exclude_input else job.prompt) + completion.text + stop_word
         response = self._response(text, completion, completion.token_ids, completion.logprobs or [], job.log_probs)
         if job.sender is not None:
-            job.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._send(job, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         else:
             job.response = response
             job.done.set()
@@ -308,4 +356,6 @@ class TritonPythonModel:
         for rid, job in list(self._jobs.items()):
             self._fail(job, "the model is being unloaded")
         self._jobs.clear()
-        self.engine.close()
+        close = getattr(self.engine, "close", None)  # frees the executor (GPU memory) before Triton unloads
+        if close is not None:
+            close()

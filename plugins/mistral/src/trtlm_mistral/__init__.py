@@ -40,7 +40,7 @@ FAMILY = Family(
         quantization=ALL_QUANT,
         kv_cache_quantization=ALL_KV_QUANT,
         formats_in=("hf", "mcore"),
-        formats_out=("trtllm", "mcore"),
+        formats_out=("trtllm", "mcore", "hf"),
     ),
     presets={"tiny": _TINY, "7b": _7B},
     description="Mistral: Llama-style decoder with GQA and sliding-window attention",

@@ -54,7 +54,7 @@ FAMILY = Family(
         quantization=ALL_QUANT,
         kv_cache_quantization=ALL_KV_QUANT,
         formats_in=("hf", "mcore"),
-        formats_out=("trtllm", "mcore"),
+        formats_out=("trtllm", "mcore", "hf"),
     ),
     presets={"tiny": _TINY, "8x7b": _8X7B},
     description="Mixtral: Llama-style decoder with a top-k routed sparse mixture of SwiGLU experts",

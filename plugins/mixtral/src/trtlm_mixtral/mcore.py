@@ -38,7 +38,7 @@ def moe_mlp(num_experts: int, layout: str):
     """The ``mlp`` callback of :func:`llama_layout` for Mixtral's sparse MoE feed-forward."""
 
     def mlp(i: int, hf: dict[str, Any], d: dict[str, int]) -> list[MCoreTensor]:
-        H, I, E = d["hidden"], d["inter"], num_experts
+        H, inter, E = d["hidden"], d["inter"], num_experts
         m = f"decoder.layers.{i}."
         out = [MCoreTensor(m + "pre_mlp_layernorm.weight", (f"model.layers.{i}.post_attention_layernorm.weight",),
                            ((H,),), layer=i)]
@@ -48,18 +48,18 @@ def moe_mlp(num_experts: int, layout: str):
                                    dtype=torch.float32))
             for e in range(E):
                 x = f"{m}mlp.experts.local_experts.{e}."
-                out += [MCoreTensor(x + "linear_fc1.weight", (p + "experts.gate_up_proj",), ((E, 2 * I, H),),
+                out += [MCoreTensor(x + "linear_fc1.weight", (p + "experts.gate_up_proj",), ((E, 2 * inter, H),),
                                     split="gate_up", layer=i, expert=e, to_mcore=_pick(e), read=False),
-                        MCoreTensor(x + "linear_fc2.weight", (p + "experts.down_proj",), ((E, H, I),),
+                        MCoreTensor(x + "linear_fc2.weight", (p + "experts.down_proj",), ((E, H, inter),),
                                     split="row", layer=i, expert=e, to_mcore=_pick(e), read=False)]
             return out
         p = f"model.layers.{i}.block_sparse_moe."
         out.append(MCoreTensor(m + "mlp.router.weight", (p + "gate.weight",), ((E, H),), layer=i, dtype=torch.float32))
         for e in range(E):
             q, x = f"{p}experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
-            out += [MCoreTensor(x + "linear_fc1.weight", (q + "w1.weight", q + "w3.weight"), ((I, H), (I, H)),
+            out += [MCoreTensor(x + "linear_fc1.weight", (q + "w1.weight", q + "w3.weight"), ((inter, H), (inter, H)),
                                 split="gate_up", layer=i, expert=e, to_mcore=gate_up_cat, from_mcore=gate_up_split),
-                    MCoreTensor(x + "linear_fc2.weight", (q + "w2.weight",), ((H, I),), split="row", layer=i,
+                    MCoreTensor(x + "linear_fc2.weight", (q + "w2.weight",), ((H, inter),), split="row", layer=i,
                                 expert=e)]
         return out
 
