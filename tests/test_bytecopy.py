@@ -67,8 +67,12 @@ def test_unquantized_convert_imports_no_torch(tiny_mistral_dir, tmp_path):
     dict(tp_size=1), dict(tp_size=2), dict(tp_size=4), dict(tp_size=2, pp_size=2),
     dict(tp_size=2, use_parallel_embedding=False),
 ])
-@pytest.mark.parametrize("window", [bytecopy.WINDOW, 1000])
-def test_byte_copies_equal_the_torch_writer(make_tiny_mistral, tmp_path, layout, window):
+@pytest.mark.parametrize("window,kernel_copy_min", [(bytecopy.WINDOW, bytecopy._KERNEL_COPY_MIN), (1000, 0),
+                                                    (1000, 1 << 40)])
+def test_byte_copies_equal_the_torch_writer(make_tiny_mistral, tmp_path, monkeypatch, layout, window,
+                                            kernel_copy_min):
+    # kernel_copy_min 0: every range copied file to file; 1 << 40: every range written from the mapping.
+    monkeypatch.setattr(bytecopy, "_KERNEL_COPY_MIN", kernel_copy_min)
     # vocab 1001 does not divide by tp: lm_head and the parallel embedding get zero padding rows;
     # tp=4 > 2 KV heads: each KV head is repeated on two ranks.  A 1000-byte window cuts through
     # rows, pieces and the sources of fused qkv (tensors are read and written a window at a time).

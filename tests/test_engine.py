@@ -377,10 +377,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine_dir):
 
 @pytest.fixture(scope="module")
 def bundled_engine(make_engine):
+    """The bundled tiny-mistral (trained: its greedy text is code-like, with real token boundaries)."""
     from trtlm.commands.quickstart import bundled_model_dir
 
-    if not (bundled_model_dir() / "model.safetensors").is_file():
-        pytest.skip("the bundled tiny-mistral model is not in this checkout")
     return make_engine(bundled_model_dir())
 
 
@@ -539,6 +538,34 @@ def test_logprobs_are_log_softmax_of_the_logits(engine_dir):
     assert abs(comp.cumulative_logprob - total) < 1e-4
     [only] = eng.generate([prompt(60, 11)], SamplingParams(max_tokens=3, logprobs=0))
     assert all(list(e) == [t] for e, t in zip(only.outputs[0].logprobs, only.outputs[0].token_ids, strict=True))
+
+
+def test_kept_prompt_logits_cover_each_prompt_token_once(engine_dir):
+    """``keep_logits`` (perplexity, parity tests) gets one row per prompt token even when the
+    prompt is in the prefix cache (it used to get only the uncached rows) and when its prefill
+    is preempted and recomputed (it used to get the recomputed rows again)."""
+    mistral = engine_dir("mistral")
+    ps = [prompt(60 + i, 30) for i in range(3)]
+    want = []
+    for p in ps:
+        ref = open_engine(mistral)
+        ref.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True), keep_logits=True)
+        want.append(_run_out(ref)[0].prompt_logits)
+
+    cached = open_engine(mistral)
+    cached.generate([ps[0]], SamplingParams(max_tokens=2))  # its 3 full blocks are now cached
+    cached.add_request(ps[0], SamplingParams(max_tokens=4, ignore_eos=True), keep_logits=True)
+    # float32, same weights; another batch composition may reorder sums: 1e-5 of |logits| < 1
+    torch.testing.assert_close(_run_out(cached)[0].prompt_logits, want[0], rtol=0, atol=1e-5)
+
+    tight = open_engine(mistral, kv_blocks=8, capacity_policy="max_utilization", max_num_tokens=8)
+    for p in ps:
+        tight.add_request(p, SamplingParams(max_tokens=20, ignore_eos=True), keep_logits=True)
+    outs = sorted(_run_out(tight), key=lambda o: o.request_id)
+    assert tight.stats().preemptions > 0
+    for out, w in zip(outs, want, strict=True):
+        torch.testing.assert_close(out.prompt_logits, w, rtol=0, atol=1e-5)
+        assert len(out.step_logits) == 19
 
 
 # -- limits ---------------------------------------------------------------------------------------------------------

@@ -137,19 +137,24 @@ def test_tp2_pp2_ep2_ranks_equal_one_process_and_transformers(make_tiny_hf, make
 
 
 def test_trtlm_run_queues_more_prompts_than_the_batch_across_ranks(make_tiny_hf, make_engine, monkeypatch):
-    """``trtlm run`` (its launcher starts the ranks) with 12 prompts on an engine built for
-    batches of 4, so rank 0's engine must queue most of them: every prompt still gets
-    transformers' greedy tokens (pp2: rank 0 samples from logits the last stage sends back)."""
+    """``trtlm run`` (its launcher starts the ranks) with 12 prompts, ``--max-batch-size 3``,
+    ``--max-num-tokens 16`` and ``max_utilization`` on a 5-block pool (16-token blocks: rank 0
+    holds 2 of the 4 layers), so rank 0's engine queues, chunks and runs short of blocks: every
+    prompt still gets transformers' greedy tokens (pp2: rank 0 samples from logits the last
+    stage sends back)."""
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRTLM_TEST_FAULT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     model, kw, mapping = JOBS["pp2"]
     hf = make_tiny_hf(model, **kw)
-    engine = make_engine(hf, build_options=dict(max_batch_size=4), **mapping)
+    engine = make_engine(hf, **mapping)
     prompts = [torch.randint(3, 1001, (3 + 2 * i,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(12)]
     args = [a for p in prompts for a in ("--input-ids", ",".join(map(str, p)))]
-    res = run_cli("run", "--engine-dir", engine, *args, "--max-output-len", 6, "--json")
+    rank0_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V x 2 layers x 16 tokens x 2 KV heads x 16 dims x float32
+    res = run_cli("run", "--engine-dir", engine, *args, "--max-output-len", 6, "--json", "--max-batch-size", 3,
+                  "--max-num-tokens", 16, "--capacity-policy", "max_utilization",
+                  "--kv-cache-gb", 5.5 * rank0_block / 2 ** 30)
     assert res.exit_code == 0, res.stderr
     got = [o["output_ids"] for o in json.loads(res.stdout)["outputs"]]
     assert got == transformers_greedy(hf, prompts, 6)

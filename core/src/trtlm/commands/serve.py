@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from trtlm.commands.engine_options import engine_options, engine_settings
+
 
 @click.command("serve")
 @click.option("--engine-dir", type=click.Path(path_type=Path), help="Engine built by `trtlm build`.")
@@ -19,12 +21,7 @@ import click
 @click.option("--max-queue-size", default=2048, show_default=True, type=int,
               help="Requests waiting for the engine at most; more get 503 with Retry-After.")
 @click.option("--request-timeout", type=float, help="Seconds a request may take before it is aborted (504).")
-@click.option("--max-batch-size", type=int, help="Sequences in flight (default: the engine's build max_batch_size).")
-@click.option("--max-num-tokens", default=8192, show_default=True, type=int,
-              help="Tokens computed per engine step; longer prompts are chunked.")
-@click.option("--kv-cache-free-gpu-mem-fraction", default=0.9, show_default=True, type=float,
-              help="GPU: share of the free memory the KV cache takes.")
-@click.option("--kv-cache-gb", type=float, help="KV-cache size in GiB (CPU default: what max-batch-size needs, <= 1).")
+@engine_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", default="auto", show_default=True, help="With --model-dir: conversion dtype.")
 @click.option("--chat-template", type=click.Path(path_type=Path),
@@ -39,8 +36,8 @@ import click
               help="auto: one process per rank when the engine has several ranks (rank 0 serves), else one "
                    "process; single: merge all ranks into this process; multi: one process per rank.")
 def serve_cmd(engine_dir, model_dir, tokenizer_dir, host, port, served_model_name, api_key, max_queue_size,
-              request_timeout, max_batch_size, max_num_tokens, kv_cache_free_gpu_mem_fraction, kv_cache_gb, device,
-              dtype, chat_template, max_body_size, shutdown_grace, log_level, launch):
+              request_timeout, device, dtype, chat_template, max_body_size, shutdown_grace, log_level, launch,
+              **engine_flags):
     """Serve a model over HTTP: OpenAI /v1 (completions, chat) and Triton /v2 generate APIs.
 
     Also /health, Prometheus /metrics; SIGTERM drains in-flight requests and exits 0.
@@ -53,8 +50,7 @@ def serve_cmd(engine_dir, model_dir, tokenizer_dir, host, port, served_model_nam
 
     config = ServeConfig(engine_dir=engine_dir, model_dir=model_dir, tokenizer_dir=tokenizer_dir, host=host, port=port,
                          served_model_name=served_model_name, api_key=api_key or None, max_queue_size=max_queue_size,
-                         request_timeout=request_timeout, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
-                         kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction, kv_cache_gb=kv_cache_gb,
-                         device=device, dtype=dtype, chat_template=chat_template, max_body_size=max_body_size,
+                         request_timeout=request_timeout, engine=engine_settings(engine_flags), device=device,
+                         dtype=dtype, chat_template=chat_template, max_body_size=max_body_size,
                          shutdown_grace=shutdown_grace, log_level=log_level)
     serve_main(config, launch=launch)

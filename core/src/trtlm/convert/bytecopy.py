@@ -4,12 +4,18 @@ An unquantized conversion to the checkpoint's own dtype changes no byte: every o
 is a source tensor taken as is or several concatenated along rows (fused qkv), then replicated
 or indexed along one dimension per rank (column-parallel rows, row-parallel columns, q/k/v
 heads with KV repetition, vocabulary rows with zero padding, whole experts).  Row-major bytes
-make each rank's part a list of byte ranges of the sources, so the job is what ``dd`` does:
-read each source tensor once into a reused buffer (``preadv``, 16 MB at a time: a short read
-means the file shrank while converting, a one-line error rather than the ``SIGBUS`` a memory
-map would raise), check it for NaN/Inf on that buffer (:mod:`numpy`, in L2-sized
-chunks), and write each rank's ranges out of it with ``pwritev`` at the offsets the
-precomputed safetensors headers fix (:class:`~trtlm.convert.writer.RankFileWriter`).
+make each rank's part a list of byte ranges of the sources, so the job is what ``dd`` does, with
+one copy instead of two: each shard is memory-mapped (populated up front: its page-cache pages,
+no anonymous memory), each tensor is checked for NaN/Inf on the mapping (:mod:`numpy`, in
+L2-sized chunks), and its ranks' ranges are copied file to file inside the kernel
+(``os.copy_file_range``, what ``cp`` does) or, when short (the rows of a row-parallel split),
+gathered from the mapping into one ``pwritev``, at the offsets the precomputed safetensors
+headers fix (:class:`~trtlm.convert.writer.RankFileWriter`), 16 MB of the tensor at a time.
+Measured on this 2-core VM (docs/benchmarks.md): reading into a buffer first as ``dd`` does, or
+writing everything from an unpopulated mapping, cost 2-3x the CPU (page faults are expensive
+under virtualization).
+A mapped page past a shrunk file's end would be ``SIGBUS``, so each tensor's span is checked
+against the file's size first: a shard overwritten while converting is the one-line error.
 
 Importing torch costs more than copying a 2.5 GB checkpoint, so nothing here imports it: the
 plan, split rules and safetensors headers are torch-free, and the rows a rank takes come from
@@ -21,6 +27,7 @@ safetensors file); the pipeline then uses the torch writer (:mod:`trtlm.convert.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import sys
 import threading
@@ -37,8 +44,12 @@ from trtlm.mapping import Mapping
 
 #: Elements per NaN/Inf check step: small enough that the scratch array stays in L2.
 _CHECK_CHUNK = 1 << 16
-#: Bytes of a tensor read, checked and written at a time (one such buffer per worker): 16 MB, as
-#: `dd bs=16M`; a buffer half the size of L3 keeps the two copies cache-friendly (64 MB was slower).
+#: Ranges at least this long are copied file to file inside the kernel (``copy_file_range``);
+#: shorter ones are gathered from the mapping into one ``pwritev``.
+_KERNEL_COPY_MIN = 64 << 10
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: Bytes of a tensor checked and written at a time: 16 MB (as `dd bs=16M`), half the L3 cache of the
+#: measuring machine, so the bytes the check just read are still cached when written.
 WINDOW = 16 << 20
 
 
@@ -191,37 +202,48 @@ def all_finite(data: memoryview, dtype: dtypes.DType, scratch: dict[str, Any]) -
     return True
 
 
-class _Files:
-    """Read-only descriptors of the source files, opened once."""
+class _Maps:
+    """The source files, each opened and memory-mapped (read-only, shared with the page cache) once."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, tuple[int, mmap.mmap, memoryview]] = {}
         self._lock = threading.Lock()
 
-    def fd(self, path: Path) -> int:
+    def get(self, path: Path) -> tuple[int, memoryview]:
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
+            entry = self._maps.get(path)
+            if entry is None:
                 try:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
                     raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-            return fd
+                try:  # populated: mapping every page up front is far cheaper than one fault per page
+                    mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | _POPULATE)
+                except (OSError, ValueError) as exc:
+                    os.close(fd)
+                    raise UserError(f"{path}: cannot read ({exc})") from None
+                entry = self._maps[path] = (fd, mm, memoryview(mm))
+            return entry[0], entry[2]
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd, mm, view in self._maps.values():
+            view.release()
+            try:
+                mm.close()
+            except BufferError:  # a slice still referenced (an exception's traceback): the GC unmaps it
+                pass
             os.close(fd)
-        self._fds.clear()
+        self._maps.clear()
 
 
-def _read(fd: int, path: Path, name: str, offset: int, into: memoryview) -> None:
-    done = 0
-    while done < len(into):
-        n = os.preadv(fd, [into[done:]], offset + done)
-        if n == 0:
-            raise UserError(f"{path}: truncated while converting (tensor {name} ends at byte "
-                            f"{offset + len(into)}, the file has {os.fstat(fd).st_size}); re-download it")
-        done += n
+def _require(fd: int, path: Path, name: str, end: int) -> None:
+    """The file still holds ``name``'s bytes: touching a mapped page past a shrunk file's end is
+    ``SIGBUS`` (the process dies without a message), so a re-download overwriting the shard while
+    it converts must be seen first and be the one-line error."""
+    size = os.fstat(fd).st_size
+    if size < end:
+        raise UserError(f"{path}: truncated while converting (tensor {name} ends at byte {end}, the file has "
+                        f"{size}); re-download it")
 
 
 def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origin: str, workers: int = 1,
@@ -229,8 +251,9 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
     """Write ``rank{r}.safetensors`` for every rank into ``out`` (an empty directory) from the
     byte copies of :func:`plan_copies`.  Returns ``(tensors, bytes)`` written.
 
-    Each tensor passes through one reused buffer of ``window`` bytes per worker, a window at a
-    time, so memory does not grow with the size of a tensor (a 128k-vocabulary embedding)."""
+    Tensors are checked and written ``window`` bytes at a time straight from the memory-mapped
+    sources (page cache: no anonymous memory grows with a tensor, a 128k-vocabulary embedding
+    included), so each window is still in cache when it is written."""
     window = max(window - window % 8, 8)  # whole elements of every dtype
     layouts: list[dict[str, tuple[tuple[int, ...], str]]] = [{} for _ in range(world_size)]
     total = 0
@@ -240,33 +263,52 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
             total += math.prod(part.shape) * copy.dtype.itemsize
     writers = [RankFileWriter(out / f"rank{r}.safetensors", layouts[r], metadata={"format": "pt"})
                for r in range(world_size)]
-    files = _Files()
+    maps = _Maps()
     local = threading.local()
 
     def convert_one(copy: TensorCopy) -> None:
-        buf: bytearray | None = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(window)
-            local.scratch = {}
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = {}
         starts = [0]
-        for src in copy.sources:
-            starts.append(starts[-1] + src[3])
+        views = []  # each source's bytes, as a slice of its file's mapping
+        files = []  # and as (fd, file offset)
+        for name, path, offset, nbytes in copy.sources:
+            fd, view = maps.get(path)
+            _require(fd, path, name, offset + nbytes)
+            views.append(view[offset:offset + nbytes])
+            files.append((fd, offset))
+            starts.append(starts[-1] + nbytes)
         total_bytes = starts[-1]
+
+        def span(lo: int, hi: int) -> list[memoryview | tuple[int, int, int]]:
+            """Bytes ``[lo, hi)`` of the full tensor (the sources concatenated): a large range as
+            ``(fd, file offset, nbytes)`` (copied inside the kernel), a small one as mapped bytes
+            (gathered with its neighbours into one ``pwritev``: a row-parallel split's rows)."""
+            out: list[memoryview | tuple[int, int, int]] = []
+            for view, (fd, offset), s0, s1 in zip(views, files, starts, starts[1:]):
+                a, b = max(lo, s0), min(hi, s1)
+                if a < b:
+                    out.append((fd, offset + a - s0, b - a) if b - a >= _KERNEL_COPY_MIN else view[a - s0:b - s0])
+            return out
+
         for w0 in range(0, max(total_bytes, 1), window):  # the tensor's bytes, one window at a time
             w1 = min(w0 + window, total_bytes)
-            view = memoryview(buf)[: w1 - w0]
-            for (name, path, offset, _n), s0, s1 in zip(copy.sources, starts, starts[1:]):
-                lo, hi = max(w0, s0), min(w1, s1)
-                if lo >= hi:
-                    continue
-                chunk = view[lo - w0:hi - w0]
-                _read(files.fd(path), path, name, offset + lo - s0, chunk)
-                if check_finite and not all_finite(chunk, copy.dtype, local.scratch):
-                    raise UserError(f"{origin}: tensor {name} contains NaN or Inf values")
+            if check_finite:
+                for (name, _p, _o, _n), s0, s1, view in zip(copy.sources, starts, starts[1:], views):
+                    lo, hi = max(w0, s0), min(w1, s1)
+                    if lo < hi and not all_finite(view[lo - s0:hi - s0], copy.dtype, scratch):
+                        raise UserError(f"{origin}: tensor {name} contains NaN or Inf values")
             last = w1 >= total_bytes
             for part in copy.parts:
-                pieces = [(at + lo - src, view[lo - w0:hi - w0]) for at, src, n in part.pieces
-                          if (lo := max(src, w0)) < (hi := min(src + n, w1))]
+                pieces = []
+                for at, src, n in part.pieces:
+                    lo, hi = max(src, w0), min(src + n, w1)
+                    if lo < hi:
+                        pos = at + lo - src
+                        for piece in span(lo, hi):
+                            pieces.append((pos, piece))
+                            pos += piece[2] if isinstance(piece, tuple) else len(piece)
                 writers[part.rank].write_gather(part.name, pieces, last=last)
 
     bar = None
@@ -283,7 +325,7 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 pending = []
-                for copy in copies:  # bounded in flight: one buffer per worker, a few queued
+                for copy in copies:  # bounded in flight: a few tensors queued per worker
                     pending.append(pool.submit(convert_one, copy))
                     if len(pending) >= 2 * workers:
                         pending.pop(0).result()
@@ -298,7 +340,7 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
     finally:
         for w in writers:
             w.discard()
-        files.close()
+        maps.close()
         if bar:
             bar.close()
     return sum(len(c.parts) for c in copies), total

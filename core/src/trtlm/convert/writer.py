@@ -80,17 +80,29 @@ class RankFileWriter:
             self._written(offset, nbytes)
             self._pending.discard(name)
 
-    def write_gather(self, name: str, pieces: Sequence[tuple[int, memoryview]], last: bool = True) -> None:
-        """Fill tensor ``name`` from ``(byte offset in the tensor, bytes)`` pieces sorted by offset;
-        bytes not covered stay zero (the file was created zero-filled at its full size).  Runs of
-        adjacent pieces go out in one ``pwritev`` (up to ``IOV_MAX`` buffers per call).  ``last``:
-        the tensor is complete (a tensor may be written in several calls)."""
+    def write_gather(self, name: str, pieces: Sequence[tuple[int, memoryview | tuple[int, int, int]]],
+                     last: bool = True) -> None:
+        """Fill tensor ``name`` from ``(byte offset in the tensor, data)`` pieces sorted by offset,
+        ``data`` being bytes in memory or ``(fd, file offset, nbytes)`` of another file; bytes not
+        covered stay zero (the file was created zero-filled at its full size).  Runs of adjacent
+        in-memory pieces go out in one ``pwritev`` (up to ``IOV_MAX`` buffers per call), file
+        ranges through :func:`copy_range` (``copy_file_range``: copied inside the kernel).
+        ``last``: the tensor is complete (a tensor may be written in several calls)."""
         offset, nbytes, _shape, _dtype = self._offsets[name]
         base = self._base + offset
         i = 0
         while i < len(pieces):
-            start, j, end = pieces[i][0], i, pieces[i][0]
-            while j < len(pieces) and pieces[j][0] == end and j - i < _IOV_MAX:
+            start, data = pieces[i]
+            if isinstance(data, tuple):
+                fd, src, n = data
+                if start + n > nbytes:
+                    raise AssertionError(f"{name}: planned {nbytes} bytes, writing up to {start + n}")
+                copy_range(fd, src, self._fd, base + start, n)
+                i += 1
+                continue
+            j, end = i, start
+            while (j < len(pieces) and pieces[j][0] == end and j - i < _IOV_MAX
+                   and not isinstance(pieces[j][1], tuple)):
                 end += len(pieces[j][1])
                 j += 1
             if end > nbytes:

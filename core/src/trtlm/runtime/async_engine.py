@@ -77,6 +77,8 @@ class AsyncEngine:
             self._thread.join(timeout=30)
         for rid in list(self._streams):
             self._deliver(rid, _END)
+        if self.error is not None:  # a failed step: peers (other ranks) may be gone, no collective
+            return
         try:
             self.engine.close()
         except Exception:  # noqa: BLE001 - shutting down: the engine may already be broken

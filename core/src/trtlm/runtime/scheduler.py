@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from trtlm.runtime.kv_cache import BlockAllocator, blocks_for
+from trtlm.runtime.kv_cache import BlockAllocator, CachedPrefix, blocks_for
 from trtlm.runtime.sampling import IncrementalDetokenizer, SamplingParams
 
 CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
@@ -215,6 +215,8 @@ class Scheduler:
         """Free a running sequence's blocks and queue it first, to be recomputed."""
         self.free_seq(seq)
         seq.num_computed = 0
+        if not seq.output_ids:  # its prompt is computed again: so are the prompt logits it keeps
+            seq.prompt_logits.clear()
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.preemptions += 1
@@ -227,7 +229,8 @@ class Scheduler:
         cached prefix and blocks), else 0."""
         alloc = self.allocator
         tokens = seq.all_ids
-        prefix = alloc.match_prefix(tokens)
+        # a request that keeps its prompt logits computes every prompt token (a cached one has none)
+        prefix = CachedPrefix([], []) if seq.keep_logits and not seq.output_ids else alloc.match_prefix(tokens)
         if prefix.num_blocks * self.block_size >= len(tokens):  # keep one token to compute (its logits)
             prefix.blocks.pop()
             prefix.hashes.pop()

@@ -86,7 +86,7 @@ class MistralCommonTokenizer(Tokenizer):
 
 #: Hugging Face tokenizer files (and the generation config) carried with checkpoints and engines.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "generation_config.json")
+                      "generation_config.json", "chat_template.jinja", "chat_template.json")
 _SPM = re.compile(r"\.model(?:\.v(\d+)(?:m(\d+))?)?$")
 
 

@@ -44,17 +44,14 @@ class ServeConfig:
     api_key: str | None = None
     max_queue_size: int | None = 2048
     request_timeout: float | None = None
-    max_batch_size: int | None = None
-    max_num_tokens: int = 8192
-    kv_cache_free_gpu_mem_fraction: float = 0.9
-    kv_cache_gb: float | None = None
+    #: EngineConfig fields (``trtlm.commands.engine_options.ENGINE_FLAGS``), JSON-able for rank workers.
+    engine: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "auto"
     chat_template: Path | None = None
     max_body_size: int = 8 * 1024 * 1024
     shutdown_grace: float = 30.0
     log_level: str = "info"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if (self.engine_dir is None) == (self.model_dir is None):
@@ -98,11 +95,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def engine_config(config: ServeConfig):
-    from trtlm.runtime.engine import EngineConfig
+    """The EngineConfig of the command's engine flags (one definition shared with ``trtlm run``)."""
+    from trtlm.commands.engine_options import engine_config as from_settings
 
-    return EngineConfig(max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens,
-                        kv_cache_free_gpu_mem_fraction=config.kv_cache_free_gpu_mem_fraction,
-                        kv_cache_gb=config.kv_cache_gb)
+    return from_settings(config.engine)
 
 
 def resolve_engine_dir(config: ServeConfig) -> tuple[Path, Path | None]:
