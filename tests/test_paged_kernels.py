@@ -233,8 +233,8 @@ def test_write_kv_skips_minus_one_and_touches_only_its_slots():
 def test_write_kv_quantizes_with_the_layer_scale(cdt, top):
     case = Case(seed=5, chunks=[(40, 40)], heads=2, kv_heads=2, head_d=16, block_size=16, cache_dtype=cdt).fill(write_kv)
     k = case.all_k()
-    stored = case.k_cache.view(-1, 2, 16)[case.slot_mapping]
-    assert stored.dtype == cdt
+    assert case.k_cache.dtype == cdt
+    stored = case.k_cache.view(torch.int8).view(-1, 2, 16)[case.slot_mapping].view(cdt)
     back = stored.float() * case.k_scale
     if cdt == torch.int8:  # round to nearest: off by at most half a step
         assert float((back - k).abs().max()) <= float(case.k_scale) / 2 + 1e-6
@@ -410,9 +410,9 @@ def test_triton_decode_is_cuda_graph_capturable():
         slots.copy_(torch.tensor(slot_list, device="cuda"))
         ctx.copy_(torch.tensor(lens, dtype=torch.int32, device="cuda"))
         graph.replay()
-        stored = case.k_cache.view(-1, 8, 128)[slots]  # the captured write_kv ran with the new slots
+        stored = case.k_cache.view(torch.int8).view(-1, 8, 128)[slots]  # the captured write_kv used the new slots
         expect = quantize_kv(new_k, torch.float8_e4m3fn, case.k_scale)
-        assert torch.equal(stored.view(torch.int8), expect.view(torch.int8))
+        assert torch.equal(stored, expect.view(torch.int8))
         want = paged_decode_attention_ref(q, *args, case.block_tables, ctx, 0.09, k_scale=case.k_scale,
                                           v_scale=case.v_scale)
         torch.testing.assert_close(out.float(), want.float(), **_tol(torch.bfloat16))

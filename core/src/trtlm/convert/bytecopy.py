@@ -285,6 +285,9 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
             """Bytes ``[lo, hi)`` of the full tensor (the sources concatenated): a large range as
             ``(fd, file offset, nbytes)`` (copied inside the kernel), a small one as mapped bytes
             (gathered with its neighbours into one ``pwritev``: a row-parallel split's rows)."""
+            if len(views) == 1:  # one source: the common case, kept cheap (called per row of a split)
+                fd, offset = files[0]
+                return [(fd, offset + lo, hi - lo) if hi - lo >= _KERNEL_COPY_MIN else views[0][lo:hi]]
             out: list[memoryview | tuple[int, int, int]] = []
             for view, (fd, offset), s0, s1 in zip(views, files, starts, starts[1:]):
                 a, b = max(lo, s0), min(hi, s1)

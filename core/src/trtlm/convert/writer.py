@@ -101,13 +101,16 @@ class RankFileWriter:
                 i += 1
                 continue
             j, end = i, start
-            while (j < len(pieces) and pieces[j][0] == end and j - i < _IOV_MAX
-                   and not isinstance(pieces[j][1], tuple)):
+            while j < len(pieces) and pieces[j][0] == end and not isinstance(pieces[j][1], tuple):
                 end += len(pieces[j][1])
                 j += 1
             if end > nbytes:
                 raise AssertionError(f"{name}: planned {nbytes} bytes, writing up to {end}")
             bufs = [p[1] for p in pieces[i:j]]
+            if len(bufs) > _GATHER_MAX:
+                # Many short ranges (the rows of a row-parallel split): joined in memory and written
+                # once; the kernel's per-segment cost made pwritev of 4 KB iovecs ~3x slower.
+                bufs = [memoryview(b"".join(bufs))]
             done = os.pwritev(self._fd, bufs, base + start) if _PWRITEV else 0
             if done < end - start:  # short write: finish piece by piece
                 self._finish(base + start, bufs, done)
@@ -186,7 +189,7 @@ class RankFileWriter:
 
 
 _COPY_FILE_RANGE = hasattr(os, "copy_file_range")
-_IOV_MAX = 1024  # Linux's UIO_MAXIOV
+_GATHER_MAX = 16  #: more adjacent in-memory pieces than this are joined and written with one call
 _PWRITEV = hasattr(os, "pwritev")
 _FADVISE = hasattr(os, "posix_fadvise")
 

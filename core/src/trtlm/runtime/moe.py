@@ -67,7 +67,9 @@ NORMALIZE_NONE = 0
 #: transformers' ``softmax -> topk -> divide by the sum`` is the same function.
 NORMALIZE_RENORMALIZE = 1
 
-STRATEGIES = ("gather", "dense", "sorted", "grouped")
+STRATEGIES = ("gather", "dense", "sorted")
+#: picked automatically on Hopper GPUs for bf16 with every expert local (grouped_mm's alignment rules)
+GROUPED = "grouped"
 
 #: ``gather`` is used while ``GATHER_COST_FACTOR * T * k <= E_local``.  Indexing ``fc[idx]`` copies the selected
 #: experts' weights, so each token/expert pair moves an expert's weights about three times (read and write for the
@@ -185,12 +187,12 @@ def moe_forward(
         raise ValueError(f"local experts [{expert_offset}, {expert_offset + num_local}) outside [0, {num_total})")
     if strategy is None and num_local == num_total and grouped_mm_available(x.device) and (
             not x.is_cuda or x.dtype == torch.bfloat16):  # CUDA's grouped_mm kernels take bf16 only
-        strategy = "grouped"
+        strategy = GROUPED
     if strategy is None:
         strategy = select_strategy(num_tokens, top_k, num_local)
         if strategy == "sorted" and x.is_cuda and torch.cuda.is_current_stream_capturing():
             strategy = "dense"  # being captured into a CUDA graph (e.g. a large-batch decode graph): no host sync
-    elif strategy not in STRATEGIES:
+    elif strategy not in (*STRATEGIES, GROUPED):
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
     if num_tokens == 0:
@@ -203,7 +205,7 @@ def moe_forward(
     all_local = num_local == num_total
     valid = None if all_local else (local_ids >= 0) & (local_ids < num_local)
 
-    if strategy == "grouped":
+    if strategy == GROUPED:
         out = grouped_experts(x, fc, proj, scales, local_ids)
     elif strategy == "gather":
         out = _gather(x, fc, proj, scales, local_ids, valid)

@@ -69,16 +69,21 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     """Store the new tokens' K/V ``[N, KV, D]`` at ``slot_mapping`` (in place; ``-1`` skips)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    kv, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv, d)[slots] = quantize_kv(k[keep], k_cache.dtype, k_scale)
-    v_cache.view(-1, kv, d)[slots] = quantize_kv(v[keep], v_cache.dtype, v_scale)
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        flat, new = _bytes(cache.view(-1, *cache.shape[2:])), _bytes(quantize_kv(x[keep], cache.dtype, scale))
+        flat[slots] = new
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """float8 tensors as their bytes: indexing kernels do not exist for float8 on every device."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
 
 
 def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, length: int, scale=None) -> torch.Tensor:
     """The first ``length`` tokens of one sequence, ``[length, KV, D]`` float32 (dequantized)."""
     block_size = cache.shape[1]
     nblocks = -(-length // block_size)
-    blocks = cache[block_table_row[:nblocks].long()]  # [nblocks, bs, KV, D]
+    blocks = _bytes(cache)[block_table_row[:nblocks].long()].view(cache.dtype)  # [nblocks, bs, KV, D]
     flat = blocks.reshape(nblocks * block_size, cache.shape[2], cache.shape[3])[:length]
     return dequantize_kv(flat, scale)
 
