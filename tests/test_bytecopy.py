@@ -184,3 +184,24 @@ def test_bytecopy_config_and_files_match_cli(tiny_mistral_dir, tmp_path):
     assert config["mapping"]["tp_size"] == 2
     rank0 = read_rank(tmp_path / "out" / "rank0.safetensors")
     assert rank0["transformer.vocab_embedding.weight"].shape == (501, 64)  # 1001 rows padded to 1002, split
+
+
+def test_output_that_cannot_be_created_is_one_line(tiny_mistral_dir, tmp_path):
+    # A file size limit stands in for a full disk: creating a rank file at its full size fails; the
+    # conversion ends in one line naming the rank file of --output-dir (not the temporary directory
+    # it is written in), and leaves no output directory.
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "trtlm.cli", "convert", "--model-dir", str(tiny_mistral_dir),
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {out / 'rank0.safetensors'}: cannot create (File too large)"), lines[0]
+    assert not out.exists()

@@ -28,7 +28,8 @@ def trtllm_engine_dir(path: Path, world: int = 1, **build) -> Path:
     the .engine bytes are placeholders: nothing here deserializes them."""
     path.mkdir(parents=True)
     config = {"version": "0.17.0", "pretrained_config": {
-        "architecture": "MistralForCausalLM", "vocab_size": 1001,
+        "architecture": "MistralForCausalLM", "dtype": "float16", "vocab_size": 1001, "hidden_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
         "mapping": {"world_size": world, "tp_size": world, "pp_size": 1}},
         "build_config": {"max_batch_size": 4, "max_input_len": 16, "max_seq_len": 32, **build}}
     (path / "config.json").write_text(json.dumps(config))
@@ -126,3 +127,12 @@ def test_generate_text_tokenizes_with_the_engines_tokenizer(tmp_path, tiny_token
     assert n > 16
     with pytest.raises(UserError, match=rf"prompt 0 has {n} tokens"):
         tb.generate_text(engine, [prompt], max_new_tokens=4)
+
+
+def test_inspect_names_the_backend_of_a_tensorrt_llm_engine(tmp_path):
+    engine = trtllm_engine_dir(tmp_path / "e", world=2)
+    res = run_cli("inspect", engine, "--json")
+    assert res.exit_code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["format"] == "engine" and info["backend"] == "tensorrt-llm"
+    assert info["rank_files"] == ["rank0.engine", "rank1.engine"] and info["family"] == "mistral"

@@ -20,6 +20,7 @@ from typing import Any
 from trtlm.errors import UserError
 from trtlm.fsutil import atomic_dir
 
+
 @dataclass
 class BuildOptions:
     backend: str = "torch"
@@ -44,7 +45,7 @@ def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
 
 def network_for_rank(hooks, config: dict[str, Any], rank: int, options: BuildOptions, device="meta"):
     """The torch network of one rank, on the meta device unless asked otherwise."""
-    from trtlm.convert.mapping import Mapping
+    from trtlm.mapping import Mapping
     from trtlm.runtime.distributed import rank_network
 
     return rank_network(hooks, config, Mapping.from_config(config), rank, options, device=device)
@@ -53,7 +54,8 @@ def network_for_rank(hooks, config: dict[str, Any], rank: int, options: BuildOpt
 def check_rank(path: Path, expected: dict[str, tuple[tuple[int, ...], Any]]) -> list[str]:
     """Compare a rank file with the network's parameters, as TensorRT-LLM's loader does:
     a missing tensor or a wrong shape/dtype is an error, an extra tensor a warning."""
-    from trtlm.sources import _ST_DTYPES, read_safetensors_header
+    from trtlm import dtypes
+    from trtlm.sources import read_safetensors_header
 
     if not path.exists():
         raise UserError(f"{path}: missing")
@@ -64,7 +66,8 @@ def check_rank(path: Path, expected: dict[str, tuple[tuple[int, ...], Any]]) -> 
         got = tuple(header[name]["shape"])
         if got != tuple(shape):
             raise UserError(f"{path}: tensor {name} has shape {list(got)}, the network expects {list(shape)}")
-        if _ST_DTYPES.get(header[name]["dtype"]) != dtype:
+        stored = dtypes.lookup(header[name]["dtype"])
+        if stored is None or dtypes.torch_dtype(stored) != dtype:
             raise UserError(f"{path}: tensor {name} has dtype {header[name]['dtype']}, the network expects {dtype}")
     return sorted(set(header) - set(expected))
 
@@ -88,8 +91,8 @@ def build(checkpoint_dir: Path, output_dir: Path, options: BuildOptions) -> dict
         network = hooks.trtlm_build_network(config=config, backend="tensorrt-llm", options=options)
         with atomic_dir(output_dir, options.force, inputs={"--checkpoint-dir": checkpoint_dir},
                         command="build") as tmp:
-            network.build(checkpoint_dir, tmp)
-        return build_config
+            used = network.build(checkpoint_dir, tmp)
+        return used or build_config  # what TensorRT-LLM actually used
 
     def check(rank: int) -> list[str]:
         net = network_for_rank(hooks, config, rank, options)

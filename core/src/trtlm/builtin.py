@@ -17,8 +17,8 @@ TRTLM_PLUGIN_API = PLUGIN_API_VERSION
 @hookimpl(trylast=True)
 def trtlm_load_weights(family, model_dir: Path, options):
     """Hugging Face directory: config.json + safetensors (pickle only when allowed)."""
-    from trtlm.modeldir import read_json
     from trtlm.errors import UserError
+    from trtlm.modeldir import read_json
     from trtlm.sources import DummySource, SafetensorsSource, load_pickle_dir
     from trtlm.weights import LoadedModel
 

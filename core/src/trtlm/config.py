@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping as MappingType
+from typing import Any
+from typing import Mapping as MappingType
 
 from trtlm import dtypes
 from trtlm.errors import UserError

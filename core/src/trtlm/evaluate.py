@@ -104,22 +104,45 @@ def hf_logits_fn(model_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda ids: model(input_ids=ids).logits
 
 
+def trtllm_logits_fn(engine_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Prompt logits of an engine TensorRT-LLM built, from its own runtime (``gather_context_logits``)."""
+    from trtlm.runtime.trtllm_backend import run_trtllm_engine
+
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        outs = run_trtllm_engine(engine_dir, ids.tolist(), max_new_tokens=1, context_logits=True)
+        return torch.stack([torch.as_tensor(o.context_logits) for o in outs])
+    return fn
+
+
 def evaluate(engine_dir: Path, dataset: Path, hf_model_dir: Path | None = None, max_seq_len: int = 256,
              max_tokens: int | None = None, device: str = "cpu") -> dict:
     """Perplexity of ``engine_dir`` (and of ``hf_model_dir``) on ``dataset``; a JSON-able dict."""
-    from trtlm.api import LLM
+    from trtlm.runtime.trtllm_backend import engine_info, is_trtllm_engine
 
-    llm = LLM(engine_dir, device=device)
-    engine = llm.engine
-    seq = min(max_seq_len, engine.max_input_len, engine.max_seq_len - 1)  # each chunk asks for one more token
-    ids = llm.tokenizer.encode(read_dataset(dataset))
-    chunks = chunk_ids(ids, seq, max_tokens)
+    if is_trtllm_engine(engine_dir):  # built by TensorRT-LLM: scored by its own runtime
+        from trtlm.modeldir import read_json
+        from trtlm.runtime.tokenizer import load_tokenizer
+
+        info = engine_info(engine_dir)
+        tokenizer, logits_fn = load_tokenizer(engine_dir), trtllm_logits_fn(engine_dir)
+        config = read_json(Path(engine_dir) / "config.json").get("pretrained_config") or {}
+        seq = min(max_seq_len, info.max_input_len or max_seq_len)
+    else:
+        from trtlm.api import LLM
+
+        llm = LLM(engine_dir, device=device)
+        engine = llm.engine
+        if llm.tokenizer is None:
+            raise UserError(f"--engine-dir {engine_dir}: no tokenizer files to tokenize --dataset with")
+        tokenizer, logits_fn, config = llm.tokenizer, engine_logits_fn(engine), llm.config
+        seq = min(max_seq_len, engine.max_input_len, engine.max_seq_len - 1)  # each chunk asks for one more token
+    chunks = chunk_ids(tokenizer.encode(read_dataset(dataset)), seq, max_tokens)
     if not chunks:
         raise UserError(f"--dataset {dataset}: fewer than 2 tokens after tokenisation")
-    q = llm.config.get("quantization") or {}
+    q = config.get("quantization") or {}
     result = {"dataset": str(dataset), "engine_dir": str(engine_dir), "max_seq_len": seq, "chunks": len(chunks),
               "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
-              "trtlm": score(engine_logits_fn(engine), chunks).to_dict()}
+              "trtlm": score(logits_fn, chunks).to_dict()}
     if hf_model_dir is not None:
         hf = score(hf_logits_fn(hf_model_dir), chunks)
         result["hf"] = hf.to_dict()

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - type names only, nothing heavy at import
+    from trtlm.build import BuildOptions
     from trtlm.convert.options import ConvertOptions
     from trtlm.convert.plan import ConversionPlan, RankPlan
-    from trtlm.mapping import Mapping
     from trtlm.family import Family
+    from trtlm.mapping import Mapping
     from trtlm.mcore.layout import MCoreLayout
     from trtlm.registry import FamilyHooks
-    from trtlm.build import BuildOptions
     from trtlm.weights import LoadedModel
 
 hookspec = pluggy.HookspecMarker("trtlm")

@@ -12,7 +12,10 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trtlm.config import CheckpointConfig
 
 from trtlm.errors import UserError
 
@@ -95,8 +98,8 @@ def inspect_path(path: Path) -> dict[str, Any]:
     fmt = _detect(path)
     info: dict[str, Any] = {"path": str(path), "format": fmt}
     if fmt == "hf":
-        from trtlm.modeldir import read_json
         from trtlm.hf_config import torch_dtype_name
+        from trtlm.modeldir import read_json
 
         cfg = read_json(path / "config.json")
         entry = registry.resolve_hf(cfg, where=str(path / "config.json"))
@@ -131,6 +134,10 @@ def inspect_path(path: Path) -> dict[str, Any]:
                     rank_files=[f.name for f in files])
         if build_cfg is not None:
             info["build_config"] = build_cfg
+            from trtlm.runtime.trtllm_backend import is_trtllm_engine
+
+            if is_trtllm_engine(path):  # TensorRT-LLM's own engines: rank{r}.engine, run through tensorrt_llm
+                info.update(backend="tensorrt-llm", rank_files=sorted(p.name for p in path.glob("rank*.engine")))
     elif fmt == "mcore":  # Megatron-Core (trtlm.mcore): described by its args
         from trtlm.mcore.reader import resolve_family
 

@@ -117,6 +117,27 @@ def execute(llm, request: RunRequest, emit: bool) -> list[dict[str, Any]]:
     return outputs
 
 
+def execute_trtllm(request: RunRequest) -> list[dict[str, Any]]:
+    """``trtlm run`` on an engine TensorRT-LLM built: its own runtime generates
+    (:mod:`trtlm.runtime.trtllm_backend`, one line when tensorrt_llm is not installed); printed in
+    the same format as trtlm's engine prints."""
+    from trtlm.runtime.trtllm_backend import generate_text
+
+    if request.streaming:
+        raise UserError("--streaming: not available for engines TensorRT-LLM built (run without it)")
+    results = generate_text(request.engine_dir, request.prompts, max_new_tokens=request.max_output_len,
+                            tokenizer_dir=request.tokenizer_dir, temperature=request.temperature,
+                            top_k=request.top_k, top_p=request.top_p, seed=request.seed)
+    outputs = [{"output_ids": r["token_ids"], "text": r["text"] if isinstance(p, str) else None}
+               for p, r in zip(request.prompts, results)]
+    if request.as_json:
+        _write(json.dumps({"outputs": outputs}) + "\n")
+    else:
+        for prompt, out in zip(request.prompts, outputs):
+            _write(format_output(prompt, out) + "\n")
+    return outputs
+
+
 def format_output(prompt: Any, out: dict[str, Any]) -> str:
     """The printed form of one sequence: prompt + completion, or prompt ids + generated ids."""
     if isinstance(prompt, str) and out.get("text") is not None:

@@ -15,8 +15,7 @@ from typing import Any, Iterable
 
 import pluggy
 
-from trtlm import PLUGIN_API_VERSION
-from trtlm import hookspecs
+from trtlm import PLUGIN_API_VERSION, hookspecs
 from trtlm.errors import PluginError, UserError
 from trtlm.family import Family
 

@@ -261,11 +261,3 @@ class DummySource:
             return torch.ones(shape, dtype=self._dtype)
         g = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(name.encode()))
         return (torch.randn(shape, generator=g) * 0.02).to(self._dtype)
-
-
-def __getattr__(name: str) -> Any:
-    # Old name (header code -> torch dtype), built on use so importing this module stays torch-free;
-    # new code reads trtlm.dtypes (BY_ST / torch_dtype).
-    if name == "_ST_DTYPES":
-        return {code: dtypes.torch_dtype(entry) for code, entry in dtypes.BY_ST.items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

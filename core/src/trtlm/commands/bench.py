@@ -100,8 +100,13 @@ def bench_cmd(ctx, engine_dir, family, preset, dummy_weights, layers, modes, bat
                         max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, static_baseline=static_baseline)
     if engine_dir is not None:
         from trtlm.modeldir import check_model_path
+        from trtlm.runtime.trtllm_backend import is_trtllm_engine
 
-        bm = engine_model(check_model_path(engine_dir, "engine", "--engine-dir"), dev)
+        check_model_path(engine_dir, "engine", "--engine-dir")
+        if is_trtllm_engine(engine_dir):
+            raise UserError(f"--engine-dir {engine_dir}: built by TensorRT-LLM; `trtlm bench` times trtlm's engine "
+                            f"(time this one with TensorRT-LLM's trtllm-bench, or build with --backend torch)")
+        bm = engine_model(engine_dir, dev)
     else:
         bm = dummy_model(family, preset, dtype, dev, layers, seed)
     log = (lambda s: click.echo(s, err=True)) if as_json else click.echo

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from trtlm.commands.options import POSITIVE, UNIT, check_moe_sizes
-
 from trtlm.quant.schemes import kv_names, names
 
 QUANT_MODES = names()  # every registered quantization format (trtlm.quant.schemes); no torch import

@@ -21,9 +21,8 @@ from trtlm.commands.options import DEVICE
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(engine_dir, dataset, hf_model_dir, max_seq_len, max_tokens, device, as_json):
     """Perplexity on a local dataset (the role of TensorRT-LLM's summarize.py, without the hub)."""
-    from trtlm.errors import UserError
-
     from trtlm.devices import resolve_device
+    from trtlm.errors import UserError
     from trtlm.evaluate import evaluate
     from trtlm.modeldir import check_model_path
 

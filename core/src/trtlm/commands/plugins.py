@@ -5,7 +5,6 @@ import json
 
 import click
 
-
 _COLORS = {"ok": "green", "broken": "red", "disabled": "yellow"}
 
 

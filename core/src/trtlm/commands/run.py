@@ -17,7 +17,7 @@ import click
 from trtlm.commands.convert import DTYPES
 from trtlm.commands.engine_options import engine_config, engine_options, engine_settings
 from trtlm.commands.options import DEVICE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, TOKEN_IDS, TOP_P
-from trtlm.job import RunRequest, check_engine_request, execute, run_rank
+from trtlm.job import RunRequest, check_engine_request, execute, execute_trtllm, run_rank
 
 
 @click.command("run")
@@ -126,8 +126,12 @@ def run_cmd(engine_dir, model_dir, no_cache, tokenizer_dir, input_text, input_fi
             request.tokenizer_dir = request.tokenizer_dir or str(model_dir)
         else:
             from trtlm.modeldir import check_model_path
+            from trtlm.runtime.trtllm_backend import is_trtllm_engine
 
             check_model_path(engine_dir, "engine", "--engine-dir")
+            if is_trtllm_engine(engine_dir):  # built by TensorRT-LLM: its own runtime runs it
+                execute_trtllm(request)
+                return
         check_engine_request(Path(engine_dir), prompts, max_output_len)
         world = engine_world_size(Path(engine_dir))  # no torch import: the ranks import it, not the launcher
         if launch == "multi" or (launch == "auto" and world > 1):

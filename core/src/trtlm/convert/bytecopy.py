@@ -247,9 +247,11 @@ def _require(fd: int, path: Path, name: str, end: int) -> None:
 
 
 def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origin: str, workers: int = 1,
-                     check_finite: bool = True, progress: bool = False, window: int = WINDOW) -> tuple[int, int]:
+                     check_finite: bool = True, progress: bool = False, window: int = WINDOW,
+                     shown_as: Path | None = None) -> tuple[int, int]:
     """Write ``rank{r}.safetensors`` for every rank into ``out`` (an empty directory) from the
-    byte copies of :func:`plan_copies`.  Returns ``(tensors, bytes)`` written.
+    byte copies of :func:`plan_copies`.  Returns ``(tensors, bytes)`` written.  ``shown_as``: the
+    directory to name in messages (``out`` is the temporary one renamed into place at the end).
 
     Tensors are checked and written ``window`` bytes at a time straight from the memory-mapped
     sources (page cache: no anonymous memory grows with a tensor, a 128k-vocabulary embedding
@@ -261,8 +263,16 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
         for part in copy.parts:
             layouts[part.rank][part.name] = (part.shape, copy.dtype.name)
             total += math.prod(part.shape) * copy.dtype.itemsize
-    writers = [RankFileWriter(out / f"rank{r}.safetensors", layouts[r], metadata={"format": "pt"})
-               for r in range(world_size)]
+    writers: list[RankFileWriter] = []
+    try:
+        for r in range(world_size):
+            writers.append(RankFileWriter(out / f"rank{r}.safetensors", layouts[r], metadata={"format": "pt"}))
+    except OSError as exc:
+        for w in writers:
+            w.discard()
+        raise UserError(f"{(shown_as or out) / f'rank{len(writers)}.safetensors'}: cannot create "
+                        f"({exc.strerror or exc}); "
+                        f"free space on that filesystem or choose another --output-dir") from None
     maps = _Maps()
     local = threading.local()
 
@@ -312,7 +322,14 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
                         for piece in span(lo, hi):
                             pieces.append((pos, piece))
                             pos += piece[2] if isinstance(piece, tuple) else len(piece)
-                writers[part.rank].write_gather(part.name, pieces, last=last)
+                try:
+                    writers[part.rank].write_gather(part.name, pieces, last=last)
+                except OSError as exc:  # a source shrank under copy_file_range, or the disk is full
+                    for (name, path, offset, nbytes), (fd, _o) in zip(copy.sources, files):
+                        _require(fd, path, name, offset + nbytes)
+                    shown = (shown_as or out) / writers[part.rank].path.name
+                    raise UserError(f"{shown}: cannot write ({exc.strerror or exc}); "
+                                    f"free space on that filesystem or choose another --output-dir") from None
 
     bar = None
     if progress:

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from trtlm.mapping import Mapping
-from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, concat_rows, rank_part, take_first
 from trtlm import dtypes
+from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, concat_rows, rank_part, take_first
 from trtlm.convert.writer import RankFileWriter
 from trtlm.errors import UserError
+from trtlm.mapping import Mapping
 from trtlm.weights import LoadedModel
 
 TORCH_DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.CHECKPOINT_DTYPES}

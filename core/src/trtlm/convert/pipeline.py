@@ -132,7 +132,7 @@ def final_config(plan: ConversionPlan, mapping: Mapping, dtype: str) -> dict[str
 
 
 def write_rank_files(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mapping, loaded: LoadedModel,
-                     dtype: str, out: Path, options: ConvertOptions) -> tuple[int, int]:
+                     dtype: str, out: Path, options: ConvertOptions, shown_as: Path | None = None) -> tuple[int, int]:
     """Byte copies when nothing changes a byte (no torch), else the torch writer. Returns (tensors, bytes)."""
     from trtlm.convert import bytecopy
 
@@ -141,7 +141,7 @@ def write_rank_files(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
         copies = bytecopy.plan_copies(plan, rank_plans, mapping, loaded.source, dtype)
     if copies is not None:
         return bytecopy.write_checkpoint(copies, mapping.world_size, out, loaded.origin, options.workers,
-                                         options.check_finite, options.progress)
+                                         options.check_finite, options.progress, shown_as=shown_as)
     from trtlm.convert.execute import write_checkpoint
 
     return write_checkpoint(plan, rank_plans, mapping, loaded, dtype, out, options.workers, options.progress)
@@ -201,7 +201,7 @@ def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
     rank_plans = hooks.trtlm_shard(plan=plan, mapping=mapping)
     config = final_config(plan, mapping, dtype)
     with atomic_dir(output_dir, options.force, inputs=inputs, command="convert") as tmp:
-        n, nbytes = write_rank_files(plan, rank_plans, mapping, loaded, dtype, tmp, options)
+        n, nbytes = write_rank_files(plan, rank_plans, mapping, loaded, dtype, tmp, options, shown_as=output_dir)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
         copy_tokenizer(model_dir, tmp)
     return ConvertResult(output_dir, entry.family.name, config, n, nbytes)

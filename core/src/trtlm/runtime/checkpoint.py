@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from trtlm.convert.mapping import Mapping
 from trtlm.convert.plan import local_name
 from trtlm.errors import UserError
 from trtlm.layout import split_rule
+from trtlm.mapping import Mapping
 
 
 def read_rank(directory: Path, rank: int) -> dict[str, torch.Tensor]:

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from trtlm.convert.mapping import Mapping
 from trtlm.errors import UserError
+from trtlm.mapping import Mapping
 from trtlm.runtime.comm import LocalComm
 from trtlm.runtime.launch import STORE_ENV, STORE_FD_ENV, RankEnv, rank_env  # noqa: F401 - RankEnv re-exported
 
