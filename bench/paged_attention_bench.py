@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="JSON file to write")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--no-sweep", action="store_true", help="time the default kernel configurations only")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script (CPU + TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     global H, KV, D, DT
@@ -275,6 +276,8 @@ def main(argv=None) -> int:
         pre_sweep = [{}, {"BLOCK_M": 64, "TILE_N": 64, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 4},
                      {"BLOCK_M": 128, "TILE_N": 128, "num_warps": 8}, {"num_stages": 3}]
         kv_dtypes = [torch.bfloat16, torch.float8_e4m3fn]
+    if args.no_sweep:
+        dec_sweep, pre_sweep = dec_sweep[:1], pre_sweep[:1]
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "shapes": {"H": H, "KV": KV, "D": D, "block_size": BS},
               "decode_default_config": triton_ops.DECODE_CONFIG, "prefill_default_config": triton_ops.PREFILL_CONFIG}

@@ -93,6 +93,9 @@ def execute(llm, request: RunRequest, emit: bool) -> list[dict[str, Any]]:
     UTF-8 character), then a newline.
     """
     prompts = request.prompts
+    if emit:
+        for layer, path in (getattr(llm.model, "kernel_paths", None) or {}).items():
+            sys.stderr.write(f"quantized {layer}: {path}\n")
     on_output = None
     streaming = emit and request.streaming and len(prompts) == 1 and not request.as_json
     if streaming:

@@ -4,29 +4,29 @@ The runtime modules (:mod:`trtlm.quant.runtime`) ask :func:`linear_plan` which p
 takes on its device, once, in their load-time ``prepare()``; everything here is only used on CUDA
 (every format falls back to the emulation of :mod:`trtlm.quant.formats` elsewhere).
 
-Paths (the strings modules expose as ``kernel_path``), and which kernel runs at which size:
+Paths (the strings modules expose as ``kernel_path``), and which kernel runs at which size (the
+choices come from the H200 measurements in docs/benchmarks.md, "quantized kernels"; the module
+constants below switch them):
 
-``"triton"`` -- weight-only int8 / int4 (and the int8/fp8 MoE experts):
-    * 1 row (decode at batch 1, each routed expert of a token): a Triton GEMV
-      (``dequant_gemv_kernel``) streaming the stored codes (int8, packed int4, fp8) and their
-      scales, converting in registers, float32 accumulation, group scales applied per group,
-      AWQ's pre-quant scale applied to the activation in the kernel, split-K with float32 atomics
-      so every SM streams weights.  MoE: an expert id per row selects the weights, so only the
-      *routed* experts are read, no dequantized copy is ever made.
-    * 2..16 rows: the tiled Triton GEMM (``dequant_mm_kernel``, ``tl.dot``) on the same layout.
-    * 17+ rows: one Triton pass writes the dense weight (:func:`dequantize_fast`), then cuBLAS --
-      once the product is compute-bound cuBLAS beats any dequantizing GEMM of ours.
-    The checkpoint layout is used as is (no repacking).
+``"triton"`` -- weight-only int8 (and int4 where tinygemm does not apply; all MoE experts):
+    the tiled Triton dequant-GEMM (``dequant_mm_kernel``): it streams the stored codes (int8,
+    packed int4 as stored, fp8) and their scales, converts them in registers, ``tl.dot`` with
+    float32 accumulation, group scales applied to each group's partial sum, AWQ's pre-quant scale
+    applied to the activation tile, split-K with float32 atomics at decode.  Gathered MoE experts
+    (decode) use the one-row GEMV (``dequant_gemv_kernel``): an expert id per row selects the
+    weights, so only the *routed* experts' codes are read and no dequantized copy is made.  Beyond
+    decode sizes MoE experts are dequantized by one Triton pass each (:func:`dequantize_fast`)
+    into the dense MoE path.  The checkpoint layout is used as is (no repacking).
+``"int4pack"`` -- int4 (wo and AWQ) with bfloat16 activations: ``torch._weight_int4pack_mm``
+    (tinygemm) up to :data:`INT4PACK_MAX_ROWS` rows, weights repacked once in ``prepare()`` (a
+    second copy of the int4 weight, the checkpoint's tensors are kept for ``state_dict``); its
+    scales are bfloat16.  The tiled Triton kernel beyond.
 ``"scaled_mm"`` -- FP8 W8A8: ``torch._scaled_mm`` (cuBLASLt, sm_89+), the activation quantized
     with the checkpoint's static scale; per-channel weight scales are applied to the float32
-    output.  At 1 row (:data:`FP8_TRITON_MAX_ROWS`) the Triton GEMV on the fp8 codes, with the
-    activation fake-quantized by the same static scale (same numbers).
+    output.
 ``"int_mm"`` -- SmoothQuant W8A8 from 17 rows on: ``torch._int_mm`` (int8 x int8 -> int32,
     exact), then ``acc * a_scale * w_scale``; below (``_int_mm`` needs M > 16) the activation is
-    fake-quantized (the same rounding) and the Triton kernels run on the int8 codes.
-``"int4pack"`` -- ``torch._weight_int4pack_mm`` (tinygemm) up to 16 rows, weights repacked once in
-    ``prepare()`` (a second copy of the int4 weight); chosen by :data:`INT4_KERNEL` from the
-    measurements in docs/benchmarks.md ("quantized kernels").  Its scales are bfloat16.
+    fake-quantized (the same rounding) and the tiled Triton kernel runs on the int8 codes.
 ``"emulation"`` -- dequantize then ``F.linear`` (any device, any dtype).
 
 Numerics: every fast path computes what the emulation computes up to accumulation order and the
@@ -54,18 +54,20 @@ INT4PACK = "int4pack"
 INT_MM_MIN_ROWS = 17
 #: rows up to which FP8 uses the Triton fp8-weight GEMV (activation fake-quantized with the same
 #: static scale) instead of ``_scaled_mm`` (0: never); set from measurement (docs/benchmarks.md)
-FP8_TRITON_MAX_ROWS = 1
-#: rows up to which the one-row Triton GEMV runs (and gathered MoE experts use it); 0: the tiled
-#: Triton GEMM everywhere.  Set from measurement (docs/benchmarks.md, "quantized kernels").
-GEMV_MAX_ROWS = 1
-#: weight-only formats from this many rows on: dequantize in one Triton pass, then a dense GEMM
-#: (cuBLAS beats any dequantizing GEMM of ours once the product is no longer memory-bound)
-DENSE_MIN_ROWS = 17
+FP8_TRITON_MAX_ROWS = 0
+#: rows up to which plain linears use the one-row Triton GEMV (gathered MoE experts always do); 0:
+#: the tiled Triton GEMM with tuned split-K, which measured as fast or faster for int8 linears.
+#: Set from measurement (docs/benchmarks.md, "quantized kernels").
+GEMV_MAX_ROWS = 0
+#: weight-only linears from this many rows on: dequantize in one Triton pass, then cuBLAS (0: off).
+#: Off: measured slower than the tuned tiled kernel on 4 of 6 shape/format pairs at 64 rows.
+#: (MoE experts beyond decode sizes always take that pass, into the dense MoE path.)
+DENSE_MIN_ROWS = 0
 #: rows up to which the int4 path takes ``torch._weight_int4pack_mm`` when INT4_KERNEL is INT4PACK
 INT4PACK_MAX_ROWS = 16
 
 #: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")
-INT4_KERNEL = TRITON
+INT4_KERNEL = INT4PACK
 
 _WKIND = {"int8": 0, "int4": 1, "fp8": 2}
 _SKIND = {"tensor": 0, "channel": 1, "group": 2}
@@ -127,8 +129,10 @@ def choose_path(weight: str, activation: str | None, device_type: str, capabilit
         return EMULATION, f"the Triton kernels need compute capability 8.0+ (this GPU: {cap[0]}.{cap[1]})"
     if activation == "int8":
         return INT_MM, "torch._int_mm above 16 rows, Triton on the int8 codes below"
-    return TRITON, (f"{weight} weights: Triton GEMV at 1 row, Triton GEMM up to {DENSE_MIN_ROWS - 1}, "
-                    f"Triton dequantize + cuBLAS beyond")
+    how = "tiled Triton dequant-GEMM" + (f" (one-row GEMV up to {GEMV_MAX_ROWS} row(s))" if GEMV_MAX_ROWS else "")
+    if DENSE_MIN_ROWS:
+        how += f", Triton dequantize + cuBLAS from {DENSE_MIN_ROWS} rows"
+    return TRITON, f"{weight} weights: {how}"
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -380,24 +384,22 @@ def _num_sms(device_index: int) -> int:
 
 
 def _config(M: int, N: int, K: int, bk_max: int, device: torch.device, rows_per_program: int | None):
-    """Tile sizes and split-K for an ``[M, K] x [K, N]`` product (decode: few rows, many programs)."""
+    """Tiles and split-K for the tiled kernel, from the sweeps in docs/benchmarks.md (H200):
+    64-wide output tiles; split-K 8 (<= 16 rows) / 4 (more rows) when N <= 4096, none for wider N
+    (enough output tiles already)."""
     if rows_per_program is not None:  # one row per program (gathered experts)
-        bm, bn = 16, 64
-        m_blocks = rows_per_program
+        bm, m_blocks = 16, rows_per_program
     elif M <= 16:
-        bm, bn = 16, 64
-        m_blocks = 1
+        bm, m_blocks = 16, 1
     elif M <= 32:
-        bm, bn = 32, 64
-        m_blocks = math.ceil(M / bm)
+        bm, m_blocks = 32, math.ceil(M / 32)
     else:
-        bm, bn = 64, 128
-        m_blocks = math.ceil(M / bm)
+        bm, m_blocks = 64, math.ceil(M / 64)
+    bn = 64
     bk = min(bk_max, 128 if M <= 16 else 64)
-    n_blocks = math.ceil(N / bn)
     iters = K // bk
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 132
-    split = _divisor_at_most(iters, min(iters // 2 or 1, math.ceil(2 * sms / (m_blocks * n_blocks))))
+    want = (8 if M <= 16 else 4) if N <= 4096 else 1
+    split = _divisor_at_most(iters, want)
     return bm, bn, bk, split, iters // split
 
 
@@ -440,7 +442,7 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
         bk_max = 128
     if K % bk_max:
         bk_max = 64 if K % 64 == 0 else 32 if K % 32 == 0 else 16
-    kernel = (config or {}).get("kernel", "gemv" if GEMV_MAX_ROWS and (experts or rows <= GEMV_MAX_ROWS) else "dot")
+    kernel = (config or {}).get("kernel", "gemv" if experts or rows <= GEMV_MAX_ROWS else "dot")
     if kernel == "gemv" and not (experts or rows == 1):
         raise ValueError("the GEMV kernel takes one row per program (1 row, or expert ids)")
     if kernel == "gemv":
@@ -476,13 +478,14 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
     return y.to(x.dtype) if atomic else y
 
 
-#: GEMV tiles (output rows per program, K per step), set from the sweep in docs/benchmarks.md
-GEMV_BN, GEMV_BK = 32, 256
+#: GEMV tiles (output rows per program up to N = 4096 -- 16 for int8/fp8 and 32 for int4 beyond --,
+#: K per step), set from the sweep in docs/benchmarks.md
+GEMV_BN, GEMV_BK = 64, 256
 
 
 def _gemv(x, w, scale, wk, sk, group_size, prequant, expert_ids, rows_per_id, N, K, rows, config):
     experts = expert_ids is not None
-    bn = (config or {}).get("bn", GEMV_BN)
+    bn = (config or {}).get("bn", GEMV_BN if N <= 4096 else (32 if wk == 1 else 16))
     bk = (config or {}).get("bk", GEMV_BK)
     if sk == 2:
         bk = min(bk, group_size)

@@ -118,10 +118,12 @@ class QuantLinear(nn.Module):
         dev = self.weight.device
         self.kernel_path, self.kernel_reason = qk.linear_plan(
             self.fmt.weight, self.fmt.activation, dev, self.dtype, self.in_features, self.out_features)
-        if self.kernel_path == qk.TRITON and self.fmt.weight == "int4" and qk.INT4_KERNEL == qk.INT4PACK:
+        if (self.kernel_path == qk.TRITON and self.fmt.weight == "int4" and qk.INT4_KERNEL == qk.INT4PACK
+                and self.dtype == torch.bfloat16 and self.group_size in (32, 64, 128, 256)
+                and self.in_features % 128 == 0 and self.out_features % 8 == 0):  # tinygemm's limits
             self.kernel_path, self.kernel_reason = qk.INT4PACK, (
                 f"torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows (weights repacked at load), "
-                f"Triton dequantize + cuBLAS beyond")
+                f"tiled Triton GEMM beyond")
         self._packed = (qk.repack_int4pack(self.weight, self.weights_scaling_factor)
                         if self.kernel_path == qk.INT4PACK else None)
         self._prepared_on = dev
@@ -165,7 +167,7 @@ class QuantLinear(nn.Module):
             return F.linear(xq, qf.dequantize_int8(self.weight, w_s, x.dtype))
         if path == qk.INT4PACK and rows <= qk.INT4PACK_MAX_ROWS:
             return qk.int4pack_mm(x, *self._packed, self.group_size, p)
-        if rows >= qk.DENSE_MIN_ROWS:  # compute-bound: one dequantizing pass, then cuBLAS
+        if qk.DENSE_MIN_ROWS and rows >= qk.DENSE_MIN_ROWS:  # compute-bound: one dequantizing pass, then cuBLAS
             w = qk.dequantize_fast(self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
                                    scale_kind=fmt.weight_scale, group_size=self.group_size, dtype=x.dtype,
                                    out_features=self.out_features)
@@ -372,10 +374,11 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any])
     a multiple of 64 for its kernels; TensorRT-LLM does not require it); a modelopt checkpoint whose
     config carries the padded vocab_size is merged as is (the padded rows are zero).
     """
-    from trtlm.runtime.model import TORCH_DTYPES
+    from trtlm import dtypes
 
     algo = _qconf(config).get("quant_algo")
-    dtype = TORCH_DTYPES.get(str(config.get("dtype", "float16")), torch.float16)
+    found = dtypes.lookup(str(config.get("dtype", "float16")))
+    dtype = dtypes.torch_dtype(found.name) if found is not None else torch.float16
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.endswith(_SCALE_SUFFIXES):

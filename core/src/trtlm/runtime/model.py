@@ -259,15 +259,17 @@ class MoE(nn.Module):
         self.comm = comm
 
     def forward(self, x):
-        from trtlm.runtime.moe import moe_forward
-
         if isinstance(self.fc, ExpertWeights):
-            fc, proj, xin = self.fc.weight, self.proj.weight, x
-        else:  # quantized experts: dequantized weights, the input quantized as the format does (the router
-            # sees that quantized input too: slightly pessimistic next to TensorRT-LLM's unquantized routing)
-            fc, proj, xin = self.fc.dense(x.dtype), self.proj.dense(x.dtype), self.fc.quantize_input(x)
-        out = moe_forward(xin, self.router.weight, fc, proj, self.top_k, self.normalization_mode,
-                          expert_offset=self.expert_offset)
+            from trtlm.runtime.moe import moe_forward
+
+            out = moe_forward(x, self.router.weight, self.fc.weight, self.proj.weight, self.top_k,
+                              self.normalization_mode, expert_offset=self.expert_offset)
+        else:  # quantized experts: only the routed experts' codes are read at small batch (the input is
+            # quantized as the format does, and the router sees it: slightly pessimistic next to TensorRT-LLM)
+            from trtlm.quant.runtime import quant_moe_forward
+
+            out = quant_moe_forward(x, self.router.weight, self.fc, self.proj, self.top_k, self.normalization_mode,
+                                    expert_offset=self.expert_offset)
         return self.comm.all_reduce(out)
 
 

@@ -129,6 +129,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], fallback: torch.Generato
     Greedy rows take the argmax; the others sample from the temperature-scaled, top-k /
     top-p filtered distribution by an exponential race, with the row's own generator
     when it has one (seeded) and ``fallback`` otherwise."""
+    if all(r.params.greedy and r.params.logprobs is None and not r.masked_ids for r in rows):
+        return Sampled(logits.argmax(dim=-1).tolist(), [None] * len(rows))  # the common case: one kernel
     logits = logits.float()
     M, V = logits.shape
     if any(r.masked_ids for r in rows):

@@ -57,12 +57,14 @@ def _store_kv(SRC, DST, SCALE, t, src_off_t, src_stride_h, dst_off, dst_stride_h
     d = tl.arange(0, D_PAD)[None, :]
     mask = (h < KV_HEADS) & (d < HEAD_D)
     x = tl.load(SRC + src_off_t + h * src_stride_h + d, mask=mask, other=0)
+    # x / s with IEEE rounding (div_rn): Triton's plain `/` is the approximate div.full.f32, which
+    # put a few int8 codes one step away from torch's (measured on the H200)
     if QUANT == 1:  # float8_e4m3fn: clamp(x / s) to the finite range, round to nearest
-        y = x.to(tl.float32) / tl.load(SCALE)
+        y = tl.math.div_rn(x.to(tl.float32), tl.load(SCALE))
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         y = y.to(DST.dtype.element_ty)
     elif QUANT == 2:  # int8: round half to even, clamp to [-128, 127]
-        y = _round_half_even(x.to(tl.float32) / tl.load(SCALE))
+        y = _round_half_even(tl.math.div_rn(x.to(tl.float32), tl.load(SCALE)))
         y = tl.minimum(tl.maximum(y, -128.0), 127.0).to(tl.int8)
     else:
         y = x.to(DST.dtype.element_ty)
@@ -267,10 +269,14 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-#: decode kernel configuration (TILE_N key positions per step, warps, pipeline stages)
-DECODE_CONFIG = {"TILE_N": 64, "num_warps": 4, "num_stages": 3, "max_parts": 64, "programs_per_sm": 2}
-#: prefill kernel configuration
-PREFILL_CONFIG = {"BLOCK_M": 128, "TILE_N": 64, "num_warps": 8, "num_stages": 2}
+#: decode kernel configuration (TILE_N key positions per step, warps, pipeline stages), chosen by
+#: bench/paged_attention_bench.py on the H200 (docs/benchmarks.md, "Paged attention kernels"):
+#: a K tile of ~16 KB per step (64 tokens of a 2-byte cache, 128 of a 1-byte FP8/INT8 cache),
+#: two pipeline stages for 2-byte caches and three for 1-byte ones.
+DECODE_CONFIG = {"TILE_N": 64, "num_warps": 4, "num_stages": 2, "max_parts": 64, "programs_per_sm": 2}
+DECODE_CONFIG_1BYTE = {"TILE_N": 128, "num_stages": 3}
+#: prefill kernel configuration (same sweep)
+PREFILL_CONFIG = {"BLOCK_M": 128, "TILE_N": 64, "num_warps": 8, "num_stages": 3}
 
 
 def decode_partitions(batch: int, kv_heads: int, max_tokens: int, num_sms: int,
@@ -333,7 +339,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            k_scale=None, v_scale=None, max_context_len: int | None = None,
                            config: dict | None = None) -> torch.Tensor:
     """Triton decode attention; see :func:`trtlm.runtime.kernels.paged_decode_attention`."""
-    cfg = {**DECODE_CONFIG, **(config or {})}
+    cfg = {**DECODE_CONFIG, **(DECODE_CONFIG_1BYTE if k_cache.element_size() == 1 else {}), **(config or {})}
     q, alibi_slopes = _prep(q, alibi_slopes)
     batch, heads, head_d = q.shape
     kv_heads = k_cache.shape[2]
