@@ -142,18 +142,19 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             k_seq, v_seq = k_cache[blocks], v_cache[blocks]
         keys = dequantize_kv(k_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
         values = dequantize_kv(v_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
-        qs = q[start:start + q_len].transpose(0, 1)  # [H, q, D]
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [KV, ctx, D]
+        # 4-D [1, heads, tokens, D]: SDPA's CPU kernels take a fast path for 4-D inputs only
+        qs = q[start:start + q_len].transpose(0, 1)[None]  # [1, H, q, D]
+        keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KV, ctx, D]
         gqa = {}
         if KV != H:
             if _SDPA_GQA:
                 gqa = {"enable_gqa": True}
             else:
-                keys = keys.repeat_interleave(H // KV, dim=0)
-                values = values.repeat_interleave(H // KV, dim=0)
+                keys = keys.repeat_interleave(H // KV, dim=1)
+                values = values.repeat_interleave(H // KV, dim=1)
         bias = _mask(batch, s, q_len, ctx, window, slopes, q.dtype)
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=bias, scale=scale, **gqa)
-        out[start:start + q_len] = o.transpose(0, 1)
+        out[start:start + q_len] = o[0].transpose(0, 1)
         start += q_len
     return out
 

@@ -44,23 +44,22 @@ class StepInputs:
 
 
 def to_batch(inputs: StepInputs, device: torch.device, max_blocks: int | None = None) -> ForwardBatch:
-    """The tensors of one step on ``device`` (block tables padded with block 0)."""
+    """The tensors of one step on ``device`` (block tables padded with block 0): two host tensors
+    (int64 and int32 fields packed), two copies."""
+    S, N, M = len(inputs.query_lens), len(inputs.tokens), len(inputs.logits_indices)
     width = max_blocks or max(len(t) for t in inputs.block_tables)
-    tables = torch.zeros(len(inputs.block_tables), width, dtype=torch.int32)
-    for i, t in enumerate(inputs.block_tables):
-        tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
     starts = [0]
     for q in inputs.query_lens:
         starts.append(starts[-1] + q)
-
-    def t(values, dtype):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-    return ForwardBatch(tokens=t(inputs.tokens, torch.long), positions=t(inputs.positions, torch.long),
-                        slot_mapping=t(inputs.slots, torch.long), block_tables=tables.to(device),
-                        context_lens=t(inputs.context_lens, torch.int32),
-                        query_start_loc=t(starts, torch.int32),
-                        logits_indices=t(inputs.logits_indices, torch.long),
+    longs = torch.tensor(inputs.tokens + inputs.positions + inputs.slots + inputs.logits_indices, dtype=torch.long)
+    tables = [t + [0] * (width - len(t)) for t in inputs.block_tables]
+    ints = torch.tensor([x for t in tables for x in t] + inputs.context_lens + starts, dtype=torch.int32)
+    if device.type != "cpu":
+        longs, ints = longs.to(device, non_blocking=True), ints.to(device, non_blocking=True)
+    tokens, positions, slots, rows = longs.split([N, N, N, M])
+    table_t, context, starts_t = ints.split([S * width, S, S + 1])
+    return ForwardBatch(tokens=tokens, positions=positions, slot_mapping=slots, block_tables=table_t.view(S, width),
+                        context_lens=context, query_start_loc=starts_t, logits_indices=rows,
                         query_lens_host=list(inputs.query_lens), context_lens_host=list(inputs.context_lens),
                         decode_only=inputs.decode_only, max_context=max(inputs.context_lens),
                         block_tables_host=inputs.block_tables)

@@ -108,13 +108,18 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def rope_tables(positions: torch.Tensor, head_size: int, base: float, dtype: torch.dtype):
+def rope_tables(positions: torch.Tensor, head_size: int, base: float, dtype: torch.dtype,
+                inv_freq: torch.Tensor | None = None):
     """``cos``, ``sin`` ``[N, 1, D]`` for token positions ``[N]`` (float32 math, as transformers)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=positions.device).float()
-                               / head_size))
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_size, base, positions.device)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rope_inv_freq(head_size: int, base: float, device) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=device).float() / head_size))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,13 +156,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         if self.clip_qkv:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
-        q, k, v = qkv.split([d.heads * d.head_size, d.kv_heads * d.head_size, d.kv_heads * d.head_size], dim=-1)
-        q = q.view(N, d.heads, d.head_size)
-        k = k.view(N, d.kv_heads, d.head_size)
+        qk, v = qkv.split([(d.heads + d.kv_heads) * d.head_size, d.kv_heads * d.head_size], dim=-1)
+        qk = qk.view(N, d.heads + d.kv_heads, d.head_size)
         v = v.view(N, d.kv_heads, d.head_size)
-        if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_rope:  # queries and keys rotated together: one set of elementwise ops per layer
+            qk = apply_rope(qk, *rope)
+        q, k = qk[:, :d.heads], qk[:, d.heads:]
         scale = self.kv_cache_scaling_factor if self.kv_quant else None
         kc, vc = cache.k[layer], cache.v[layer]
         write_kv(k, v, kc, vc, batch.slot_mapping, scale)
@@ -380,6 +384,7 @@ class Transformer(nn.Module):
             self.lm_head = Linear(d.hidden, d.vocab_local if comm.tp_size > 1 else d.vocab,
                                   bool(config.get("lm_head_bias", False)), self.dtype, device)
         self.alibi = str(config.get("position_embedding_type")) == "alibi"
+        self._inv_freq: torch.Tensor | None = None  #: RoPE frequencies, made once per device
         if self.alibi:
             from trtlm.runtime.alibi import alibi_slopes
 
@@ -403,8 +408,10 @@ class Transformer(nn.Module):
         x = self.transformer.vocab_embedding(tokens_or_hidden) if self.first else tokens_or_hidden
         rope = None
         if not self.alibi:
-            rope = rope_tables(batch.positions, self.d.head_size, float(self.config.get("rotary_base", 10000.0)),
-                               x.dtype)
+            if self._inv_freq is None or self._inv_freq.device != x.device:
+                self._inv_freq = rope_inv_freq(self.d.head_size, float(self.config.get("rotary_base", 10000.0)),
+                                               x.device)
+            rope = rope_tables(batch.positions, self.d.head_size, 0.0, x.dtype, self._inv_freq)
         slopes = self.alibi_slopes if self.alibi else None
         for i, block in enumerate(self.transformer.layers):
             x = block(x, batch, cache, i, rope, slopes)
