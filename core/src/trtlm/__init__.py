@@ -24,10 +24,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from trtlm.api import LLM, DistributedLLM
     from trtlm.family import Capabilities, Family
+    from trtlm.runtime.engine import Engine, EngineConfig
+    from trtlm.runtime.sampling import SamplingParams
 
     hookimpl: pluggy.HookimplMarker
 
-__all__ = ["Capabilities", "DistributedLLM", "Family", "LLM", "PLUGIN_API_VERSION", "__version__", "hookimpl"]
+__all__ = ["Capabilities", "DistributedLLM", "Engine", "EngineConfig", "Family", "LLM", "PLUGIN_API_VERSION",
+           "SamplingParams", "__version__", "hookimpl"]
 
 
 def __getattr__(name: str) -> Any:
@@ -37,6 +40,14 @@ def __getattr__(name: str) -> Any:
         from trtlm import api
 
         return getattr(api, name)
+    if name in ("Engine", "EngineConfig"):
+        from trtlm.runtime import engine
+
+        return getattr(engine, name)
+    if name == "SamplingParams":
+        from trtlm.runtime.sampling import SamplingParams
+
+        return SamplingParams
     if name == "hookimpl":
         import pluggy
 
