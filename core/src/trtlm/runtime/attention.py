@@ -11,10 +11,16 @@ the ALiBi bias when the model has one.
 
 Two implementations of the same function:
 
-* the reference ops below (any device): per sequence, gather its blocks and
-  run SDPA — exact, simple, what the CPU runs;
+* :func:`paged_attention_reference` below (any device): per sequence, take its
+  blocks (a view when their ids are consecutive) and run SDPA in the model's
+  dtype, as transformers computes attention — what the CPU runs, and the
+  reason float32 logits match transformers' to ~1e-7;
 * on CUDA, the Triton kernels of :mod:`trtlm.runtime.kernels`, which read the
-  blocks in place (no gathered copy) and are CUDA-graph capturable.
+  blocks in place (no gathered copy) and are CUDA-graph capturable; they are
+  tested against that package's float32 oracle (``kernels.reference``), which
+  is a test oracle, not a runtime path.
+
+Writing the cache is one op everywhere (:func:`trtlm.runtime.kernels.write_kv`).
 
 FP8/INT8 caches store ``x / scale`` and are read back as ``stored × scale``
 (the checkpoint's per-layer scale), in the same blocks.
@@ -25,9 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-FP8_MAX = 448.0
-
 
 @dataclass
 class ForwardBatch:
@@ -56,29 +59,11 @@ class ForwardBatch:
         return len(self.query_lens_host)
 
 
-def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, cache_dtype: torch.dtype) -> torch.Tensor:
-    """What a cache of ``cache_dtype`` stores for ``x`` (float32 math, as modelopt quantizes)."""
-    if cache_dtype == torch.float8_e4m3fn:
-        return (x.float() / scale.float().reshape(())).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
-    if cache_dtype == torch.int8:
-        return (x.float() / scale.float().reshape(())).round().clamp(-128, 127).to(cache_dtype)
-    return x.to(cache_dtype)
+def _as_dtype(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Cache contents in the activation dtype (dequantized when the cache is FP8/INT8)."""
+    from trtlm.runtime.kernels import dequantize_kv, is_quantized_cache
 
-
-def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    if x.dtype in (torch.float8_e4m3fn, torch.int8):
-        return (x.float() * scale.float().reshape(())).to(dtype)
-    return x
-
-
-def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-    """Store ``k``, ``v`` ``[N, KV, D]`` at their slots of the ``[blocks, block_size, KV, D]`` caches."""
-    for x, cache in ((k, k_cache), (v, v_cache)):
-        flat, new = cache.view(-1, *cache.shape[2:]), quantize_kv(x, scale, cache.dtype)
-        if cache.dtype == torch.float8_e4m3fn:  # no float8 index_copy on every device: copy the bytes
-            flat, new = flat.view(torch.uint8), new.view(torch.uint8)
-        flat.index_copy_(0, slot_mapping, new)
+    return dequantize_kv(stored, scale).to(dtype) if is_quantized_cache(stored) else stored
 
 
 def attention_bias(q_len: int, ctx: int, window: int | None, slopes: torch.Tensor | None,
@@ -140,8 +125,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         else:
             blocks = tables[s, :nb].long()
             k_seq, v_seq = k_cache[blocks], v_cache[blocks]
-        keys = dequantize_kv(k_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
-        values = dequantize_kv(v_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
+        keys = _as_dtype(k_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
+        values = _as_dtype(v_seq.reshape(nb * bs, KV, D)[:ctx], kv_scale, q.dtype)
         # 4-D [1, heads, tokens, D]: SDPA's CPU kernels take a fast path for 4-D inputs only
         qs = q[start:start + q_len].transpose(0, 1)[None]  # [1, H, q, D]
         keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KV, ctx, D]
@@ -172,11 +157,10 @@ def kernels_available(device: torch.device) -> bool:
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, scale=None) -> None:
-    kern = _kernels() if k.is_cuda else None
-    if kern is not None:
-        kern.write_kv(k, v, k_cache, v_cache, slot_mapping, scale, scale)
-    else:
-        write_kv_reference(k, v, k_cache, v_cache, slot_mapping, scale)
+    """This step's keys and values into their cache slots (quantized for an FP8/INT8 cache)."""
+    from trtlm.runtime import kernels
+
+    kernels.write_kv(k, v, k_cache, v_cache, slot_mapping, scale, scale)
 
 
 def paged_attention(q, k_cache, v_cache, batch: ForwardBatch, scale: float, window=None, slopes=None,
