@@ -29,14 +29,13 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trtlm import dtypes
+from trtlm.convert.parallel import for_each_bounded
 from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, concat_rows, take_first
 from trtlm.convert.writer import RankFileWriter
 from trtlm.errors import UserError
@@ -331,36 +330,12 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
                     raise UserError(f"{shown}: cannot write ({exc.strerror or exc}); "
                                     f"free space on that filesystem or choose another --output-dir") from None
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(copies), unit="tensor", desc="convert", file=sys.stderr)
     try:
-        if workers <= 1:
-            for copy in copies:
-                convert_one(copy)
-                if bar:
-                    bar.update()
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                pending = []
-                for copy in copies:  # bounded in flight: a few tensors queued per worker
-                    pending.append(pool.submit(convert_one, copy))
-                    if len(pending) >= 2 * workers:
-                        pending.pop(0).result()
-                        if bar:
-                            bar.update()
-                for f in pending:
-                    f.result()
-                    if bar:
-                        bar.update()
+        for_each_bounded(convert_one, copies, workers, len(copies), progress)
         for w in writers:
             w.close()
     finally:
         for w in writers:
             w.discard()
         maps.close()
-        if bar:
-            bar.close()
     return sum(len(c.parts) for c in copies), total

@@ -11,16 +11,15 @@ from __future__ import annotations
 import bisect
 import errno
 import math
-import sys
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trtlm import dtypes
+from trtlm.convert.parallel import for_each_bounded
 from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, concat_rows, rank_part, take_first
 from trtlm.convert.writer import RankFileWriter
 from trtlm.errors import UserError
@@ -203,42 +202,17 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
         for writer, rp, rt in by_spec[spec.name]:
             writer.write(rt.name, rank_part(rt, full, mapping, rp.tp_rank))
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(specs), unit="tensor", desc="convert", file=sys.stderr)
     # Writing is memory-bound copying: parallelism is per tensor (--workers), and torch's
     # intra-op threads only contend with them (measured on 2 shared cores: the bf16 tp2
     # benchmark ran 1.6x faster with one intra-op thread).
     intra_op_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if workers <= 1:
-            for spec in specs:
-                convert_one(spec)
-                if bar:
-                    bar.update()
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                # Bounded in-flight work keeps memory at ~2 tensors per worker.
-                pending = []
-                for spec in specs:
-                    pending.append(pool.submit(convert_one, spec))
-                    if len(pending) >= 2 * workers:
-                        pending.pop(0).result()
-                        if bar:
-                            bar.update()
-                for f in pending:
-                    f.result()
-                    if bar:
-                        bar.update()
+        for_each_bounded(convert_one, specs, workers, len(specs), progress)
         for w in writers:
             w.close()
     finally:
         torch.set_num_threads(intra_op_threads)
         for w in writers:
             w.discard()
-        if bar:
-            bar.close()
     return sum(len(rp.tensors) for rp in rank_plans), total

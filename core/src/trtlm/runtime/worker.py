@@ -43,6 +43,26 @@ def _report(exc: BaseException, peer: bool) -> None:
     tmp.replace(path)
 
 
+def fail(exc: BaseException) -> int:
+    """A rank's end on any failure: the one-line report for the launcher, a traceback on stderr only
+    for unexpected errors (bugs) that are not a consequence of a peer going away; exit status 1."""
+    from trtlm.errors import UserError
+
+    peer = False
+    try:
+        from trtlm.runtime.distributed import is_peer_failure
+
+        peer = is_peer_failure(exc)
+    except Exception:  # noqa: BLE001 - report the original error regardless
+        pass
+    _report(exc, peer)
+    if not isinstance(exc, UserError) and not peer:
+        rank = os.environ.get("RANK", "?")
+        sys.stderr.write(f"[rank {rank}] " + "".join(traceback.format_exception(exc)))
+    sys.stderr.flush()
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _die_with_launcher()
@@ -61,19 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         request = RunRequest.from_dict(json.loads(Path(argv[0]).read_text()))
         run_rank(request, env)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
-        peer = False
-        try:
-            from trtlm.runtime.distributed import is_peer_failure
-
-            peer = is_peer_failure(exc)
-        except Exception:  # noqa: BLE001 - report the original error regardless
-            pass
-        _report(exc, peer)
-        if not isinstance(exc, UserError) and not peer:
-            rank = os.environ.get("RANK", "?")
-            sys.stderr.write(f"[rank {rank}] " + "".join(traceback.format_exception(exc)))
-        sys.stderr.flush()
-        return 1
+        return fail(exc)
     sys.stdout.flush()
     return 0
 

@@ -161,7 +161,7 @@ def _follow(config, env) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """One rank of a served multi-rank engine (started by :func:`serve_ranks`)."""
-    from trtlm.runtime.worker import _die_with_launcher, _report
+    from trtlm.runtime.worker import _die_with_launcher, fail
 
     argv = sys.argv[1:] if argv is None else argv
     _die_with_launcher()
@@ -184,20 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when the followers stop
             _follow(config, env)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
-        peer = False
-        try:
-            from trtlm.runtime.distributed import is_peer_failure
-
-            peer = is_peer_failure(exc)
-        except Exception:  # noqa: BLE001
-            pass
-        _report(exc, peer)
-        if not isinstance(exc, UserError) and not peer:
-            import traceback
-
-            sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] " + "".join(traceback.format_exception(exc)))
-        sys.stderr.flush()
-        return 1
+        return fail(exc)
     sys.stdout.flush()
     return 0
 
