@@ -204,14 +204,15 @@ def test_expert_parallel_layouts(tmp_path, tiny, tp, ep, pp):
 def test_runtime_rank_layers_sum_to_full_layer(tmp_path, tiny, tp, ep):
     """Each rank's runtime MoE layer (its experts, its expert-offset, its intermediate slice),
     summed as the all-reduce would, equals the single-process layer."""
+    from trtlm.config import CheckpointConfig
     from trtlm.runtime.distributed import ShapeComm
     from trtlm.runtime.model import Dims, MoE
 
     _, hf_dir = tiny
     convert(hf_dir, tmp_path / "full", ConvertOptions(dtype="float32"))
     convert(hf_dir, tmp_path / "split", ConvertOptions(dtype="float32", tp_size=tp, moe_ep_size=ep))
-    cfg = json.loads((tmp_path / "split" / "config.json").read_text())
-    mapping = Mapping.from_config(cfg)
+    cfg = CheckpointConfig.from_dict(json.loads((tmp_path / "split" / "config.json").read_text()))
+    mapping = cfg.mapping
     prefix = "transformer.layers.1.mlp."
 
     def layer(directory: Path, rank: int, m: Mapping) -> MoE:

@@ -46,7 +46,8 @@ def serve_cmd(engine_dir, model_dir, tokenizer_dir, host, port, served_model_nam
     from trtlm.serve import require_serve_deps
 
     require_serve_deps()
-    from trtlm.serve.server import ServeConfig, serve_main
+    from trtlm.serve.main import serve_main
+    from trtlm.serve.server import ServeConfig
 
     config = ServeConfig(engine_dir=engine_dir, model_dir=model_dir, tokenizer_dir=tokenizer_dir, host=host, port=port,
                          served_model_name=served_model_name, api_key=api_key or None, max_queue_size=max_queue_size,

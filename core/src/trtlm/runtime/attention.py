@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+
 @dataclass
 class ForwardBatch:
     """Everything one forward needs about the packed step (built by the engine)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from trtlm.config import as_checkpoint_config
 from trtlm.convert.plan import local_name
 from trtlm.errors import UserError
 from trtlm.layout import split_rule
@@ -33,7 +34,7 @@ def merge_ranks(config: dict[str, Any], ranks: list[dict[str, torch.Tensor]]) ->
     """All ranks of a checkpoint -> the tensors of an equivalent tp=pp=1 checkpoint
     (vocabulary padding removed)."""
     mapping = Mapping.from_config(config)
-    num_layers = int(config["num_hidden_layers"])
+    num_layers = as_checkpoint_config(config).num_hidden_layers
     merged: dict[str, torch.Tensor] = {}
     for pp_rank in range(mapping.pp_size):
         stage = [ranks[pp_rank * mapping.tp_size + t] for t in range(mapping.tp_size)]
@@ -47,7 +48,7 @@ def merge_ranks(config: dict[str, Any], ranks: list[dict[str, torch.Tensor]]) ->
                 gname = name
             rule = split_rule(gname, config, tuple(parts[0].shape))
             merged[gname] = rule.merge(parts, mapping) if mapping.tp_size > 1 else parts[0]
-    vocab = int(config["vocab_size"])
+    vocab = as_checkpoint_config(config).vocab_size
     for name in ("lm_head.weight", "lm_head.bias", "transformer.vocab_embedding.weight"):
         if name in merged and merged[name].shape[0] > vocab:
             merged[name] = merged[name][:vocab]

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from trtlm.config import as_checkpoint_config
 from trtlm.errors import UserError
 from trtlm.mapping import Mapping
 from trtlm.runtime.comm import LocalComm
@@ -59,7 +60,7 @@ def rank_network(hooks, config: dict[str, Any], mapping: Mapping, rank: int, opt
     """The torch network of ``rank``: its tensor-parallel shapes and its pipeline stage's layers."""
     factory = hooks.trtlm_build_network(config=config, backend="torch", options=options)
     tp_rank, pp_rank = mapping.tp_rank(rank), mapping.pp_rank(rank)
-    layers = mapping.stage_layers(pp_rank, int(config["num_hidden_layers"]))
+    layers = mapping.stage_layers(pp_rank, as_checkpoint_config(config).num_hidden_layers)
     comm = comm or ShapeComm(mapping.tp_size, tp_rank)
     return factory(comm=comm, mapping=mapping, layers=layers, first=pp_rank == 0,
                    last=pp_rank == mapping.pp_size - 1, device=device, dtype=dtype)

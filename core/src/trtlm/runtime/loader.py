@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from trtlm.config import CheckpointConfig, as_checkpoint_config
 from trtlm.errors import UserError
 from trtlm.mapping import Mapping
 
@@ -33,8 +34,13 @@ class LoadedEngine:
     kernel_paths: dict[str, str] | None = None  #: quantized layer type -> the kernel it runs on (and why)
 
     @property
+    def cfg(self) -> CheckpointConfig:
+        """The checkpoint config, parsed (``config`` is the dict plugins' hooks receive)."""
+        return as_checkpoint_config(self.config, str(self.engine_dir / "config.json"))
+
+    @property
     def max_seq_len(self) -> int:
-        return int(self.build_config.get("max_seq_len") or self.config.get("max_position_embeddings") or 2048)
+        return int(self.build_config.get("max_seq_len") or self.cfg.max_position_embeddings or 2048)
 
     @property
     def max_input_len(self) -> int:
@@ -46,7 +52,7 @@ class LoadedEngine:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.config["vocab_size"])
+        return self.cfg.vocab_size
 
     @property
     def name(self) -> str:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trtlm.config import CheckpointConfig, as_checkpoint_config
 from trtlm.runtime.attention import ForwardBatch, paged_attention, write_kv
 from trtlm.runtime.comm import LocalComm
 
@@ -58,15 +59,11 @@ class Dims:
     tp: int
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], tp: int) -> "Dims":
-        heads = int(config["num_attention_heads"])
-        kv = int(config.get("num_key_value_heads") or heads)
-        hidden = int(config["hidden_size"])
-        vocab = int(config["vocab_size"])
-        return cls(vocab=vocab, vocab_local=-(-vocab // tp), hidden=hidden,
-                   layers=int(config["num_hidden_layers"]), heads=heads // tp,
-                   kv_heads=max(kv // tp, 1), head_size=int(config.get("head_size") or hidden // heads),
-                   inter=int(config["intermediate_size"]) // tp, tp=tp)
+    def from_config(cls, cfg: CheckpointConfig, tp: int) -> "Dims":
+        return cls(vocab=cfg.vocab_size, vocab_local=-(-cfg.vocab_size // tp), hidden=cfg.hidden_size,
+                   layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads // tp,
+                   kv_heads=max(cfg.num_key_value_heads // tp, 1), head_size=cfg.head_size,
+                   inter=int(cfg.intermediate_size or 0) // tp, tp=tp)
 
 
 class Linear(nn.Module):
@@ -129,22 +126,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: dict[str, Any], d: Dims, comm, dtype=None, device=None):
+    def __init__(self, cfg: CheckpointConfig, d: Dims, comm, dtype=None, device=None):
         super().__init__()
         # TensorRT-LLM's attention takes its bias from ``attn_bias`` (else ``bias``);
         # ``dense_bias`` separates the output projection (Qwen2: qkv biased, dense not).
-        qkv_bias = bool(config.get("attn_bias", config.get("bias", False)))
-        dense_bias = bool(config.get("dense_bias", qkv_bias))
+        qkv_bias = bool(cfg.source.get("attn_bias", linear_bias(cfg)))
+        dense_bias = bool(cfg.source.get("dense_bias", qkv_bias))
         self.d = d
         self.comm = comm
         qkv_out = (d.heads + 2 * d.kv_heads) * d.head_size
-        self.qkv = make_linear(config, d.hidden, qkv_out, qkv_bias, dtype, device)
-        self.dense = make_linear(config, d.heads * d.head_size, d.hidden, dense_bias, dtype, device)
-        self.clip_qkv = config.get("clip_qkv")
-        self.rope_base = float(config.get("rotary_base", 10000.0))
-        self.use_rope = str(config.get("position_embedding_type", "rope_gpt_neox")).startswith("rope")
-        self.window = sliding_window(config)
-        self.kv_quant = _kv_quant(config)
+        self.qkv = make_linear(cfg, d.hidden, qkv_out, qkv_bias, dtype, device)
+        self.dense = make_linear(cfg, d.heads * d.head_size, d.hidden, dense_bias, dtype, device)
+        self.clip_qkv = cfg.clip_qkv
+        self.use_rope = uses_rope(cfg)
+        self.window = cfg.sliding_window
+        self.kv_quant = _kv_quant(cfg)
         if self.kv_quant:  # checkpoint names of TensorRT-LLM's KV-cache scales
             for name in ("kv_cache_scaling_factor", "k_cache_scaling_factor", "v_cache_scaling_factor"):
                 self.register_buffer(name, torch.ones(1, dtype=torch.float32, device=device))
@@ -172,12 +168,12 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """SwiGLU: ``proj(silu(fc(x)) * gate(x))`` (TensorRT-LLM's names)."""
 
-    def __init__(self, config, d: Dims, comm, dtype=None, device=None):
+    def __init__(self, cfg: CheckpointConfig, d: Dims, comm, dtype=None, device=None):
         super().__init__()
-        bias = bool(config.get("bias", False))
-        self.fc = make_linear(config, d.hidden, d.inter, bias, dtype, device)
-        self.gate = make_linear(config, d.hidden, d.inter, bias, dtype, device)
-        self.proj = make_linear(config, d.inter, d.hidden, bias, dtype, device)
+        bias = linear_bias(cfg)
+        self.fc = make_linear(cfg, d.hidden, d.inter, bias, dtype, device)
+        self.gate = make_linear(cfg, d.hidden, d.inter, bias, dtype, device)
+        self.proj = make_linear(cfg, d.inter, d.hidden, bias, dtype, device)
         self.comm = comm
         self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -207,11 +203,11 @@ class GatedMLP(nn.Module):
 class PlainMLP(nn.Module):
     """``proj(gelu(fc(x)))`` with exact GELU, as transformers' MPT computes it."""
 
-    def __init__(self, config, d: Dims, comm, dtype=None, device=None):
+    def __init__(self, cfg: CheckpointConfig, d: Dims, comm, dtype=None, device=None):
         super().__init__()
-        bias = bool(config.get("bias", False))
-        self.fc = make_linear(config, d.hidden, d.inter, bias, dtype, device)
-        self.proj = make_linear(config, d.inter, d.hidden, bias, dtype, device)
+        bias = linear_bias(cfg)
+        self.fc = make_linear(cfg, d.hidden, d.inter, bias, dtype, device)
+        self.proj = make_linear(cfg, d.inter, d.hidden, bias, dtype, device)
         self.comm = comm
 
     def forward(self, x):
@@ -239,24 +235,24 @@ class MoE(nn.Module):
     ``[moe_ep_rank * E_local, ...)`` and its partial sums are all-reduced.
     """
 
-    def __init__(self, config, d: Dims, comm, mapping=None, dtype=None, device=None):
+    def __init__(self, cfg: CheckpointConfig, d: Dims, comm, mapping=None, dtype=None, device=None):
         super().__init__()
-        moe = config["moe"]
-        E = int(moe["num_experts"])
+        E = cfg.moe.num_experts
         ep = mapping.moe_ep_size if mapping else 1
         mtp = mapping.moe_tp_size if mapping else 1
         tp_rank = comm.tp_rank
-        inter = int(config["intermediate_size"]) // mtp
-        self.top_k = int(moe["top_k"])
-        self.normalization_mode = int(moe.get("normalization_mode", 1))
+        inter = int(cfg.intermediate_size) // mtp
+        self.top_k = cfg.moe.top_k
+        # TensorRT-LLM's default is RENORMALIZE (1), what Mixtral does
+        self.normalization_mode = 1 if cfg.moe.normalization_mode is None else cfg.moe.normalization_mode
         self.expert_offset = (mapping.moe_ep_rank(tp_rank) if mapping else 0) * (E // ep)
         self.router = Linear(d.hidden, E, False, torch.float32, device)
-        quant = (config.get("quantization") or {}).get("quant_algo")
+        quant = cfg.quantization.quant_algo
         if quant:
             from trtlm.quant.runtime import QuantExpertWeights
 
-            self.fc = QuantExpertWeights(quant, config, E // ep, 2 * inter, d.hidden, dtype, device)
-            self.proj = QuantExpertWeights(quant, config, E // ep, d.hidden, inter, dtype, device)
+            self.fc = QuantExpertWeights(quant, cfg.source, E // ep, 2 * inter, d.hidden, dtype, device)
+            self.proj = QuantExpertWeights(quant, cfg.source, E // ep, d.hidden, inter, dtype, device)
         else:
             self.fc = ExpertWeights(E // ep, 2 * inter, d.hidden, dtype, device)
             self.proj = ExpertWeights(E // ep, d.hidden, inter, dtype, device)
@@ -289,35 +285,47 @@ def row_parallel(linear: nn.Module, x: torch.Tensor, comm) -> torch.Tensor:
     return comm.all_reduce(out if comm.tp_rank == 0 else out - bias)
 
 
-def _kv_quant(config) -> str | None:
-    algo = (config.get("quantization") or {}).get("kv_cache_quant_algo")
+def _kv_quant(cfg: CheckpointConfig) -> str | None:
+    algo = cfg.quantization.kv_cache_quant_algo
     return str(algo).upper() if algo else None
 
 
-def make_linear(config, in_features, out_features, bias, dtype, device) -> nn.Module:
-    quant = (config.get("quantization") or {}).get("quant_algo")
+def linear_bias(cfg: CheckpointConfig) -> bool:
+    """Whether the linear layers carry biases.  A checkpoint without the ``bias`` key has none
+    (Llama-style models; trtlm's converters always write the key), whatever
+    :class:`~trtlm.config.CheckpointConfig` assumes for TensorRT-LLM's generic default."""
+    return bool(cfg.source.get("bias", False))
+
+
+def uses_rope(cfg: CheckpointConfig) -> bool:
+    """RoPE unless the checkpoint says otherwise (ALiBi for MPT); the runtime has no learned positions."""
+    return str(cfg.source.get("position_embedding_type", "rope_gpt_neox")).startswith("rope")
+
+
+def make_linear(cfg: CheckpointConfig, in_features, out_features, bias, dtype, device) -> nn.Module:
+    quant = cfg.quantization.quant_algo
     if quant:
         from trtlm.quant.runtime import quant_linear
 
-        return quant_linear(quant, config, in_features, out_features, bias, dtype, device)
+        return quant_linear(quant, cfg.source, in_features, out_features, bias, dtype, device)
     return Linear(in_features, out_features, bias, dtype, device)
 
 
 class Block(nn.Module):
-    def __init__(self, config, d: Dims, comm, norm: str, mapping=None, dtype=None, device=None):
+    def __init__(self, cfg: CheckpointConfig, d: Dims, comm, norm: str, mapping=None, dtype=None, device=None):
         super().__init__()
-        eps = float(config.get("norm_epsilon", 1e-5))
+        eps = cfg.norm_epsilon
         Norm = (lambda: RMSNorm(d.hidden, eps, dtype, device)) if norm == "rms" else (
             lambda: LayerNorm(d.hidden, eps, False, dtype, device))  # TensorRT-LLM's MPT: no LayerNorm bias
         self.input_layernorm = Norm()
-        self.attention = Attention(config, d, comm, dtype, device)
+        self.attention = Attention(cfg, d, comm, dtype, device)
         self.post_layernorm = Norm()
-        if config.get("moe"):
-            self.mlp = MoE(config, d, comm, mapping, dtype, device)
-        elif str(config.get("hidden_act", "silu")) in ("silu", "swiglu"):
-            self.mlp = GatedMLP(config, d, comm, dtype, device)
+        if cfg.moe is not None:
+            self.mlp = MoE(cfg, d, comm, mapping, dtype, device)
+        elif str(cfg.hidden_act or "silu") in ("silu", "swiglu"):
+            self.mlp = GatedMLP(cfg, d, comm, dtype, device)
         else:
-            self.mlp = PlainMLP(config, d, comm, dtype, device)
+            self.mlp = PlainMLP(cfg, d, comm, dtype, device)
 
     def forward(self, x, batch, cache, layer, rope, slopes):
         x = x + self.attention(self.input_layernorm(x), batch, cache, layer, rope, slopes)
@@ -357,38 +365,40 @@ class Transformer(nn.Module):
     :param first, last: whether this stage holds the embedding / ln_f + lm_head.
     """
 
-    def __init__(self, config: dict[str, Any], norm: str = "rms", comm=None, mapping=None,
+    def __init__(self, config: dict[str, Any] | CheckpointConfig, norm: str = "rms", comm=None, mapping=None,
                  layers: range | None = None, first: bool = True, last: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         comm = comm or LocalComm()
-        self.config = config
+        cfg = as_checkpoint_config(config)  # parsed once; every module reads its typed fields
+        self.cfg = cfg
+        self.config = cfg.source  #: the checkpoint's dict, as plugins and quantized layers read it
         self.comm = comm
         self.norm_type = norm
-        self.dtype = dtype or TORCH_DTYPES[config.get("dtype", "float32")]
-        d = Dims.from_config(config, comm.tp_size)
+        self.dtype = dtype or TORCH_DTYPES[cfg.dtype or "float32"]
+        d = Dims.from_config(cfg, comm.tp_size)
         self.d = d
         self.layer_ids = layers if layers is not None else range(d.layers)
         self.first, self.last = first, last
         self.transformer = _Module()
         if first:
-            parallel = bool(config.get("use_parallel_embedding")) and comm.tp_size > 1
+            parallel = cfg.use_parallel_embedding and comm.tp_size > 1
             rows = d.vocab_local if parallel else d.vocab
             self.transformer.vocab_embedding = Embedding(rows, d.hidden, comm, parallel, self.dtype, device)
         self.transformer.layers = nn.ModuleList(
-            Block(config, d, comm, norm, mapping, self.dtype, device) for _ in self.layer_ids)
+            Block(cfg, d, comm, norm, mapping, self.dtype, device) for _ in self.layer_ids)
         if last:
-            eps = float(config.get("norm_epsilon", 1e-5))
+            eps = cfg.norm_epsilon
             self.transformer.ln_f = (RMSNorm(d.hidden, eps, self.dtype, device) if norm == "rms"
                                      else LayerNorm(d.hidden, eps, False, self.dtype, device))
             self.lm_head = Linear(d.hidden, d.vocab_local if comm.tp_size > 1 else d.vocab,
-                                  bool(config.get("lm_head_bias", False)), self.dtype, device)
-        self.alibi = str(config.get("position_embedding_type")) == "alibi"
+                                  cfg.lm_head_bias, self.dtype, device)
+        self.alibi = cfg.position_embedding_type == "alibi"
         self._inv_freq: torch.Tensor | None = None  #: RoPE frequencies, made once per device
         if self.alibi:
             from trtlm.runtime.alibi import alibi_slopes
 
-            slopes = alibi_slopes(int(config["num_attention_heads"]), float(config.get("alibi_bias_max", 8)))
+            slopes = alibi_slopes(cfg.num_attention_heads, 8.0 if cfg.alibi_bias_max is None else cfg.alibi_bias_max)
             self.register_buffer("alibi_slopes",
                                  slopes[comm.tp_rank * d.heads:(comm.tp_rank + 1) * d.heads].to(device),
                                  persistent=False)
@@ -396,7 +406,7 @@ class Transformer(nn.Module):
     # -- what the engine needs to know ---------------------------------------------------
     def kv_cache_spec(self) -> dict[str, Any]:
         """Layers, heads and dtypes of this rank's KV cache (the engine sizes its pool from them)."""
-        algo = _kv_quant(self.config)
+        algo = _kv_quant(self.cfg)
         kv_dtype = {"FP8": torch.float8_e4m3fn, "INT8": torch.int8}.get(algo) if algo else None
         return {"num_layers": len(self.layer_ids), "kv_heads": self.d.kv_heads, "head_size": self.d.head_size,
                 "dtype": self.dtype, "kv_dtype": kv_dtype}
@@ -409,8 +419,7 @@ class Transformer(nn.Module):
         rope = None
         if not self.alibi:
             if self._inv_freq is None or self._inv_freq.device != x.device:
-                self._inv_freq = rope_inv_freq(self.d.head_size, float(self.config.get("rotary_base", 10000.0)),
-                                               x.device)
+                self._inv_freq = rope_inv_freq(self.d.head_size, self.cfg.rotary_base, x.device)
             rope = rope_tables(batch.positions, self.d.head_size, 0.0, x.dtype, self._inv_freq)
         slopes = self.alibi_slopes if self.alibi else None
         for i, block in enumerate(self.transformer.layers):
@@ -420,10 +429,3 @@ class Transformer(nn.Module):
         x = self.transformer.ln_f(x.index_select(0, batch.logits_indices))
         logits = self.comm.all_gather_last(self.lm_head(x))
         return logits[..., :self.d.vocab]
-
-
-def sliding_window(config: dict[str, Any]) -> int | None:
-    windows = (config.get("runtime_defaults") or {}).get("max_attention_window")
-    if windows:
-        return int(windows[0]) if isinstance(windows, list) else int(windows)
-    return None

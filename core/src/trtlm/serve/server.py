@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
@@ -253,23 +252,3 @@ class _Server:
         server = Server(uconfig)
         server._loop = None
         return server
-
-
-def serve_main(config: ServeConfig, launch: str = "auto") -> None:
-    """``trtlm serve``: one process, or one per rank for a multi-rank engine (rank 0 serves)."""
-    config.validate()
-    if config.engine_dir is not None:
-        from trtlm.runtime.launch import engine_world_size
-
-        world = engine_world_size(Path(config.engine_dir))
-    else:
-        world = 1
-    if world > 1 and launch != "single":
-        from trtlm.serve.ranks import serve_ranks
-
-        serve_ranks(config, world)
-        return
-    if launch == "multi" and world == 1:
-        raise UserError("--launch multi: this engine has one rank")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_server(config)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trtlm.errors import UserError
-from trtlm.triton.repo import RepoOptions, place, place_tokenizer
+from trtlm.triton.files import RepoOptions, place, place_tokenizer
 
 #: (name, data_type, dims, optional): the subset of tensorrtllm_backend's ensemble inputs this model serves,
 #: with the ensemble's own types and dims (tests/test_triton.py checks them against the template).

@@ -32,7 +32,7 @@ from string import Template
 from typing import Any
 
 from trtlm.errors import UserError
-from trtlm.triton.repo import RepoOptions, place, place_tokenizer
+from trtlm.triton.files import RepoOptions, place, place_tokenizer
 
 TEMPLATES = Path(__file__).with_name("templates") / "inflight_batcher_llm"
 #: tensorrtllm_backend commit the templates are copied from: the last before ``all_models`` moved into
