@@ -236,3 +236,11 @@ def as_checkpoint_config(config: CheckpointConfig | MappingType[str, Any], where
                          ) -> CheckpointConfig:
     """``config`` itself, or parsed from a dict (for functions that accept either)."""
     return config if isinstance(config, CheckpointConfig) else CheckpointConfig.from_dict(config, where)
+
+
+def quant_config(config: CheckpointConfig | MappingType[str, Any]) -> QuantConfig:
+    """The ``quantization`` block of a checkpoint config (parsed or a dict, even a partial one: the
+    plan's config before sharding has no ``mapping`` yet)."""
+    if isinstance(config, CheckpointConfig):
+        return config.quantization
+    return QuantConfig.from_dict(config.get("quantization"))

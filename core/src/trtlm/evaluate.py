@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from trtlm.config import quant_config
 from trtlm.errors import UserError
 
 
@@ -139,9 +140,9 @@ def evaluate(engine_dir: Path, dataset: Path, hf_model_dir: Path | None = None, 
     chunks = chunk_ids(tokenizer.encode(read_dataset(dataset)), seq, max_tokens)
     if not chunks:
         raise UserError(f"--dataset {dataset}: fewer than 2 tokens after tokenisation")
-    q = config.get("quantization") or {}
+    q = quant_config(config)
     result = {"dataset": str(dataset), "engine_dir": str(engine_dir), "max_seq_len": seq, "chunks": len(chunks),
-              "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
+              "quant_algo": q.quant_algo, "kv_cache_quant_algo": q.kv_cache_quant_algo,
               "trtlm": score(logits_fn, chunks).to_dict()}
     if hf_model_dir is not None:
         hf = score(hf_logits_fn(hf_model_dir), chunks)

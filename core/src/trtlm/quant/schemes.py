@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from trtlm.config import quant_config
+
 __all__ = ["QuantFormat", "FORMATS", "KV_FORMATS", "register", "get", "names", "kv_names", "for_algo",
            "runtime_algos", "from_config"]
 
@@ -75,7 +77,7 @@ class QuantFormat:
         if experts or self.smoother is None:
             return False
         if config is not None and self.smoother == "awq":
-            return bool((config.get("quantization") or {}).get("pre_quant_scale", False))
+            return quant_config(config).pre_quant_scale
         return True
 
     def tensors(self, out: int, inp: int, *, experts: int = 0, group_size: int = 128,
@@ -168,7 +170,7 @@ def for_algo(quant_algo: str, config: dict[str, Any] | None = None) -> QuantForm
     if not matches:
         return None
     if len(matches) > 1 and config is not None:
-        want = bool((config.get("quantization") or {}).get("pre_quant_scale", False))
+        want = quant_config(config).pre_quant_scale
         for f in matches:
             if (f.smoother is not None) == want:
                 return f
@@ -177,5 +179,5 @@ def for_algo(quant_algo: str, config: dict[str, Any] | None = None) -> QuantForm
 
 def from_config(config: dict[str, Any]) -> QuantFormat | None:
     """The format of a TensorRT-LLM checkpoint config (None when unquantized or not one of ours)."""
-    algo = (config.get("quantization") or {}).get("quant_algo")
+    algo = quant_config(config).quant_algo
     return for_algo(algo, config) if algo else None

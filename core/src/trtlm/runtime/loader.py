@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trtlm.config import CheckpointConfig, as_checkpoint_config
+from trtlm.config import CheckpointConfig, as_checkpoint_config, quant_config
 from trtlm.errors import UserError
 from trtlm.mapping import Mapping
 
@@ -137,7 +137,7 @@ def merged_model(engine_dir: Path, config: dict[str, Any], device: torch.device)
     else:
         ranks = [read_rank(engine_dir, r) for r in range(mapping.world_size)]
         cfg = single_process_config(config)
-        if (cfg.get("quantization") or {}).get("quant_algo"):  # merged still quantized (same numerics as tp=1)
+        if quant_config(cfg).quant_algo:  # merged still quantized (same numerics as tp=1)
             from trtlm.quant.runtime import merge_quantized_ranks
 
             tensors = merge_quantized_ranks(config, ranks)
