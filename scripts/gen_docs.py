@@ -221,7 +221,6 @@ ENVIRONMENT = [
     ("TRTLM_CACHE", "Where `trtlm run --model-dir` keeps converted engines (default `~/.cache/trtlm`)."),
     ("TRTLM_DIST_BACKEND", "torch.distributed backend of multi-process runs (default: `nccl` on CUDA, "
                            "`gloo` on CPU)."),
-    ("TRTLM_COMPILE", "`1`: the GPU runtime also compiles elementwise pieces with `torch.compile`."),
     ("TRTLM_API_KEY", "`trtlm serve --api-key` (and `trtlm bench serve --api-key`) when the flag is not given."),
 ]
 
