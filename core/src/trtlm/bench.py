@@ -279,7 +279,7 @@ def time_latency(engine, device, batch: int, input_len: int, output_len: int, re
 
     def once() -> tuple[float, float]:
         for p in prompts:
-            engine.add_request(p, _greedy(output_len))
+            engine.add_request(p, _greedy(output_len), stream=False)
         synchronize(device)
         t0 = time.perf_counter()
         engine.step()  # every prompt in one step (max_num_tokens >= batch * input_len)
@@ -362,7 +362,7 @@ def run_offline(engine, device, requests: list[tuple[list[int], int]], static: b
         if pending and (not static or not engine.has_unfinished()):
             take = pending if not static else pending[:engine.max_batch_size]
             for i, (prompt, n) in take:
-                ids[engine.add_request(prompt, _greedy(n), arrival_time=start)] = i
+                ids[engine.add_request(prompt, _greedy(n), arrival_time=start, stream=False)] = i
             pending = pending[len(take):]
         for out in engine.step():
             if out.finished:

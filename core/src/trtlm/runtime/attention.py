@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from trtlm.runtime import kernels
+
 
 @dataclass
 class ForwardBatch:
@@ -62,9 +64,10 @@ class ForwardBatch:
 
 def _as_dtype(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Cache contents in the activation dtype (dequantized when the cache is FP8/INT8)."""
-    from trtlm.runtime.kernels import dequantize_kv, is_quantized_cache
+    return kernels.dequantize_kv(stored, scale).to(dtype) if stored.dtype in _QUANTIZED else stored
 
-    return dequantize_kv(stored, scale).to(dtype) if is_quantized_cache(stored) else stored
+
+_QUANTIZED = (torch.float8_e4m3fn, torch.int8)
 
 
 def attention_bias(q_len: int, ctx: int, window: int | None, slopes: torch.Tensor | None,
@@ -147,8 +150,6 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def _kernels():
     """The Triton kernels, when this process can run them (CUDA and Triton present)."""
-    from trtlm.runtime import kernels
-
     return kernels if kernels.triton_available() else None
 
 
@@ -159,8 +160,6 @@ def kernels_available(device: torch.device) -> bool:
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, scale=None) -> None:
     """This step's keys and values into their cache slots (quantized for an FP8/INT8 cache)."""
-    from trtlm.runtime import kernels
-
     kernels.write_kv(k, v, k_cache, v_cache, slot_mapping, scale, scale)
 
 

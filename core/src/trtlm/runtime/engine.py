@@ -90,6 +90,7 @@ class Request:
     metrics: RequestMetrics
     keep_logits: bool = False
     emitted: list[int] = field(default_factory=list)  #: per completion: token ids already handed out
+    stream: bool = True  #: an output after every step that advanced it (else only the final one)
 
     @property
     def finished(self) -> bool:
@@ -214,8 +215,11 @@ class Engine:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    keep_logits: bool = False) -> str:
-        """Check and queue a request; return its id."""
+                    keep_logits: bool = False, stream: bool = True) -> str:
+        """Check and queue a request; return its id.
+
+        ``stream=False``: the request's output comes back once, when it finished (its text is then
+        decoded once instead of token by token, unless stop strings need the text as it grows)."""
         params = params or SamplingParams()
         params.validate()
         text, ids = self.encode(prompt)
@@ -224,17 +228,21 @@ class Engine:
         if request_id in self.requests:
             raise UserError(f"request id {request_id!r} is already in use")
         now = arrival_time if arrival_time is not None else time.monotonic()
-        seq = self._new_seq(request_id, 0, ids, params, now)
+        req = Request(request_id, text, ids, params, [], RequestMetrics(now), keep_logits, [0] * params.n,
+                      stream=stream)
+        seq = self._new_seq(req, 0, ids, now)
         seq.keep_logits = keep_logits
         seq.forks = params.n - 1
-        req = Request(request_id, text, ids, params, [seq], RequestMetrics(now), keep_logits, [0] * params.n)
+        req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
         return request_id
 
-    def _new_seq(self, request_id: str, index: int, ids: list[int], params: SamplingParams, now: float) -> Sequence:
-        detok = IncrementalDetokenizer(self.tokenizer if params.detokenize else None, params.stop)
-        return Sequence(next(self._seq_ids), request_id, index, list(ids), params,
+    def _new_seq(self, req: Request, index: int, ids: list[int], now: float) -> Sequence:
+        params = req.params
+        detok = IncrementalDetokenizer(self.tokenizer if params.detokenize else None, params.stop,
+                                       lazy=not req.stream and not params.stop)
+        return Sequence(next(self._seq_ids), req.request_id, index, list(ids), params,
                         generator=request_generator(params.seed, index), detok=detok, arrival=now,
                         logprobs=[] if params.logprobs is not None else None,
                         cumulative_logprob=0.0 if params.logprobs is not None else None)
@@ -295,7 +303,7 @@ class Engine:
             touched[req.request_id] = req
         if sample_rows:
             self._sample(logits, sample_rows)
-        return [self._output(req) for req in touched.values()]
+        return [self._output(req) for req in touched.values() if req.stream or req.finished]
 
     def _inputs(self, plan) -> tuple[StepInputs, list[tuple[int, int]]]:
         tokens, positions, slots, qlens, clens, tables, logit_rows = [], [], [], [], [], [], []
@@ -332,7 +340,7 @@ class Engine:
         bs = self.block_size
         full = len(parent.prompt_ids) // bs
         for i in range(1, parent.forks + 1):
-            child = self._new_seq(req.request_id, i, parent.prompt_ids, req.params, parent.arrival)
+            child = self._new_seq(req, i, parent.prompt_ids, parent.arrival)
             child.block_table = list(parent.block_table[:full])
             for b in child.block_table:
                 self.allocator.refs[b] += 1
@@ -429,7 +437,7 @@ class Engine:
         ids = []
         try:
             for prompt, p in zip(prompts, params_list):
-                ids.append(self.add_request(prompt, p, keep_logits=keep_logits))
+                ids.append(self.add_request(prompt, p, keep_logits=keep_logits, stream=on_output is not None))
         except BaseException:
             for rid in ids:
                 self.abort(rid)

@@ -193,8 +193,9 @@ class IncrementalDetokenizer:
     (U+FFFD), which waits for the next token.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), lazy: bool = False):
         self.tokenizer = tokenizer
+        self.lazy = lazy  #: nobody reads the text before the end: decode once, in finish()
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
@@ -206,7 +207,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str | None:
         """Append one id; return the stop string when the text now contains one."""
         self.ids.append(token_id)
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.lazy:
             return None
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])

@@ -67,11 +67,15 @@ def dequantize_kv(stored: torch.Tensor, scale) -> torch.Tensor:
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
     """Store the new tokens' K/V ``[N, KV, D]`` at ``slot_mapping`` (in place; ``-1`` skips)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+    slots = slot_mapping.long()
+    # Skipped rows are masked out; on the CPU a step without any (the engine's case) skips the
+    # masking copies (the check would be a device sync elsewhere, so other devices always mask).
+    if slots.device.type != "cpu" or bool((slots < 0).any()):
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
     for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        flat, new = _bytes(cache.view(-1, *cache.shape[2:])), _bytes(quantize_kv(x[keep], cache.dtype, scale))
-        flat[slots] = new
+        flat, new = _bytes(cache.view(-1, *cache.shape[2:])), _bytes(quantize_kv(x, cache.dtype, scale))
+        flat.index_copy_(0, slots, new)
 
 
 def _bytes(x: torch.Tensor) -> torch.Tensor:
