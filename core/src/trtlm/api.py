@@ -187,11 +187,7 @@ class DistributedLLM(LLM):
             raise UserError("DistributedLLM runs as one rank of a job: start it with torchrun (RANK and "
                             "WORLD_SIZE unset here), or use `trtlm run`, which starts the ranks itself")
         config = load_engine_config(Path(engine_dir))["pretrained_config"]
-        if str(device).startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                resolve(device)  # the one-line error
+        resolve(device)  # a misspelled or missing device is one line, before joining the job
         self.state = init_rank(Mapping.from_config(config), env, device,
                                DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
         loaded = load_rank(Path(engine_dir), self.state, tokenizer_dir)

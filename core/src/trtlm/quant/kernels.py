@@ -387,14 +387,12 @@ def _config(M: int, N: int, K: int, bk_max: int, device: torch.device, rows_per_
     """Tiles and split-K for the tiled kernel, from the sweeps in docs/benchmarks.md (H200):
     64-wide output tiles; split-K 8 (<= 16 rows) / 4 (more rows) when N <= 4096, none for wider N
     (enough output tiles already)."""
-    if rows_per_program is not None:  # one row per program (gathered experts)
-        bm, m_blocks = 16, rows_per_program
-    elif M <= 16:
-        bm, m_blocks = 16, 1
+    if rows_per_program is not None or M <= 16:  # one row per program (gathered experts), or few rows
+        bm = 16
     elif M <= 32:
-        bm, m_blocks = 32, math.ceil(M / 32)
+        bm = 32
     else:
-        bm, m_blocks = 64, math.ceil(M / 64)
+        bm = 64
     bn = 64
     bk = min(bk_max, 128 if M <= 16 else 64)
     iters = K // bk

@@ -57,10 +57,6 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens_host)
-
 
 def _as_dtype(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Cache contents in the activation dtype (dequantized when the cache is FP8/INT8)."""

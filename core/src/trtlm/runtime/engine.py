@@ -404,18 +404,15 @@ class Engine:
     def _output(self, req: Request) -> RequestOutput:
         outs = []
         for i, seq in enumerate(req.seqs):
-            done = seq.finished
             new_ids = seq.output_ids[req.emitted[i]:]
             req.emitted[i] = len(seq.output_ids)
+            new_text = seq.detok.take(final=seq.finished)  # all of it once finished
             outs.append(CompletionOutput(
-                index=seq.index, token_ids=list(seq.output_ids), text=seq.detok.text if done else
-                seq.detok.text[:seq.detok.emitted], new_token_ids=new_ids, new_text="",
+                index=seq.index, token_ids=list(seq.output_ids), text=seq.detok.text[:seq.detok.emitted],
+                new_token_ids=new_ids, new_text=new_text,
                 logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                 cumulative_logprob=seq.cumulative_logprob, finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason))
-            outs[-1].new_text = seq.detok.take(final=done)
-            if not done:
-                outs[-1].text = seq.detok.text[:seq.detok.emitted]
         finished = req.finished
         if finished:
             req.metrics.finished_time = time.monotonic()

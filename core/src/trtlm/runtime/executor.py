@@ -43,11 +43,11 @@ class StepInputs:
         return all(q == 1 for q in self.query_lens)
 
 
-def to_batch(inputs: StepInputs, device: torch.device, max_blocks: int | None = None) -> ForwardBatch:
+def to_batch(inputs: StepInputs, device: torch.device) -> ForwardBatch:
     """The tensors of one step on ``device`` (block tables padded with block 0): two host tensors
     (int64 and int32 fields packed), two copies."""
     S, N, M = len(inputs.query_lens), len(inputs.tokens), len(inputs.logits_indices)
-    width = max_blocks or max(len(t) for t in inputs.block_tables)
+    width = max(len(t) for t in inputs.block_tables)
     starts = [0]
     for q in inputs.query_lens:
         starts.append(starts[-1] + q)

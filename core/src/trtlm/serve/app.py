@@ -86,6 +86,16 @@ def create_app(state: ServerState):
             card["max_model_len"] = state.core.max_seq_len
         return {"object": "list", "data": [card]}
 
+    async def run_to_end(request: Request, gen) -> None:
+        """A request answered in one response: wait for all its outputs (aborted if the client
+        leaves first), then record its end-to-end latency and token usage."""
+        try:
+            await until_disconnect(request.receive, drain_outputs(gen))
+        finally:
+            await gen.close()
+        gen.e2e_done()
+        record_usage(request, gen)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = validate(oai.CompletionRequest, await read_json(request))
@@ -99,12 +109,7 @@ def create_app(state: ServerState):
         if req.stream:
             return EventStream(completion_stream(state, request, gen, req),
                                on_disconnect=lambda: state.metrics.error("disconnect"))
-        try:
-            await until_disconnect(request.receive, drain_outputs(gen))
-        finally:
-            await gen.close()
-        gen.e2e_done()
-        record_usage(request, gen)
+        await run_to_end(request, gen)
         token_text = token_text_fn(state)
         choices = []
         for i, prompt in enumerate(gen.prompts):
@@ -156,12 +161,7 @@ def create_app(state: ServerState):
         if req.stream:
             return EventStream(chat_stream(state, request, gen, req, echo),
                                on_disconnect=lambda: state.metrics.error("disconnect"))
-        try:
-            await until_disconnect(request.receive, drain_outputs(gen))
-        finally:
-            await gen.close()
-        gen.e2e_done()
-        record_usage(request, gen)
+        await run_to_end(request, gen)
         token_text = token_text_fn(state)
         choices = []
         for c in gen.completions(0):
@@ -194,12 +194,7 @@ def create_app(state: ServerState):
         if req.stream:
             return EventStream(triton_stream(state, request, gen, req, model),
                                on_disconnect=lambda: state.metrics.error("disconnect"))
-        try:
-            await until_disconnect(request.receive, drain_outputs(gen))
-        finally:
-            await gen.close()
-        gen.e2e_done()
-        record_usage(request, gen)
+        await run_to_end(request, gen)
         c = gen.completions(0)[0]
         text = c.text if req.exclude_input_in_output else req.text_input + c.text
         out = tri.response(model, text, req, c)
