@@ -600,3 +600,57 @@ def test_more_prompts_than_the_batch_wait_their_turn(engine_dir, reference):
     run = drive(eng, requests, [0] * 10)  # drive asserts running <= 3 after every step
     assert run.max_running == 3 and run.stats[0].waiting == 7
     assert run.token_ids == reference("mpt")[:10]
+
+
+def test_a_mixed_step_split_at_its_decodes_computes_the_same_logits():
+    """The GPU executor runs a mixed step's leading decode rows (a CUDA graph) and its prompt
+    tokens (eagerly) as two forwards: ``StepInputs.split`` must give the same logits as the whole
+    step (float32; the two halves differ from the whole in matmul row counts only, hence 1e-5)."""
+    from trtlm.bench import dummy_model
+    from trtlm.runtime.executor import StepInputs, to_batch, _make_pool
+
+    model = dummy_model("mistral", "tiny", "float32", "cpu", seed=3).model
+    pool = _make_pool(model, 8, 4, torch.device("cpu"))
+    a_prompt, b_prompt = [5, 9, 11, 2, 7], [3, 4, 8, 1, 6, 2, 9]
+    slots = lambda table, start, n: [table[p // 4] * 4 + p % 4 for p in range(start, start + n)]  # noqa: E731
+    first = StepInputs(a_prompt, list(range(5)), slots([0, 1], 0, 5), [5], [5], [[0, 1]], [4])
+    run = lambda inputs: model(to_batch(inputs, torch.device("cpu")).tokens,  # noqa: E731
+                               to_batch(inputs, torch.device("cpu")), pool)
+    run(first)
+    mixed = StepInputs([12] + b_prompt, [5] + list(range(7)), slots([0, 1], 5, 1) + slots([2, 3], 0, 7),
+                       [1, 7], [6, 7], [[0, 1], [2, 3]], [0, 7])
+    assert mixed.leading_decodes() == 1
+    head, tail = mixed.split(1)
+    assert tail.logits_indices == [6] and head.logits_indices == [0]
+    split = torch.cat([run(head), run(tail)])
+    whole = run(mixed)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    # not splittable: no prompt after the decodes, or a decode row whose logits are not wanted in order
+    assert StepInputs([1, 2], [5, 6], [1, 2], [1, 1], [6, 7], [[0, 1], [2, 3]], [0, 1]).leading_decodes() == 0
+    assert StepInputs([1] + b_prompt, [5] + list(range(7)), [0] * 8, [1, 7], [6, 7], [[0], [1]],
+                      [1, 7]).leading_decodes() == 0
+
+
+def test_admission_group_waits_for_free_slots_and_changes_no_token(engine_dir):
+    """With ``admission_group=3`` a step that has decodes admits queued requests only once 3 batch
+    slots are free (or fewer than 3 wait); every request still gets what it gets alone."""
+    mistral = engine_dir("mistral")
+    requests = [(prompt(700 + i, 4 + 3 * i), SamplingParams(max_tokens=3 + 4 * (i % 4), ignore_eos=True))
+                for i in range(10)]
+    eng = open_engine(mistral, max_batch_size=4, admission_group=3)
+    for p, sp in requests:
+        eng.add_request(p, sp)
+    done, admitted_with_decodes = {}, []
+    while eng.has_unfinished():
+        free_before = 4 - eng.scheduler.batch_slots_taken()
+        waiting_before = len(eng.scheduler.waiting)
+        running_before = len(eng.scheduler.running)
+        outs = eng.step()
+        admitted = waiting_before - len(eng.scheduler.waiting)
+        if admitted and running_before:
+            admitted_with_decodes.append((free_before, waiting_before))
+        done.update({o.request_id: o.outputs[0].token_ids for o in outs if o.finished})
+    assert admitted_with_decodes and all(free >= 3 or waiting < 3 for free, waiting in admitted_with_decodes)
+    roomy = open_engine(mistral)
+    for i, (p, sp) in enumerate(requests):
+        assert done[f"req-{i}"] == roomy.generate([p], sp)[0].outputs[0].token_ids, i

@@ -102,6 +102,28 @@ def test_bench_cli_cpu(tmp_path):
     assert "speedup_vs_hf" in doc["results"][0]
 
 
+@pytest.mark.parametrize("quant, code_bytes", [("fp8", 1.0), ("int8-wo", 1.0), ("int4-awq", 0.5), ("int4-wo", 0.5)])
+def test_bench_quantized_preset_reads_the_packed_bytes(quant, code_bytes, tmp_path):
+    """``--quant`` builds the preset's quantized layers with random codes: the roofline counts their
+    stored bytes (codes + scales), each layer type says its kernel, and the engine generates."""
+    from trtlm.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", "--family", "mistral", "--preset", "tiny", "--dummy-weights", "--device", "cpu", "--quant", quant,
+          "--batch-size", "1", "--input-len", "4", "--output-len", "3", "--reps", "1", "--json", "--output", str(out)])
+    doc = json.loads(out.read_text())
+    dense = dummy_model("mistral", "tiny", "bfloat16", "cpu").model
+    quantized = dummy_model("mistral", "tiny", "bfloat16", "cpu", quant=quant).model
+    linear = sum(p.numel() for n, p in dense.named_parameters() if ".layers." in n and p.dim() == 2)
+    assert doc["model"].endswith(f":dummy:{quant}")
+    # the same model minus the layers' bf16 matrices plus their codes; scales are the small remainder
+    codes = weight_bytes_per_step(dense, 1) - 2 * linear + code_bytes * linear
+    assert codes <= doc["weight_bytes_per_token"] <= codes * 1.05 + 64 * 1024
+    assert doc["weight_bytes_per_token"] == weight_bytes_per_step(quantized, 1)
+    assert {"attention.qkv", "attention.dense", "mlp.fc", "mlp.proj"} <= set(doc["quant_kernels"])
+    assert doc["results"][0]["decode_tokens_per_s_total"] > 0
+
+
 def test_bench_cli_errors(capsys):
     from trtlm.cli import main
 
@@ -143,6 +165,30 @@ def test_cuda_graph_decode_identical_to_eager(family):
         assert len(a.step_logits) == len(b.step_logits) == 19
         for x, y in zip(a.step_logits, b.step_logits):
             assert torch.equal(x, y)
+
+
+@CUDA
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_mixed_steps_split_into_graph_and_eager_give_eager_tokens(family):
+    """Staggered admissions make steps that mix decodes with prompt chunks; with CUDA graphs their
+    decode rows replay a graph and the prompt tokens run eagerly after it.  Float32 (no TF32), so
+    the two kernel paths differ by float32 rounding only: the same greedy tokens, logits within 1e-4."""
+    from trtlm.runtime.sampling import SamplingParams
+
+    model = _model(family, "float32", "cuda")
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(5 + 9 * i)] for i in range(6)]
+    params = [SamplingParams(max_tokens=6 + 5 * i, ignore_eos=True) for i in range(6)]
+    results = []
+    for graphs in (False, True):
+        engine = _engine_on(model, "cuda", graphs)
+        engine.scheduler.max_batch_size = 3  # admissions wait for a slot: they land in decode steps
+        results.append(engine.generate(prompts, params, keep_logits=True))
+        if graphs:
+            assert engine.executor.split_steps > 0
+    for a, b in zip(*results):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.step_logits, b.step_logits):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
 @CUDA

@@ -215,6 +215,9 @@ def test_weight_bytes_per_token_counts_stored_codes_and_scales():
 
 # ----------------------------------------------------------------------------- Triton interpreter (CPU)
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="a CUDA device runs the compiled kernels (the CUDA tests below); the interpreter is for "
+                           "machines without one (Triton 3.6's interpreter also cannot index with a loaded scalar)")
 def test_triton_kernel_in_interpreter():
     """The Triton kernel's arithmetic (nibble order, group scales, split-K, expert ids) on the CPU."""
     pytest.importorskip("triton", reason="needs the triton package (Triton's CPU interpreter runs the kernel)")
@@ -315,3 +318,70 @@ def test_alternative_kernels_match_emulation():
     y = qk.fp8_scaled_mm(xb, qf.quantize_fp8(w, s), s, a)
     ref = torch.nn.functional.linear(qf.fake_quant_fp8(xb, a), qf.dequantize_fp8(qf.quantize_fp8(w, s), s, xb.dtype))
     assert _rel(y, ref) <= TOL
+
+
+# ----------------------------------------------------------------------------- activation quantization
+ACT_QUANT_CHECK = textwrap.dedent("""
+    import torch
+    from trtlm.quant import kernels as qk
+
+    def reference(x, a, kind, p):
+        xs = x * p.to(x.dtype) if p is not None else x
+        y = xs.float() / a.float().reshape(())
+        if kind == "fp8":
+            return y.clamp(-448, 448).to(torch.float8_e4m3fn)
+        return y.round().clamp(-128, 127).to(torch.int8)
+
+    def run(device, kinds, force_triton=False):
+        g = torch.Generator().manual_seed(0)
+        for kind in kinds:
+            for dtype in (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float16,):
+                for p_on in (False, True):
+                    x = (3 * torch.randn(5, 1500, generator=g)).to(dtype)
+                    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 1e4])  # ties (with a = 1) and a clamped value
+                    a = torch.tensor([1.0 if kind == "int8" else 0.01])
+                    p = (torch.rand(1500, generator=g) + 0.5).to(dtype) if p_on else None
+                    x, a = x.to(device), a.to(device)
+                    p = p.to(device) if p is not None else None
+                    if force_triton:  # the interpreter: call the kernel directly on CPU tensors
+                        M, K = x.shape
+                        out = torch.empty((M, K), dtype=torch.int8)
+                        qk._act_quant_kernel()[(M, 2)](x, p if p is not None else x, a.float(), out, K, x.stride(0),
+                                                       out.stride(0), HAS_P=p is not None, KIND=1, BLOCK=1024)
+                    else:
+                        out = qk.quantize_activation(x, a, kind, p)
+                    want = reference(x, a, kind, p)
+                    assert out.dtype == want.dtype and out.shape == want.shape
+                    # one IEEE division and one rounding each side; allow a code's step on a rounding
+                    # boundary (torch may divide by a scalar through its reciprocal), never more
+                    diff = (out.view(torch.int8).int() - want.view(torch.int8).int()).abs()
+                    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3, (kind, dtype, p_on)
+                    if kind == "int8" and not p_on:
+                        assert out[0, :4].tolist()[:3] == [0, 2, -2] and int(out[0, 3]) == 127
+        print("ok")
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device runs the compiled kernel (test below)")
+def test_activation_quant_kernel_in_interpreter():
+    """The int8 path of the activation-quantization kernel (prequant multiply, IEEE division, ties
+    to even, clamp) under Triton's CPU interpreter (fp8 casts need a GPU)."""
+    pytest.importorskip("triton", reason="needs the triton package (Triton's CPU interpreter runs the kernel)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = ACT_QUANT_CHECK + "\nrun('cpu', ['int8'], force_triton=True)\n"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_activation_quant_cpu_is_the_reference():
+    namespace: dict = {}
+    exec(ACT_QUANT_CHECK, namespace)
+    namespace["run"]("cpu", ["int8", "fp8"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_activation_quant_kernel_on_gpu():
+    pytest.importorskip("triton", reason="needs Triton")
+    namespace: dict = {}
+    exec(ACT_QUANT_CHECK, namespace)
+    namespace["run"]("cuda", ["int8", "fp8"])

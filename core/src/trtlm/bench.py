@@ -95,9 +95,42 @@ def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> Non
                 p.normal_(0.0, std, generator=g)
 
 
+def fill_random_codes(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random stored tensors for every quantized layer, shaped like a quantizer's output for
+    N(0, ``std``) weights: codes spread over the format's range (fp8: N(0, 64); int8: uniform
+    [-127, 127]; int4: any byte, i.e. two uniform codes in [-8, 7]), weight scales that map the
+    codes' spread back to ``std``, unit pre-quant scales and activation scales for inputs of
+    magnitude ~4.  What a benchmark needs: the bytes, layouts and kernels of a real quantized
+    checkpoint (values do not change the speed)."""
+    from trtlm.quant.runtime import QuantExpertWeights, QuantLinear
+
+    spread = {"fp8": 64.0, "int8": 73.0, "int4": 4.6}  # std of the codes drawn below
+    act_max = {"fp8": 448.0, "int8": 127.0}
+    for i, m in enumerate(x for x in model.modules() if isinstance(x, (QuantLinear, QuantExpertWeights))):
+        fmt = m.fmt
+        with torch.no_grad():
+            for name, buf in m.named_buffers(recurse=False):
+                g = torch.Generator(buf.device).manual_seed(seed + 7919 * i)
+                if name == "weight":
+                    if buf.dtype == torch.float8_e4m3fn:
+                        codes = torch.randn(buf.shape, generator=g, device=buf.device).mul_(64).clamp_(-448, 448)
+                        buf.copy_(codes.to(buf.dtype))
+                    else:
+                        low = -128 if fmt.weight == "int4" else -127
+                        buf.copy_(torch.randint(low, 128, buf.shape, generator=g, device=buf.device,
+                                                dtype=torch.int8))
+                elif name == "weights_scaling_factor":
+                    buf.fill_(std / spread[fmt.weight])
+                elif name == "activation_scaling_factor":
+                    buf.fill_(4.0 / act_max.get(fmt.activation or "fp8", 448.0))
+                elif name == "prequant_scaling_factor":
+                    buf.fill_(1.0)
+
+
 def dummy_model(family: str, preset: str, dtype: str, device: str | torch.device, layers: int | None = None,
-                seed: int = 0) -> BenchModel:
-    """The preset's network built on ``device`` with random weights (no checkpoint on disk)."""
+                seed: int = 0, quant: str | None = None) -> BenchModel:
+    """The preset's network built on ``device`` with random weights (no checkpoint on disk);
+    ``quant``: a ``--quant`` format, its layers holding random codes (:func:`fill_random_codes`)."""
     from trtlm.build import BuildOptions
     from trtlm.convert.options import ConvertOptions
     from trtlm.convert.pipeline import final_config
@@ -122,10 +155,27 @@ def dummy_model(family: str, preset: str, dtype: str, device: str | torch.device
     options = ConvertOptions(dtype=dtype, dummy_weights=True, seed=seed)
     plan = hooks.trtlm_map_layers(hf_config=hf_config, options=options)
     config = final_config(plan, Mapping(1, 1, 0, 0), dtype)
+    if quant:
+        from trtlm.quant import schemes
+        from trtlm.quant.plan import quantization_block
+
+        if quant not in schemes.FORMATS:
+            raise UserError(f"--quant {quant!r}: choose one of {', '.join(schemes.names())}")
+        if quant not in entry.family.capabilities.quantization:
+            raise UserError(f"--quant {quant} is not supported by family {family} (supported: "
+                            f"{', '.join(entry.family.capabilities.quantization) or 'none'})")
+        routers = [s.name[: -len(".weight")] for s in plan.tensors if s.name.endswith("mlp.router.weight")]
+        group = 128  # TensorRT-LLM's default; halved for small presets whose widths it does not divide
+        widths = [int(config.get(k) or 0) for k in ("hidden_size", "intermediate_size")]
+        while group > 16 and any(w % group for w in widths):
+            group //= 2
+        config["quantization"] = quantization_block(quant, None, group, routers)
     model = rank_network(hooks, config, Mapping.from_config(config), 0, BuildOptions(), device=device,
                          dtype=TORCH_DTYPES[dtype])
     fill_random(model, seed)
-    return BenchModel(model.eval(), config, hf_config, f"{family}:{preset}:dummy")
+    fill_random_codes(model, seed)
+    name = f"{family}:{preset}:dummy" + (f":{quant}" if quant else "")
+    return BenchModel(model.eval(), config, hf_config, name)
 
 
 def engine_model(engine_dir: Path, device: str | torch.device) -> BenchModel:

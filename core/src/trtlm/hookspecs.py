@@ -108,7 +108,8 @@ def trtlm_quantize(family: Family, plan: ConversionPlan, loaded: LoadedModel, op
     per-tensor linear weights generically (using ``TensorSpec.quant`` to
     know which tensors are linear weights and how they may be quantized)
     and calibrates activation/KV scales by running the unquantized model
-    in trtlm's own runtime.  Families with special tensors (MoE experts
+    in trtlm's own runtime, one decoder layer at a time (or through NVIDIA
+    Model Optimizer with ``--calibrator modelopt``).  Families with special tensors (MoE experts
     sharing scales, routers that must stay float32) mark them in
     ``map_layers`` or implement this hook.
 

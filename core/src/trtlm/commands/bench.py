@@ -35,6 +35,8 @@ def _range(text: str, flag: str) -> tuple[int, int]:
 @click.option("--preset", help="The family's preset (`trtlm plugins` lists them).")
 @click.option("--dummy-weights", is_flag=True, help="Random weights made on the device (nothing written to disk).")
 @click.option("--layers", type=click.IntRange(min=1), help="With a preset: override the number of layers.")
+@click.option("--quant", help="With a preset: a quantization format (`trtlm convert --quant` names), its layers "
+                              "holding random codes and scales (the layout and kernels of a real checkpoint).")
 @click.option("--mode", "modes", default="latency", show_default=True,
               help="Comma-separated: latency (batches of equal prompts: TTFT, decode speed, roofline) and/or "
                    "offline (many requests of random lengths at once: throughput, TTFT/TPOT percentiles, against "
@@ -72,7 +74,7 @@ def _range(text: str, flag: str) -> tuple[int, int]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON document here.")
 @click.pass_context
-def bench_cmd(ctx, engine_dir, family, preset, dummy_weights, layers, modes, batch_sizes, input_len, output_len,
+def bench_cmd(ctx, engine_dir, family, preset, dummy_weights, layers, quant, modes, batch_sizes, input_len, output_len,
               num_requests, input_range, output_range, dataset, max_batch_size, max_num_tokens, static_baseline,
               cuda_graphs, dtype, device, reps, seed, compare_hf, hf_batch_sizes, as_json, output):
     """Benchmark the engine: latency against the memory-bandwidth roofline, offline throughput."""
@@ -84,6 +86,9 @@ def bench_cmd(ctx, engine_dir, family, preset, dummy_weights, layers, modes, bat
 
     if (engine_dir is None) == (family is None):
         raise UserError("give --engine-dir, or --family with --preset and --dummy-weights")
+    if quant and family is None:
+        raise UserError("--quant quantizes a preset's random weights: use it with --family/--preset "
+                        "(an engine directory is benchmarked as it was converted)")
     if family is not None and (not preset or not dummy_weights):
         raise UserError("--family benchmarks a preset with random weights: add --preset NAME --dummy-weights")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
@@ -108,7 +113,7 @@ def bench_cmd(ctx, engine_dir, family, preset, dummy_weights, layers, modes, bat
                             f"(time this one with TensorRT-LLM's trtllm-bench, or build with --backend torch)")
         bm = engine_model(engine_dir, dev)
     else:
-        bm = dummy_model(family, preset, dtype, dev, layers, seed)
+        bm = dummy_model(family, preset, dtype, dev, layers, seed, quant)
     log = (lambda s: click.echo(s, err=True)) if as_json else click.echo
     result = run_bench(bm, dev, opts, log)
     text = json.dumps(result, indent=2)

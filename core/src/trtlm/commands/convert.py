@@ -10,6 +10,18 @@ from trtlm.commands.options import POSITIVE, UNIT, check_moe_sizes
 from trtlm.quant.schemes import kv_names, names
 
 QUANT_MODES = names()  # every registered quantization format (trtlm.quant.schemes); no torch import
+
+
+class QuantChoice(click.Choice):
+    """``--quant``'s choices; a modelopt-only algorithm (e.g. w4a8-awq) gets a one-line reason
+    (trtlm's runtime cannot execute its checkpoint) instead of click's bare "not one of"."""
+
+    def convert(self, value, param, ctx):
+        from trtlm.quant.modelopt_calib import reject_modelopt_only
+
+        if value not in self.choices:
+            reject_modelopt_only(value)
+        return super().convert(value, param, ctx)
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # = trtlm.convert.options.DTYPES (not imported: no torch here)
 
 
@@ -31,16 +43,26 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")  # = trtlm.convert.options.D
 @click.option("--moe-ep-size", type=POSITIVE, help="Expert parallelism (tp = moe_tp x moe_ep).")
 @click.option("--moe-normalization-mode", type=click.Choice(["none", "renormalize"]),
               help="Routing-weight normalisation (default: what the model uses).")
-@click.option("--quant", type=click.Choice(QUANT_MODES), help="Quantize weights (and activations).")
+@click.option("--quant", type=QuantChoice(QUANT_MODES), help="Quantize weights (and activations).")
 @click.option("--kv-cache-dtype", type=click.Choice(kv_names()), help="Quantize the KV cache.")
 @click.option("--calib-data", type=click.Path(path_type=Path),
               help="Calibration text (.txt, a sample per line) or JSONL (\"text\" field) file, or "
-                   "random:seed=0,batches=4,batch_size=2,seq_len=32. Default: the bundled code text when the "
-                   "model's tokenizer fits, else random ids (the choice is printed).")
+                   "random:seed=0,batches=4,batch_size=2,seq_len=32. Default: the bundled English text "
+                   "(trtlm/data/calib/english.txt) when the model's tokenizer fits, else random ids (the choice "
+                   "is printed).")
 @click.option("--calib-size", default=64, show_default=True, type=POSITIVE,
               help="Calibration samples used (the first N of --calib-data).")
 @click.option("--calib-max-seq-len", default=256, show_default=True, type=POSITIVE,
               help="Tokens per calibration sample (longer ones are cut).")
+@click.option("--calibrator", default="trtlm", show_default=True, type=click.Choice(["trtlm", "modelopt"]),
+              help="Calibration engine: trtlm's own (layer by layer, one layer in memory at a time) or NVIDIA "
+                   "Model Optimizer's mtq.quantize on the HF model (pip install 'trtlm[modelopt]'); its scales "
+                   "go through trtlm's own writer either way.")
+@click.option("--calib-device", default="auto", show_default=True,
+              help="Where calibration runs: auto (the GPU when one is visible, else cpu), cpu, cuda or cuda:N.")
+@click.option("--calib-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Calibration compute dtype; auto: the source checkpoint's dtype.")
 @click.option("--awq-group-size", default=128, show_default=True, type=POSITIVE,
               help="int4-wo / int4-awq: input channels sharing one scale (must divide each layer's inputs).")
 @click.option("--smoothquant-alpha", default=0.5, show_default=True, type=UNIT,
@@ -58,8 +80,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")  # = trtlm.convert.options.D
 @click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
 def convert_cmd(model_dir, output_dir, family, preset, dummy_weights, dtype, tp_size, pp_size, moe_tp_size,
                 moe_ep_size, moe_normalization_mode, quant, kv_cache_dtype, calib_data, calib_size,
-                calib_max_seq_len, awq_group_size, smoothquant_alpha, to, no_parallel_embedding, workers,
-                allow_pickle, seed, force, ft_allow_lossy, quiet) -> None:
+                calib_max_seq_len, calibrator, calib_device, calib_dtype, awq_group_size, smoothquant_alpha, to,
+                no_parallel_embedding, workers, allow_pickle, seed, force, ft_allow_lossy, quiet) -> None:
     """Convert a model into a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors).
 
     The output is written into a temporary sibling and renamed at the end: a failed run leaves
@@ -86,7 +108,8 @@ def convert_cmd(model_dir, output_dir, family, preset, dummy_weights, dtype, tp_
         moe_normalization_mode=moe_normalization_mode, workers=workers,
         use_parallel_embedding=not no_parallel_embedding, dummy_weights=dummy_weights, allow_pickle=allow_pickle,
         to=to, force=force, seed=seed, quant=quant, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data,
-        calib_size=calib_size, calib_max_seq_len=calib_max_seq_len, awq_group_size=awq_group_size,
+        calib_size=calib_size, calib_max_seq_len=calib_max_seq_len, calibrator=calibrator,
+        calib_device=calib_device, calib_dtype=calib_dtype, awq_group_size=awq_group_size,
         smoothquant_alpha=smoothquant_alpha, progress=not quiet and sys.stderr.isatty(),
         extra={"ft_allow_lossy": True} if ft_allow_lossy else {},
     )

@@ -28,6 +28,9 @@ class ConvertOptions:
     calib_data: Path | None = None
     calib_size: int = 64
     calib_max_seq_len: int = 256
+    calibrator: str = "trtlm"  #: "trtlm" (built in, layer by layer) | "modelopt" (trtlm.quant.modelopt_calib)
+    calib_device: str = "auto"  #: "auto" (cuda when visible, else cpu) | "cpu" | "cuda[:N]"
+    calib_dtype: str = "auto"  #: "auto" (the source checkpoint's dtype) | "float32" | "float16" | "bfloat16"
     awq_group_size: int = 128
     smoothquant_alpha: float = 0.5
     progress: bool = False

@@ -172,6 +172,9 @@ def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
     The registry (the process-wide one unless given) is asked once, here; every later step
     gets the family's hooks."""
     registry = registry or get_registry()
+    from trtlm.quant.modelopt_calib import check_options as check_calibrator
+
+    check_calibrator(options)  # before the family's checks: a modelopt-only --quant gets its own message
     entry, fmt = resolve_model(model_dir, family, registry)
     check_capabilities(entry, options)
     hooks = registry.hooks(entry)

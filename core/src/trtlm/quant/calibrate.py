@@ -1,12 +1,14 @@
 """Calibration: run the *unquantized* model in trtlm's own runtime and record activation statistics.
 
-modelopt (NVIDIA Model Optimizer) is not used: it needs transformers < 5 to export Mixtral and
-its own model classes.  Instead the float32 tp=1 :class:`~trtlm.runtime.model.Transformer` is
-built from the conversion plan (the plan's specs executed in memory) through the family's
-``trtlm_build_network`` hook, and forward hooks on its linears collect the statistics.  The
-runtime's module names *are* TensorRT-LLM's names, so statistics are keyed by the plan's names
-(``transformer.layers.0.attention.qkv``).  Given the same weights and the same token ids this
-reproduces modelopt's calibrated amaxes exactly (tested on the modelopt fixtures).
+The tp=1 :class:`~trtlm.runtime.model.Transformer` is built from the conversion plan (the plan's
+specs executed in memory) through the family's ``trtlm_build_network`` hook, and forward hooks on
+its linears collect the statistics.  The runtime's module names *are* TensorRT-LLM's names, so
+statistics are keyed by the plan's names (``transformer.layers.0.attention.qkv``).  Given the
+same weights and the same token ids this reproduces modelopt's calibrated amaxes (tested on the
+modelopt fixtures, within fp32 summation order).  Conversion runs it one layer at a time
+(:mod:`trtlm.quant.layerwise`, the hooks and the AWQ search below are shared); the whole-model
+pass here (:func:`dense_model`, :func:`collect`, :func:`awq_search`) is its reference.
+NVIDIA Model Optimizer can calibrate instead (:mod:`trtlm.quant.modelopt_calib`).
 
 Calibration data (``--calib-data``):
 
@@ -15,8 +17,9 @@ Calibration data (``--calib-data``):
 * ``random:seed=0,batches=4,batch_size=2,seq_len=32``: uniform random token ids
   (``torch.Generator().manual_seed(seed)``, ``randint(0, vocab_size, (batch_size, seq_len))``
   per batch) — exactly modelopt's fixture calibration with those values;
-* nothing: the bundled ``trtlm/data/tiny-mistral/calib.txt`` when the model has a tokenizer
-  whose ids fit its vocabulary, else the random default above.
+* nothing: the bundled natural-language ``trtlm/data/calib/english.txt`` (English prose, a sample
+  per line) when the model has a tokenizer (else the bundled tiny-mistral one) whose ids fit its
+  vocabulary, else the random default above.
 """
 from __future__ import annotations
 
@@ -29,7 +32,11 @@ import torch
 
 from trtlm.errors import UserError
 
-BUNDLED_CALIB = Path(__file__).resolve().parent.parent / "data" / "tiny-mistral" / "calib.txt"
+_DATA = Path(__file__).resolve().parent.parent / "data"
+#: the default calibration text: natural-language English prose (not source code), one sample a line
+BUNDLED_CALIB = _DATA / "calib" / "english.txt"
+#: the tokenizer used for the default text when the model directory has none
+BUNDLED_TOKENIZER = _DATA / "tiny-mistral"
 
 # ----------------------------------------------------------------------------- progress
 #: "bar": a tqdm bar on stderr (a terminal); "lines": a line on stderr every LINE_EVERY_S seconds
@@ -199,8 +206,8 @@ def _calibration_batches(calib_data: Path | str | None, vocab: int, tokenizer_di
         if d is not None and Path(d).is_dir() and (Path(d) / "tokenizer.json").is_file():
             tok = load_tokenizer(Path(d))
             break
-    if tok is None and spec is None and (BUNDLED_CALIB.parent / "tokenizer.json").is_file():
-        tok = load_tokenizer(BUNDLED_CALIB.parent)
+    if tok is None and spec is None and (BUNDLED_TOKENIZER / "tokenizer.json").is_file():
+        tok = load_tokenizer(BUNDLED_TOKENIZER)
     if spec is None and (tok is None or not path.is_file()):
         return random_batches(vocab, **RANDOM_DEFAULTS), f"random ids {RANDOM_DEFAULTS} (no tokenizer/calib text)"
     if tok is None:
@@ -220,20 +227,28 @@ def _calibration_batches(calib_data: Path | str | None, vocab: int, tokenizer_di
 
 # ----------------------------------------------------------------------------- model
 
-def dense_model(plan, loaded, hooks, options) -> torch.nn.Module:
-    """The float32 tp=1 model of ``plan``'s (unquantized) tensors."""
+def calib_config(plan_config: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
+    """The plan's checkpoint config as the unquantized tp=1 model calibration runs, in ``dtype``."""
     from trtlm.config import CheckpointConfig, QuantConfig
+    from trtlm.mapping import Mapping
+
+    return CheckpointConfig.from_dict(plan_config, where="the plan's config").replace(
+        dtype=dtype, quantization=QuantConfig(), mapping=Mapping()).to_dict()
+
+
+def dense_model(plan, loaded, hooks, options, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The whole tp=1 model of ``plan``'s (unquantized) tensors in ``dtype`` on the CPU (the
+    reference the layer-by-layer calibration is tested against; it needs the whole model's memory)."""
     from trtlm.convert.plan import build_full
     from trtlm.mapping import Mapping
     from trtlm.runtime.distributed import rank_network
 
-    config = CheckpointConfig.from_dict(plan.config, where="the plan's config").replace(
-        dtype="float32", quantization=QuantConfig(), mapping=Mapping()).to_dict()
+    config = calib_config(plan.config, str(dtype).replace("torch.", ""))
     tensors = {}
     for spec in plan.tensors:
         srcs = [loaded.source.get(n) for n in spec.sources]
-        tensors[spec.name] = build_full(spec.with_(dtype=spec.dtype or torch.float32), srcs, torch.float32)
-    model = rank_network(hooks, config, Mapping(), 0, options, device="cpu", dtype=torch.float32)
+        tensors[spec.name] = build_full(spec.with_(dtype=spec.dtype or dtype), srcs, dtype)
+    model = rank_network(hooks, config, Mapping(), 0, options, device="cpu", dtype=dtype)
     missing, _ = model.load_state_dict(tensors, strict=False)
     if missing:
         raise UserError(f"calibration model: tensor {missing[0]} missing from the plan")
@@ -276,11 +291,11 @@ def _moe_proj_amax(mlp, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool, progress: str = "auto") -> CalibStats:
-    """Input statistics of the modules ``names`` (and K/V amax per layer when ``kv``); the pass
-    reports its progress on stderr as ``progress`` says (:class:`Progress`)."""
-    stats = CalibStats()
-    modules = dict(model.named_modules())
+def add_stat_hooks(modules: dict[str, torch.nn.Module], names: Iterable[str], stats: CalibStats) -> list[Any]:
+    """Forward hooks recording into ``stats`` the inputs of the linears ``names`` and of every MoE
+    layer among ``modules`` (name -> module; the names are the statistics' keys, so a one-layer
+    model renamed to global layer indices records under the same keys as the whole model).
+    Returns the hook handles (remove them when done)."""
     handles = []
     for name in names:
         mod = modules.get(name)
@@ -301,13 +316,28 @@ def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool, 
                 a = _moe_proj_amax(m, args[0])
                 pr_st.amax = a if pr_st.amax is None else torch.maximum(pr_st.amax, a)
             handles.append(mod.register_forward_hook(moe_hook))
+    return handles
+
+
+def add_kv_amax(stats: CalibStats, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Fold one pass's K/V cache of global ``layer`` into the running amax."""
+    ka, va = k.abs().amax().float().cpu(), v.abs().amax().float().cpu()
+    stats.k_amax[layer] = torch.maximum(stats.k_amax.get(layer, ka), ka)
+    stats.v_amax[layer] = torch.maximum(stats.v_amax.get(layer, va), va)
+
+
+def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool, progress: str = "auto") -> CalibStats:
+    """Input statistics of the modules ``names`` (and K/V amax per layer when ``kv``) over the
+    whole model at once; the pass reports its progress on stderr as ``progress`` says
+    (:class:`Progress`).  Conversion calibrates layer by layer (:mod:`trtlm.quant.layerwise`);
+    this whole-model pass is the reference it is tested against."""
+    stats = CalibStats()
+    handles = add_stat_hooks(dict(model.named_modules()), names, stats)
     layers = list(model.layer_ids)
 
     def kv_stats(cache):
         for i, layer in enumerate(layers):
-            k, v = cache.k[i].abs().amax().float(), cache.v[i].abs().amax().float()
-            stats.k_amax[layer] = torch.maximum(stats.k_amax.get(layer, k), k)
-            stats.v_amax[layer] = torch.maximum(stats.v_amax.get(layer, v), v)
+            add_kv_amax(stats, layer, cache.k[i], cache.v[i])
     try:
         run_model(model, batches, kv_stats if kv else None, progress, "calibration: activation statistics")
     finally:
@@ -316,51 +346,77 @@ def collect(model, batches: list[torch.Tensor], names: Iterable[str], kv: bool, 
     return stats
 
 
-def awq_search(model, batches: list[torch.Tensor], parts: dict[str, list[torch.Tensor]], stats: CalibStats,
-               group_size: int, alpha_step: float = 0.1, progress: str = "auto") -> dict[str, list[torch.Tensor]]:
-    """modelopt's awq_lite for every linear in ``parts`` (module -> its HF parts' fp32 weights).
+AwqState = dict[str, list[tuple[torch.Tensor, dict, dict]]]
 
-    Second calibration pass: the losses of every alpha are accumulated online in forward hooks
-    (no activations are stored), with the act scale of the first pass; arithmetic as
-    :func:`trtlm.quant.formats.awq_lite_search`.  Returns module -> per-part prequant scales.
-    """
-    import torch.nn.functional as F
 
+def awq_prepare(parts: dict[str, list[torch.Tensor]], stats: CalibStats, group_size: int,
+                alpha_step: float = 0.1) -> AwqState:
+    """The candidate scales of modelopt's awq_lite for every linear in ``parts`` (module -> its HF
+    parts' weights, float32), from the first pass's act scale; losses start at zero.
+
+    The fake-quantized weights of each alpha are *not* kept: 11 copies of every weight would be
+    11x the layer's memory; the hooks recompute them per call (elementwise work, ~1/T of the
+    matrix products of T calibration tokens)."""
     from trtlm.quant import formats as qf
 
     alphas = qf.awq_alphas(alpha_step)
-    state = {}
+    state: AwqState = {}
     for name, ws in parts.items():
-        xs = stats.linears[name].awq_act_scale
+        xs = stats.linears[name].awq_act_scale.to(ws[0].device)
         per = []
         for w in ws:
             wscale = qf.awq_weight_scale(w, group_size)
             scales = {a: qf.awq_scale_for_alpha(xs, wscale, a) for a in alphas}
-            fq = {a: qf.fake_quant_int4(w * scales[a].to(w.dtype), group_size) for a in alphas}
-            per.append((w, scales, fq, {a: torch.zeros((), dtype=torch.float32) for a in alphas}))
+            per.append((w, scales, {a: torch.zeros((), dtype=torch.float32, device=w.device) for a in alphas}))
         state[name] = per
-    modules = dict(model.named_modules())
+    return state
+
+
+def add_awq_hooks(modules: dict[str, torch.nn.Module], state: AwqState, group_size: int) -> list[Any]:
+    """Hooks accumulating every alpha's loss online (no activations stored); arithmetic as
+    :func:`trtlm.quant.formats.awq_lite_search`."""
+    import torch.nn.functional as F
+
+    from trtlm.quant import formats as qf
+
     handles = []
     for name, per in state.items():
         def hook(_m, args, _out, per=per):
             x = args[0].detach().float()
-            for w, scales, fq, loss in per:
+            for w, scales, loss in per:
                 ref = F.linear(x, w)
-                for a in alphas:
-                    out = F.linear(x * (1 / scales[a]).to(w.dtype), fq[a])
+                for a, s in scales.items():
+                    fq = qf.fake_quant_int4(w * s.to(w.dtype), group_size)
+                    out = F.linear(x * (1 / s).to(w.dtype), fq)
                     loss[a] += (out - ref).float().pow(2).mean()
+                    del fq
         handles.append(modules[name].register_forward_hook(hook))
+    return handles
+
+
+def awq_finish(state: AwqState) -> dict[str, list[torch.Tensor]]:
+    """module -> per-part pre-quant scales (1 / the best alpha's scale, float32, on the CPU)."""
+    result = {}
+    for name, per in state.items():
+        pqs = []
+        for _w, scales, loss in per:
+            losses = {a: float(v) for a, v in loss.items()}
+            best = min(losses, key=losses.get)
+            pqs.append((1.0 / scales[best]).to(torch.float32).cpu())
+        result[name] = pqs
+    return result
+
+
+def awq_search(model, batches: list[torch.Tensor], parts: dict[str, list[torch.Tensor]], stats: CalibStats,
+               group_size: int, alpha_step: float = 0.1, progress: str = "auto") -> dict[str, list[torch.Tensor]]:
+    """modelopt's awq_lite for every linear in ``parts`` (module -> its HF parts' fp32 weights)
+    over the whole model: the second calibration pass, with the act scale of the first.
+    Returns module -> per-part prequant scales."""
+    state = awq_prepare(parts, stats, group_size, alpha_step)
+    handles = add_awq_hooks(dict(model.named_modules()), state, group_size)
     try:
         run_model(model, batches, progress=progress, desc="calibration: AWQ scale search")
     finally:
         for h in handles:
             h.remove()
-    result = {}
-    for name, per in state.items():
-        pqs = []
-        for _w, scales, _fq, loss in per:
-            losses = {a: float(v) for a, v in loss.items()}
-            best = min(losses, key=losses.get)
-            pqs.append((1.0 / scales[best]).to(torch.float32))
-        result[name] = pqs
-    return result
+    return awq_finish(state)

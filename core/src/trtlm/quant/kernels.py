@@ -41,7 +41,7 @@ import os
 import torch
 
 __all__ = ["EMULATION", "TRITON", "SCALED_MM", "INT_MM", "INT4PACK", "triton_available", "cuda_capability",
-           "linear_plan", "choose_path", "dequant_mm", "dequantize_fast", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
+           "linear_plan", "choose_path", "dequant_mm", "quantize_activation", "dequantize_fast", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
            "INT_MM_MIN_ROWS"]
 
 EMULATION = "emulation"
@@ -522,6 +522,62 @@ def _gemv(x, w, scale, wk, sk, group_size, prequant, expert_ids, rows_per_id, N,
     return y.to(x.dtype) if atomic else y
 
 
+# ----------------------------------------------------------------------------- activation quantization
+
+@functools.lru_cache(maxsize=None)
+def _act_quant_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def act_quant_kernel(x_ptr, p_ptr, a_ptr, out_ptr, K, stride_x, stride_o,
+                         HAS_P: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        # static per-tensor quantization of one row tile: (x [* p]) / a, rounded and clamped
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < K
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_P:  # `x * prequant.to(x.dtype)`: the product rounded to the activation dtype, as torch does
+            p = tl.load(p_ptr + cols, mask=mask, other=0.0).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) * p.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        y = tl.math.div_rn(x.to(tl.float32), tl.load(a_ptr))  # IEEE division, as torch's `/`
+        if KIND == 0:  # float8_e4m3fn: clamp to the finite range, round to nearest even
+            q = tl.minimum(tl.maximum(y, -448.0), 448.0).to(out_ptr.dtype.element_ty)
+        else:  # int8: round half to even, clamp
+            f = tl.floor(y)
+            d = y - f
+            odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+            r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+            q = tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+        tl.store(out_ptr + row * stride_o + cols, q, mask=mask)
+
+    return act_quant_kernel
+
+
+def quantize_activation(x: torch.Tensor, a_scale: torch.Tensor, kind: str,
+                        prequant: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` (times ``prequant``) quantized with the static per-tensor scale ``a_scale``:
+    ``kind`` ``"fp8"`` -> float8_e4m3fn, ``"int8"`` -> int8 (round half to even).  One Triton kernel
+    on CUDA (torch's ops take four or five: multiply, divide, round, clamp, cast); torch elsewhere."""
+    a = a_scale.float().reshape(())
+    if not (x.is_cuda and triton_available() and x.dim() == 2 and x.stride(-1) == 1):
+        xs = x * prequant.to(x.dtype) if prequant is not None else x
+        y = xs.float() / a
+        if kind == "fp8":
+            from trtlm.quant.formats import FP8_MAX
+
+            return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return y.round().clamp(-128, 127).to(torch.int8)
+    M, K = x.shape
+    out = torch.empty((M, K), dtype=torch.float8_e4m3fn if kind == "fp8" else torch.int8, device=x.device)
+    if M:
+        block = 1024
+        _act_quant_kernel()[(M, math.ceil(K / block))](
+            x, prequant if prequant is not None else x, a.reshape(1), out, K, x.stride(0), out.stride(0),
+            HAS_P=prequant is not None, KIND=0 if kind == "fp8" else 1, BLOCK=block, num_warps=4)
+    return out
+
+
 # ----------------------------------------------------------------------------- torch's kernels
 
 def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
@@ -530,10 +586,8 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, 
     ``w_scale`` per tensor ``[1]`` or per output channel ``[N]`` (the latter applied to the
     float32 output, since cuBLASLt's row-wise scaling is limited to bfloat16 outputs).
     """
-    from trtlm.quant.formats import FP8_MAX
-
     a = a_scale.float().reshape(())
-    xq = (x.float() / a).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    xq = quantize_activation(x, a, "fp8")
     if w_scale.numel() == 1:
         return torch._scaled_mm(xq, weight.t(), scale_a=a, scale_b=w_scale.float().reshape(()), out_dtype=x.dtype)
     one = torch.ones((), dtype=torch.float32, device=x.device)
@@ -548,8 +602,7 @@ def int8_int_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_
     ``x`` ``[M, K]`` with M > 16 (``torch._int_mm``'s requirement), output in ``x.dtype``.
     """
     a = a_scale.float().reshape(())
-    xs = x * prequant.to(x.dtype) if prequant is not None else x
-    xq = (xs.float() / a).round().clamp(-128, 127).to(torch.int8)
+    xq = quantize_activation(x, a, "int8", prequant)
     acc = torch._int_mm(xq, weight.t())
     return (acc.float() * (a * w_scale.float())).to(x.dtype)
 

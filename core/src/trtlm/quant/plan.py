@@ -191,8 +191,6 @@ def quantize_plan(plan: ConversionPlan, loaded, options, hooks) -> ConversionPla
 
     ``hooks`` are the family's hook callers (:class:`trtlm.registry.FamilyHooks`): calibration
     builds the unquantized network through them."""
-    from pathlib import Path
-
     mode, kv = options.quant, options.kv_cache_dtype
     if mode and mode not in schemes.FORMATS:
         raise UserError(f"--quant {mode!r}: choose one of {', '.join(schemes.names())}")
@@ -210,28 +208,11 @@ def quantize_plan(plan: ConversionPlan, loaded, options, hooks) -> ConversionPla
     config = dict(plan.config)
     config["trtlm"] = dict(config.get("trtlm") or {})
     if (fmt is not None and fmt.calibrates) or kv:
-        from trtlm.quant import calibrate as cal
-
-        model = cal.dense_model(plan, loaded, hooks, options)
-        origin = Path(loaded.origin)
-        from trtlm.config import CheckpointConfig
-
-        vocab = CheckpointConfig.from_dict(config, where="the plan's config").vocab_size
-        batches, where = cal.calibration_batches(options.calib_data, vocab,
-                                                 [origin if origin.is_dir() else None], options.calib_size,
-                                                 options.calib_max_seq_len, progress=cal.progress_mode(options))
-        stats = cal.collect(model, batches, [lin.module for lin in linears if not lin.experts], bool(kv),
-                            progress=cal.progress_mode(options))
+        stats, awq, where = _calibrate(plan, loaded, hooks, options, config, fmt, linears, group, bool(kv))
         ctx["stats"] = stats
-        if fmt is not None and fmt.smoother == "awq":
-            parts = {}
-            for lin in linears:
-                if not lin.experts:
-                    w = dict(model.named_modules())[lin.module].weight.detach().float()
-                    parts[lin.module] = list(w.split(lin.part_rows, dim=0)) if len(lin.part_rows) > 1 else [w]
-            ctx["awq"] = cal.awq_search(model, batches, parts, stats, group, progress=cal.progress_mode(options))
+        if awq is not None:
+            ctx["awq"] = awq
         config["trtlm"]["calibration"] = where
-        del model
 
     replaced = {id(lin.spec): lin for lin in linears}
     tensors: list[TensorSpec] = []
@@ -241,17 +222,58 @@ def quantize_plan(plan: ConversionPlan, loaded, options, hooks) -> ConversionPla
         if kv and spec.name.endswith("attention.qkv.weight") and spec.layer is not None:
             tensors.extend(_kv_specs(spec, ctx["stats"], KV_ALGOS[kv]))
 
+    routers = [s.name[: -len(".weight")] for s in plan.tensors if s.name.endswith("mlp.router.weight")]
+    q = quantization_block(mode, kv, group, routers)
+    if fmt is not None and fmt.smoother == "smoothquant":
+        config["trtlm"]["smoothquant_alpha"] = ctx["alpha"]
+    config["quantization"] = q
+    return ConversionPlan(config=config, tensors=tensors)
+
+
+def _calibrate(plan: ConversionPlan, loaded, hooks, options, config: dict[str, Any], fmt: QuantFormat | None,
+               linears: list[_Linear], group: int, kv: bool):
+    """Calibration statistics for the plan: ``(stats, awq pre-quant scales or None, where the data
+    came from)``, from ``--calibrator`` trtlm (layer by layer in trtlm's runtime,
+    :mod:`trtlm.quant.layerwise`) or modelopt (:mod:`trtlm.quant.modelopt_calib`)."""
+    from pathlib import Path
+
+    from trtlm.config import CheckpointConfig
+    from trtlm.quant import calibrate as cal
+
+    origin = Path(loaded.origin)
+    vocab = CheckpointConfig.from_dict(config, where="the plan's config").vocab_size
+    progress = cal.progress_mode(options)
+    batches, where = cal.calibration_batches(options.calib_data, vocab, [origin if origin.is_dir() else None],
+                                             options.calib_size, options.calib_max_seq_len, progress=progress)
+    awq = fmt is not None and fmt.smoother == "awq"
+    if getattr(options, "calibrator", "trtlm") == "modelopt":
+        from trtlm.quant import modelopt_calib
+
+        stats, pqs = modelopt_calib.calibrate(plan, loaded, options, batches, fmt, kv, group)
+        config["trtlm"]["calibrator"] = "modelopt"
+        return stats, pqs, where
+    from trtlm.quant import layerwise
+
+    device = layerwise.resolve_calib_device(getattr(options, "calib_device", "auto"))
+    dtype = layerwise.resolve_calib_dtype(getattr(options, "calib_dtype", "auto"), loaded.hf_config)
+    awq_rows = {lin.module: lin.part_rows for lin in linears if not lin.experts} if awq else None
+    stats, pqs = layerwise.calibrate_layerwise(
+        plan, loaded, hooks, options, batches, [lin.module for lin in linears if not lin.experts], kv=kv,
+        awq_rows=awq_rows, group_size=group, dtype=dtype, device=device, progress=progress)
+    return stats, pqs, where
+
+
+def quantization_block(mode: str | None, kv: str | None, group: int, routers: Sequence[str] = ()) -> dict[str, Any]:
+    """The checkpoint config's ``quantization`` block for ``--quant mode`` / ``--kv-cache-dtype kv``
+    (``routers``: the MoE router modules, kept in floating point like ``lm_head``)."""
+    fmt = schemes.FORMATS[mode] if mode else None
     q: dict[str, Any] = {"quant_algo": QUANT_ALGOS.get(mode) if mode else None,
                          "kv_cache_quant_algo": KV_ALGOS.get(kv) if kv else None}
     if fmt is not None and fmt.weight_scale == "group":
         q.update(group_size=group, has_zero_point=False, pre_quant_scale=fmt.smoother is not None)
     if mode:
-        routers = [s.name[: -len(".weight")] for s in plan.tensors if s.name.endswith("mlp.router.weight")]
-        q["exclude_modules"] = routers + ["lm_head"]
-    if fmt is not None and fmt.smoother == "smoothquant":
-        config["trtlm"]["smoothquant_alpha"] = ctx["alpha"]
-    config["quantization"] = q
-    return ConversionPlan(config=config, tensors=tensors)
+        q["exclude_modules"] = list(routers) + ["lm_head"]
+    return q
 
 
 def _kv_specs(qkv: TensorSpec, stats, algo: str) -> list[TensorSpec]:

@@ -59,7 +59,10 @@ class DecodeGraphs:
         self.host_tables = torch.zeros(B, W, dtype=torch.int32).pin_memory()
 
     def handles(self, inputs: Any) -> bool:
-        return len(inputs.query_lens) <= self.batch_buckets[-1]
+        return self.handles_rows(len(inputs.query_lens))
+
+    def handles_rows(self, n: int) -> bool:
+        return n <= self.batch_buckets[-1]
 
     def _batch(self, bb: int, cb: int) -> ForwardBatch:
         return ForwardBatch(tokens=self.tokens[:bb], positions=self.positions[:bb], slot_mapping=self.slots[:bb],

@@ -53,6 +53,9 @@ class EngineConfig:
         and a warm-up step that the KV pool takes.
     :param kv_cache_gb: CPU (or to override the GPU sizing): the KV pool's size.
     :param capacity_policy: ``guaranteed_no_evict`` or ``max_utilization``.
+    :param admission_group: while sequences decode, admit queued ones only when this many batch
+        slots are free (or fewer are queued); default ``max_batch_size // 8`` when decode steps
+        replay CUDA graphs (each admission step also runs an eager forward), else 1.
     """
 
     max_batch_size: int | None = None
@@ -64,6 +67,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     use_cuda_graphs: bool | None = None
+    admission_group: int | None = None
 
     def validate(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -76,6 +80,7 @@ class EngineConfig:
              "block_size", "must be a power of two")
         need(0 < self.kv_cache_free_gpu_mem_fraction <= 1, "kv_cache_free_gpu_mem_fraction", "must be in (0, 1]")
         need(self.kv_cache_gb is None or self.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
+        need(self.admission_group is None or self.admission_group >= 1, "admission_group", "must be >= 1")
         need(self.capacity_policy in CAPACITY_POLICIES, "capacity_policy",
              f"choose one of {', '.join(CAPACITY_POLICIES)}")
 
@@ -123,6 +128,8 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, self.max_batch_size, config.max_num_tokens,
                                    config.capacity_policy, config.enable_chunked_prefill)
         executor.init_cache(num_blocks, self.block_size, self.max_blocks_per_seq, self.max_batch_size)
+        graphs = getattr(executor, "graphs", None) is not None
+        self.scheduler.admission_group = config.admission_group or (max(1, self.max_batch_size // 8) if graphs else 1)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -242,7 +249,8 @@ class Engine:
         params = req.params
         detok = IncrementalDetokenizer(self.tokenizer if params.detokenize else None, params.stop,
                                        lazy=not req.stream and not params.stop)
-        return Sequence(next(self._seq_ids), req.request_id, index, list(ids), params,
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
+        return Sequence(next(self._seq_ids), req.request_id, index, list(ids), params, stop_ids=stops,
                         generator=request_generator(params.seed, index), detok=detok, arrival=now,
                         logprobs=[] if params.logprobs is not None else None,
                         cumulative_logprob=0.0 if params.logprobs is not None else None)
@@ -312,11 +320,13 @@ class Engine:
         offset = 0
         for s in plan.scheduled:
             seq, start, n = s.seq, s.start, s.num_tokens
-            ids = seq.all_ids
-            tokens += ids[start:start + n]
+            tokens += seq.token_range(start, n)
             positions += range(start, start + n)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1:
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             qlens.append(n)
             clens.append(start + n)
             tables.append(table)
@@ -359,21 +369,19 @@ class Engine:
         return children
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
-        stop_ids_of = {}
         sample_rows = []
         for seq, _ in rows:
-            stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.eos_ids))
-            stop_ids_of[seq.seq_id] = stops
-            sample_rows.append(SampleRow(seq.params, seq.generator, seq.output_ids,
-                                         banned_ids(seq.params, seq.output_ids, stops)))
+            params = seq.params
+            plain = not params.bad_words_ids and len(seq.output_ids) >= params.min_tokens
+            sample_rows.append(SampleRow(params, seq.generator, seq.output_ids,
+                                         () if plain else banned_ids(params, seq.output_ids, seq.stop_ids)))
         index = torch.tensor([r for _, r in rows], device=logits.device)
         result = sample(logits.index_select(0, index), sample_rows, self._fallback)
         now = time.monotonic()
         for (seq, _), token, lp in zip(rows, result.token_ids, result.logprobs):
-            self._append(seq, token, lp, stop_ids_of[seq.seq_id], now)
+            self._append(seq, token, lp, now)
 
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, stops: set[int],
-                now: float) -> None:
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         seq.output_ids.append(token)
         self.generation_tokens_total += 1
         req = self.requests[seq.request_id]
@@ -385,7 +393,7 @@ class Engine:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token]
         params = seq.params
-        if token in stops and len(seq.output_ids) >= params.min_tokens:
+        if token in seq.stop_ids and len(seq.output_ids) >= params.min_tokens:
             self._finish(seq, "stop", token)
             return
         found = seq.detok.add(token)

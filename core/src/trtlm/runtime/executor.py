@@ -14,8 +14,10 @@ forward over its KV pool and returns the logits rows the engine asked for.
   logits reach rank 0.  The other ranks run :func:`follow`, which executes
   what rank 0 broadcasts until it says stop.
 
-On CUDA, decode-only steps replay CUDA graphs (:mod:`trtlm.runtime.cuda_graphs`)
-captured per bucketed batch size.
+On CUDA, decode rows replay CUDA graphs (:mod:`trtlm.runtime.cuda_graphs`) captured
+per bucketed batch size: a decode-only step entirely, a mixed step (decodes first, as the
+scheduler orders them, then prompt chunks) as a graph replay for its decodes followed by
+an eager forward of its prompt tokens.
 """
 from __future__ import annotations
 
@@ -41,6 +43,26 @@ class StepInputs:
     @property
     def decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+    def leading_decodes(self) -> int:
+        """How many sequences at the front are decode rows (one token, its logits wanted, in row
+        order) with prompt work after them: the part of a mixed step a decode graph can run."""
+        d = 0
+        for q in self.query_lens:
+            if q != 1:
+                break
+            d += 1
+        if d == len(self.query_lens) or self.logits_indices[:d] != list(range(d)):
+            return 0
+        return d if all(i >= d for i in self.logits_indices[d:]) else 0
+
+    def split(self, d: int) -> tuple["StepInputs", "StepInputs"]:
+        """The first ``d`` sequences (``d`` tokens) and the rest, as two steps."""
+        head = StepInputs(self.tokens[:d], self.positions[:d], self.slots[:d], self.query_lens[:d],
+                          self.context_lens[:d], self.block_tables[:d], list(range(d)))
+        tail = StepInputs(self.tokens[d:], self.positions[d:], self.slots[d:], self.query_lens[d:],
+                          self.context_lens[d:], self.block_tables[d:], [i - d for i in self.logits_indices[d:]])
+        return head, tail
 
 
 def to_batch(inputs: StepInputs, device: torch.device) -> ForwardBatch:
@@ -74,6 +96,7 @@ class LocalExecutor:
         self.pool: KVPool | None = None
         self.graphs = None
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.split_steps = 0  #: mixed steps whose decode rows replayed a graph
 
     def kv_cache_spec(self) -> dict[str, Any]:
         return self.model.kv_cache_spec()
@@ -91,8 +114,18 @@ class LocalExecutor:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
-        if self.graphs is not None and inputs.decode_only and self.graphs.handles(inputs):
-            return self.graphs.run(inputs)
+        if self.graphs is not None:
+            if inputs.decode_only and self.graphs.handles(inputs):
+                return self.graphs.run(inputs)
+            d = inputs.leading_decodes()
+            if d and self.graphs.handles_rows(d):
+                # a mixed step: its decode rows replay a graph, its prompt tokens run eagerly after
+                # (each sequence's cache blocks are its own, so the two halves are independent)
+                head, tail = inputs.split(d)
+                self.split_steps += 1
+                decoded = self.graphs.run(head)
+                batch = to_batch(tail, self.device)
+                return torch.cat([decoded, self.model(batch.tokens, batch, self.pool)])
         batch = to_batch(inputs, self.device)
         return self.model(batch.tokens, batch, self.pool)
 

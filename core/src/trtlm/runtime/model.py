@@ -40,6 +40,7 @@ from torch import nn
 from trtlm.config import CheckpointConfig, as_checkpoint_config
 from trtlm.runtime.attention import ForwardBatch, paged_attention, write_kv
 from trtlm.runtime.comm import LocalComm
+from trtlm.runtime.kernels import fused
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,10 +89,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return fused.add_rms_norm(x, None, self.weight, self.eps)[1]
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))`` in one kernel on the GPU."""
+        return fused.add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -103,6 +105,10 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x if delta is None else x + delta
+        return x, self.forward(x)
 
 
 def rope_tables(positions: torch.Tensor, head_size: int, base: float, dtype: torch.dtype,
@@ -117,12 +123,6 @@ def rope_tables(positions: torch.Tensor, head_size: int, base: float, dtype: tor
 
 def rope_inv_freq(head_size: int, base: float, device) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device=device).float() / head_size))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -156,7 +156,7 @@ class Attention(nn.Module):
         qk = qk.view(N, d.heads + d.kv_heads, d.head_size)
         v = v.view(N, d.kv_heads, d.head_size)
         if self.use_rope:  # queries and keys rotated together: one set of elementwise ops per layer
-            qk = apply_rope(qk, *rope)
+            qk = fused.rope(qk, *rope)
         q, k = qk[:, :d.heads], qk[:, d.heads:]
         scale = self.kv_cache_scaling_factor if self.kv_quant else None
         kc, vc = cache.k[layer], cache.v[layer]
@@ -195,8 +195,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         if self.fused is not None:
-            a, g = F.linear(x, *self.fused).chunk(2, dim=-1)
-            return row_parallel(self.proj, F.silu(a) * g, self.comm)
+            return row_parallel(self.proj, fused.silu_mul(F.linear(x, *self.fused)), self.comm)
         return row_parallel(self.proj, F.silu(self.fc(x)) * self.gate(x), self.comm)
 
 
@@ -328,8 +327,15 @@ class Block(nn.Module):
             self.mlp = PlainMLP(cfg, d, comm, dtype, device)
 
     def forward(self, x, batch, cache, layer, rope, slopes):
-        x = x + self.attention(self.input_layernorm(x), batch, cache, layer, rope, slopes)
-        return x + self.mlp(self.post_layernorm(x))
+        x, delta = self.step(x, None, batch, cache, layer, rope, slopes)
+        return x + delta
+
+    def step(self, x, delta, batch, cache, layer, rope, slopes):
+        """The layer on the residual stream ``x + delta`` -> the next ``(x, delta)``: the residual
+        add is left to the next norm, which does both in one kernel on the GPU."""
+        x, h = self.input_layernorm.add_forward(x, delta)
+        x, h = self.post_layernorm.add_forward(x, self.attention(h, batch, cache, layer, rope, slopes))
+        return x, self.mlp(h)
 
 
 class Embedding(nn.Module):
@@ -422,10 +428,15 @@ class Transformer(nn.Module):
                 self._inv_freq = rope_inv_freq(self.d.head_size, self.cfg.rotary_base, x.device)
             rope = rope_tables(batch.positions, self.d.head_size, 0.0, x.dtype, self._inv_freq)
         slopes = self.alibi_slopes if self.alibi else None
+        delta = None
         for i, block in enumerate(self.transformer.layers):
-            x = block(x, batch, cache, i, rope, slopes)
+            x, delta = block.step(x, delta, batch, cache, i, rope, slopes)
         if not self.last:
-            return x
-        x = self.transformer.ln_f(x.index_select(0, batch.logits_indices))
+            return x if delta is None else x + delta
+        rows = batch.logits_indices
+        x = x.index_select(0, rows)
+        if delta is not None:
+            x = x + delta.index_select(0, rows)
+        x = self.transformer.ln_f(x)
         logits = self.comm.all_gather_last(self.lm_head(x))
         return logits[..., :self.d.vocab]

@@ -14,7 +14,7 @@ holding back the few characters that could still turn into a stop string.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import AbstractSet, Sequence
 
 import torch
 
@@ -97,7 +97,7 @@ class Sampled:
     logprobs: list[dict[int, float] | None] = field(default_factory=list)
 
 
-def banned_ids(params: SamplingParams, output_ids: list[int], stop_ids: set[int]) -> tuple[int, ...]:
+def banned_ids(params: SamplingParams, output_ids: list[int], stop_ids: AbstractSet[int]) -> tuple[int, ...]:
     """Tokens the sequence may not produce next: stop ids before ``min_tokens``, and the last
     token of every bad-word sequence whose other tokens the output just produced."""
     banned: list[int] = []

@@ -47,6 +47,7 @@ class Sequence:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
+    stop_ids: frozenset[int] = frozenset()  #: token ids that end it (its stop ids, and EOS unless ignored)
     generator: Any = None
     detok: IncrementalDetokenizer | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -75,6 +76,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_range(self, start: int, n: int) -> list[int]:
+        """Tokens ``start .. start + n - 1`` of prompt + output, without copying the whole sequence
+        (a decode step needs one token of a sequence thousands long)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:start - p + n]
+        if start + n <= p:
+            return self.prompt_ids[start:start + n]
+        return self.prompt_ids[start:] + self.output_ids[:start + n - p]
 
     @property
     def finished(self) -> bool:
@@ -122,6 +133,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        #: admit waiting sequences into a step that has decodes only once this many batch slots are
+        #: free (or the queue is shorter): each admission step runs an extra eager forward on the GPU
+        #: beside the decode graph, so admitting one request per step would pay it every step
+        self.admission_group = 1
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def worst_case_blocks(self, seq: Sequence) -> int:
@@ -172,6 +187,9 @@ class Scheduler:
                 plan.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         # 2. admit waiting sequences
+        if plan.scheduled and self.admission_group > 1 and len(self.waiting) >= self.admission_group and \
+                self.max_batch_size - self.batch_slots_taken() < self.admission_group:
+            return plan
         # a request with n > 1 brings its siblings into the batch when its prompt is done: count them now
         while self.waiting and budget > 0 and \
                 self.batch_slots_taken() + 1 + self.waiting[0].forks <= self.max_batch_size:

@@ -1,0 +1,104 @@
+"""Triton kernels of :mod:`trtlm.runtime.kernels.fused` (imported only when a CUDA tensor needs them).
+
+One program per token row; each kernel reads its rows once and writes them once.  Rounding
+follows the torch references step by step (see :mod:`.fused`).  The launches depend on shapes
+only, so they are captured in the engine's CUDA graphs like everything else.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, D, W, OUT, RES, stride_x, stride_d, stride_o, stride_r, n_cols, eps,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:  # the residual add, rounded to the activation dtype as torch's `x + delta`
+        d = tl.load(D + row * stride_d + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(RES + row * stride_r + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    mean_sq = tl.sum(h * h, axis=0) / n_cols
+    normed = (h * tl.math.rsqrt(mean_sq + eps)).to(X.dtype.element_ty)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    out = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if delta is not None and delta.stride(-1) != 1:
+        delta = delta.contiguous()
+    n, h = x.shape
+    out = torch.empty((n, h), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    res = torch.empty_like(x) if delta is not None else x
+    if n:
+        block = triton.next_power_of_2(h)
+        _add_rms_norm_kernel[(n,)](
+            x, delta if delta is not None else x, weight, out, res,
+            x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0), res.stride(0), h, float(eps),
+            HAS_DELTA=delta is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+    return res, out
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, OUT, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh, n_heads,
+                 HALF: tl.constexpr, H_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, H_PAD)[:, None]
+    j = tl.arange(0, HALF)[None, :]
+    mask = h < n_heads
+    x_lo = tl.load(X + t * stride_xt + h * stride_xh + j, mask=mask, other=0.0).to(tl.float32)
+    x_hi = tl.load(X + t * stride_xt + h * stride_xh + HALF + j, mask=mask, other=0.0).to(tl.float32)
+    c_lo = tl.load(COS + t * stride_ct + j).to(tl.float32)
+    c_hi = tl.load(COS + t * stride_ct + HALF + j).to(tl.float32)
+    s_lo = tl.load(SIN + t * stride_st + j).to(tl.float32)
+    s_hi = tl.load(SIN + t * stride_st + HALF + j).to(tl.float32)
+    dt = OUT.dtype.element_ty
+    # x * cos + rotated * sin, each product rounded to the activation dtype as torch rounds it
+    lo = (x_lo * c_lo).to(dt).to(tl.float32) + (-x_hi * s_lo).to(dt).to(tl.float32)
+    hi = (x_hi * c_hi).to(dt).to(tl.float32) + (x_lo * s_hi).to(dt).to(tl.float32)
+    tl.store(OUT + t * stride_ot + h * stride_oh + j, lo.to(dt), mask=mask)
+    tl.store(OUT + t * stride_ot + h * stride_oh + HALF + j, hi.to(dt), mask=mask)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Requires an even, power-of-two head size (the dispatcher checks)."""
+    n, heads, d = x.shape
+    cos2, sin2 = cos.reshape(n, d), sin.reshape(n, d)
+    out = torch.empty((n, heads, d), dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    if n:
+        _rope_kernel[(n,)](x, cos2, sin2, out, x.stride(0), x.stride(1), cos2.stride(0), sin2.stride(0),
+                           out.stride(0), out.stride(1), heads, HALF=d // 2,
+                           H_PAD=triton.next_power_of_2(heads), num_warps=4)
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    a = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0)
+    dt = OUT.dtype.element_ty
+    s = (a / (1.0 + tl.exp(-a))).to(dt)  # F.silu's result in the activation dtype
+    tl.store(OUT + row * stride_o + cols, (s.to(tl.float32) * g.to(tl.float32)).to(dt), mask=mask)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    n, two_i = x.shape
+    inter = two_i // 2
+    out = torch.empty((n, inter), dtype=x.dtype, device=x.device)
+    if n:
+        block = 1024
+        _silu_mul_kernel[(n, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
+                                                         num_warps=4)
+    return out
