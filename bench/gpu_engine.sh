@@ -4,6 +4,7 @@
 #   pip wheel --no-deps -w dist_gpu ./core ./plugins/mistral ./plugins/mixtral ./plugins/mpt
 # and, for STAGE=serve, the server's dependencies (fastapi, uvicorn, pydantic...) in dist_gpu/extra/.
 # STAGE=tests|latency|offline|mixtral|serve|quant|all (default: tests,latency,offline,mixtral), comma-separated;
+# QUANTS / MIXTRAL_QUANTS pick the formats of STAGE=quant; TESTS the test files of STAGE=tests.
 # writes JSON and logs under $OUT (default bench/results/).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -13,8 +14,8 @@ has() { [[ ",$STAGE," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index --force-reinstall dist_gpu/*.whl 2>&1 | tail -2
 if has serve; then  # the server's extra, from wheels carried in dist_gpu/extra (the GPU machine has no network)
-  python3 -m pip install -q --no-index --find-links dist_gpu/extra fastapi uvicorn 2>&1 | tail -2
-  python3 -c "import fastapi, uvicorn" || { echo "serve stage: fastapi/uvicorn missing from dist_gpu/extra"; exit 1; }
+  python3 -m pip install -q --no-index --find-links dist_gpu/extra fastapi uvicorn httptools uvloop 2>&1 | tail -2
+  python3 -c "import fastapi, uvicorn, httptools, uvloop" || { echo "serve stage: fastapi/uvicorn/httptools/uvloop missing from dist_gpu/extra"; exit 1; }
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
@@ -39,12 +40,12 @@ if has mixtral; then
       --input-len 128 --output-len 256
 fi
 if has quant; then  # every format against bf16, same shapes, same run (issue 15's targets)
-  for q in none fp8 int4-awq int4-wo int8-wo int8-sq; do
+  for q in ${QUANTS:-none fp8 int4-awq int4-wo int8-wo int8-sq}; do
     extra=(); [[ $q != none ]] && extra=(--quant "$q")
     run "quant_mistral_7b_$q" 150 $B --family mistral --preset 7b "${extra[@]}" --mode latency --batch-size 1,64 \
         --input-len 128 --output-len 128 --reps 2
   done
-  for q in none fp8; do
+  for q in ${MIXTRAL_QUANTS:-none fp8}; do
     extra=(); [[ $q != none ]] && extra=(--quant "$q")
     run "quant_mixtral_8x7b_$q" 200 $B --family mixtral --preset 8x7b "${extra[@]}" --mode latency --batch-size 1 \
         --input-len 128 --output-len 128 --reps 2

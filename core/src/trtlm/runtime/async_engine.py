@@ -4,7 +4,10 @@
 background thread that runs ``engine.step()`` whenever there is work.  Every
 change to the engine (adding, aborting) happens on that thread, between
 steps, so the engine itself stays single-threaded.  Each request's outputs are
-handed to its asyncio queue with ``call_soon_threadsafe``; a consumer that
+handed to its asyncio queue; a step's outputs for one event loop travel in
+one ``call_soon_threadsafe`` (one wake-up per step, not one per token: at a
+few hundred running requests the per-token wake-ups alone cost the loop more
+than the step); a consumer that
 stops iterating (a client that disconnected, a cancelled task) aborts its
 request, and the blocks are free before the next step runs.
 
@@ -35,6 +38,11 @@ class EngineDeadError(Exception):
 
 
 _END = object()
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
 
 
 class AsyncEngine:
@@ -75,8 +83,7 @@ class AsyncEngine:
         self._commands.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for rid in list(self._streams):
-            self._deliver(rid, _END)
+        self._deliver_many([(rid, _END) for rid in list(self._streams)])
         if self.error is not None:  # a failed step: peers (other ranks) may be gone, no collective
             return
         try:
@@ -138,14 +145,20 @@ class AsyncEngine:
 
     # -- the stepping thread ------------------------------------------------------------------------
     def _deliver(self, request_id: str, item: Any) -> None:
-        entry = self._streams.get(request_id)
-        if entry is None:
-            return
-        loop, q = entry
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody listens any more
-            pass
+        self._deliver_many([(request_id, item)])
+
+    def _deliver_many(self, items: list[tuple[str, Any]]) -> None:
+        """Hand ``(request id, output or error)`` pairs to their streams: one hop per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            entry = self._streams.get(request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                pass
 
     def _apply(self, command: tuple) -> None:
         kind = command[0]
@@ -175,10 +188,9 @@ class AsyncEngine:
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
+                    self._deliver_many([(out.request_id, out) for out in self.engine.step()])
                 self._stats = self.engine.stats()
         except BaseException as exc:  # noqa: BLE001 - every in-flight request learns why it failed
             self.error = exc
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}"))
+            failure = EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}")
+            self._deliver_many([(rid, failure) for rid in list(self._streams)])

@@ -1,7 +1,11 @@
 """Triton kernels of :mod:`trtlm.runtime.kernels.fused` (imported only when a CUDA tensor needs them).
 
 One program per token row; each kernel reads its rows once and writes them once.  Rounding
-follows the torch references step by step (see :mod:`.fused`).  The launches depend on shapes
+follows the torch references step by step (see :mod:`.fused`), which is why every launch passes
+``enable_fp_fusion=False``: with fusion on, the compiler narrows ``x*cos + r*sin`` (two products
+rounded to bf16, then a rounded sum) into one bf16 FMA that rounds once -- 11% of RoPE's outputs
+then differed from torch's by one unit in the last place (seen on an H200).  These kernels are
+memory-bound; the FMA bought nothing.  The launches depend on shapes
 only, so they are captured in the engine's CUDA graphs like everything else.
 """
 from __future__ import annotations
@@ -44,7 +48,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         _add_rms_norm_kernel[(n,)](
             x, delta if delta is not None else x, weight, out, res,
             x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0), res.stride(0), h, float(eps),
-            HAS_DELTA=delta is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+            HAS_DELTA=delta is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+            enable_fp_fusion=False)
     return res, out
 
 
@@ -77,7 +82,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if n:
         _rope_kernel[(n,)](x, cos2, sin2, out, x.stride(0), x.stride(1), cos2.stride(0), sin2.stride(0),
                            out.stride(0), out.stride(1), heads, HALF=d // 2,
-                           H_PAD=triton.next_power_of_2(heads), num_warps=4)
+                           H_PAD=triton.next_power_of_2(heads), num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -100,5 +105,5 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if n:
         block = 1024
         _silu_mul_kernel[(n, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
-                                                         num_warps=4)
+                                                         num_warps=4, enable_fp_fusion=False)
     return out
