@@ -789,3 +789,31 @@ def test_chat_templates_render_as_transformers_renders_them(chat_model, tmp_path
                 assert encode_rendered(tok, text) == list(theirs.apply_chat_template(
                     messages, add_generation_prompt=gen_prompt, tokenize=True, return_dict=False))
     assert ChatTemplate.from_directory(TINY) is None
+
+
+def test_a_stream_that_fell_behind_gets_what_it_missed_in_one_chunk():
+    """Outputs queued behind one another for the same prompt are sent as one (their new tokens and
+    text concatenated, in order); an output of another prompt, or the end, is not merged."""
+    from trtlm.runtime.outputs import CompletionOutput, RequestOutput
+    from trtlm.serve.generation import Generation, Prompt
+    from trtlm.serve.state import ServerState, ServeSettings
+
+    def out(ids, new, text, new_text, finished=False):
+        c = CompletionOutput(index=0, token_ids=ids, text=text, new_token_ids=new, new_text=new_text,
+                             finish_reason="length" if finished else None)
+        return RequestOutput("r", None, [1, 2], [c], finished)
+
+    async def scenario():
+        gen = Generation(ServerState(ServeSettings(model_name="m")), [Prompt([1, 2]), Prompt([3])], params=None)
+        gen.ended = [False, False]
+        for item in [(0, "out", out([5], [5], "a", "a")), (0, "out", out([5, 6], [6], "ab", "b")),
+                     (0, "out", out([5, 6, 7], [7], "abc", "c", finished=True)), (1, "out", out([9], [9], "z", "z")),
+                     (1, "out", out([9, 8], [8], "zy", "y"))]:
+            gen.queue.put_nowait(item)
+        return [await gen.next() for _ in range(2)]
+
+    (i0, first), (i1, second) = asyncio.run(scenario())
+    assert (i0, first.finished) == (0, True)
+    c = first.outputs[0]
+    assert (c.new_token_ids, c.new_text, c.token_ids, c.text) == ([5, 6, 7], "abc", [5, 6, 7], "abc")
+    assert i1 == 1 and second.outputs[0].new_text == "zy" and second.outputs[0].new_token_ids == [9, 8]

@@ -1,7 +1,7 @@
 """What the engine hands back for a request: the same shape in every API (Python, CLI, servers)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -42,6 +42,15 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt_logits: object = None  #: [T, V] when the request asked to keep logits
     step_logits: list = field(default_factory=list)  #: per decode step [V] (completion 0)
+
+    def after(self, earlier: RequestOutput) -> RequestOutput:
+        """This output with ``earlier``'s new tokens and text in front of its own: what one output
+        would have said for both steps (a stream that fell behind sends one chunk, not one per step)."""
+        prior = {c.index: c for c in earlier.outputs}
+        outs = [replace(c, new_token_ids=prior[c.index].new_token_ids + c.new_token_ids,
+                        new_text=prior[c.index].new_text + c.new_text) if c.index in prior else c
+                for c in self.outputs]
+        return replace(self, outputs=outs)
 
 
 @dataclass

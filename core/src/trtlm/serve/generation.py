@@ -117,6 +117,7 @@ class Generation:
             else:
                 idx, kind, payload = await self._get()
             if kind == _OUT:
+                payload = self._catch_up(idx, payload)
                 self.last[idx] = payload
                 if payload.finished:
                     self.ended[idx] = True
@@ -128,6 +129,23 @@ class Generation:
             if kind == _ABORTED:
                 self.aborted[idx] = True
             self.ended[idx] = True
+
+    def _catch_up(self, idx: int, out):
+        """``out`` merged with the outputs of the same prompt already queued behind it.
+
+        When the event loop falls behind the engine (hundreds of streams), each stream is sent
+        what it missed as one chunk instead of one chunk per step, so the loop's work per token
+        shrinks as the load grows instead of the backlog growing."""
+        while not out.finished and not self.pending:
+            try:
+                nxt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if nxt[0] != idx or nxt[1] != _OUT:
+                self.pending.append((nxt[0], (nxt[1], nxt[2])))
+                break
+            out = nxt[2].after(out)
+        return out
 
     async def abort(self) -> None:
         """Stop every unfinished engine request now (disconnect, timeout, shutdown)."""
