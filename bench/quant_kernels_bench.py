@@ -1,6 +1,7 @@
 """Quantized linear kernels vs a bf16 ``F.linear`` on one GPU (docs/benchmarks.md, "quantized kernels").
 
     PYTHONPATH=core/src python bench/quant_kernels_bench.py --out results.json [--sweep]
+    PYTHONPATH=core/src python bench/quant_kernels_bench.py --out mixed.json --mixed-mm   # < 90 s
 
 For each format and Mistral-7B linear shape (out x in: 4096x4096, 14336x4096, 4096x14336) at 1 and
 64 rows: the module's chosen path (``QuantLinear.prepare``) and the candidates (Triton
@@ -10,6 +11,10 @@ bf16 ulps at the output's largest value) and timed.  Timing: one CUDA graph repl
 rotation of weight copies totalling >= 256 MB (so the 50 MB L2 never holds the next weight),
 microseconds per call = median over replays / calls.  Mixtral expert layers (E=8, H=4096,
 I=14336, top-2) are timed through ``quant_moe_forward`` against ``moe_forward`` in bf16.
+
+``--mixed-mm`` times only the mixed-input GEMM ``qk.mixed_mm`` (weights repacked K-major once) at
+32/64/128 rows over a small config sweep, against bf16 ``F.linear`` and today's path (the module's
+forward, i.e. the tiled ``dequant_mm``), for int4-wo, int8-wo and int4-awq.
 """
 from __future__ import annotations
 
@@ -269,12 +274,120 @@ def bench_moe(results: dict, log) -> None:
         results["moe"][f"T={T}"] = row
 
 
+# ----------------------------------------------------------------------------- mixed-input GEMM (--mixed-mm)
+
+MIXED_ROWS = [32, 64, 128]
+#: overrides of qk._mm_config's defaults ({}: the defaults); split-K follows the default rule for
+#: the tiles unless given.  Duplicates (after resolving) are timed once.
+MIXED_CONFIGS = [
+    {},
+    {"bm": 64, "bn": 64, "bk": 128, "num_warps": 4, "num_stages": 4},
+    {"bm": 64, "bn": 128, "bk": 64, "num_warps": 4, "num_stages": 4},
+    {"bm": 64, "bn": 128, "bk": 128, "num_warps": 8, "num_stages": 3},
+    {"bm": 64, "bn": 256, "bk": 64, "num_warps": 8, "num_stages": 3},
+    {"bm": 32, "bn": 128, "bk": 128, "num_warps": 4, "num_stages": 4},
+    {"bm": 32, "bn": 64, "bk": 128, "num_warps": 4, "num_stages": 3},
+    {"bm": 64, "bn": 128, "bk": 128, "num_warps": 4, "num_stages": 4, "split": 1},
+]
+
+
+def _cfg_name(c: dict) -> str:
+    return f"bm{c['bm']} bn{c['bn']} bk{c['bk']} w{c['num_warps']} s{c['num_stages']} split{c['split']}"
+
+
+def bench_mixed_mm(results: dict, log, budget_s: float) -> None:
+    """``qk.mixed_mm`` (K-major repacked weight, one dot per K step) against bf16 ``F.linear`` and
+    today's path for 17+ rows (the module's forward: the tiled ``dequant_mm``), int4-wo / int8-wo
+    over MIXED_CONFIGS, int4-wo with bf16 scales and int4-awq at the default config.  Stops
+    starting new measurements after ``budget_s`` seconds (Triton compiles dominate a cold run)."""
+    import time
+
+    t0 = time.monotonic()
+    gen = torch.Generator("cuda").manual_seed(3)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = results["mixed_mm"]
+    for out_f, in_f in SHAPES:
+        w16 = torch.randn(out_f, in_f, device="cuda", generator=gen, dtype=DT) * 0.02
+        ws = [w16] + [w16.clone() for _ in range(max(1, ROTATE_BYTES // w16.nbytes) - 1)]
+        mods = {}
+        for name in ("int4-wo", "int8-wo", "int4-awq"):
+            m = quant_module(name, out_f, in_f, gen)
+            copies = [m] + [copy.deepcopy(m) for _ in range(max(1, ROTATE_BYTES // nbytes(m)) - 1)]
+            wk = "int8" if name == "int8-wo" else "int4"
+            packed = {"f32": [qk.repack_for_mm(c.weight, c.weights_scaling_factor, wk, 128) for c in copies]}
+            if name == "int4-wo":
+                packed["bf16"] = [qk.repack_for_mm(c.weight, c.weights_scaling_factor, wk, 128, scale_dtype=DT)
+                                  for c in copies]
+            mods[name] = (copies, packed)
+        for rows in MIXED_ROWS:
+            key = f"{out_f}x{in_f} rows={rows}"
+            x = torch.randn(rows, in_f, device="cuda", generator=gen, dtype=DT)
+            t16 = time_op(lambda i: (lambda: F.linear(x, ws[i % len(ws)])), w16.nbytes, reps=3)
+            out[key] = {"bf16_us": t16}
+            log(f"{key}: bf16 F.linear {t16:.1f} us")
+            for name, (copies, packed) in mods.items():
+                m, ref = copies[0], copies[0].emulate(x)
+                p = getattr(m, "prequant_scaling_factor", None)
+                row = out[key][name] = {"configs": []}
+
+                def record(label, fn, per_copy, extra):
+                    if time.monotonic() - t0 > budget_s:
+                        row.setdefault("skipped", []).append(label)
+                        return
+                    try:
+                        err = rel_err(fn(0), ref)
+                        us = time_op(lambda i: (lambda: fn(i)), per_copy, reps=3)
+                        r = {"us": us, "x_bf16": t16 / us, "rel_err": err, "ok": err <= TOL, **extra}
+                        log(f"  {name:8s} {label:56s} {us:8.1f} us  x{t16 / us:5.2f}  err {err:.1e}"
+                            f" {'ok' if err <= TOL else 'WRONG'}")
+                    except Exception as e:  # noqa: BLE001 - report, keep sweeping
+                        r = {"error": f"{type(e).__name__}: {e}"[:300], **extra}
+                        log(f"  {name:8s} {label:56s} error {type(e).__name__}: {str(e)[:120]}")
+                    if "config" in extra:
+                        row["configs"].append(r)
+                    else:
+                        row[label.split()[0]] = r
+
+                record(f"current ({m.kernel_path}: the module's forward)", lambda i: copies[i % len(copies)](x), nbytes(m),
+                       {"what": "module forward (tiled dequant_mm beyond 16 rows)"})
+                seen = []
+                sweep_cfgs = MIXED_CONFIGS if name != "int4-awq" else [{}]
+                for sd, mws in packed.items():
+                    per_copy = mws[0].weight.nbytes + mws[0].scales.nbytes
+                    for over in (sweep_cfgs if sd == "f32" else [{}]):
+                        cfg = qk._mm_config(rows, out_f, in_f, mws[0].group_size, sms, over)
+                        if (sd, cfg) in seen:
+                            continue
+                        seen.append((sd, cfg))
+                        record(f"mixed {_cfg_name(cfg)}" + ("" if sd == "f32" else " scales=bf16"),
+                               lambda i, cfg=cfg, mws=mws: qk.mixed_mm(x, mws[i % len(mws)], prequant=p, config=cfg),
+                               per_copy, {"config": cfg, "scales": sd})
+                ok = [c for c in row["configs"] if c.get("ok")]
+                if ok:
+                    best = min(ok, key=lambda c: c["us"])
+                    row["best"] = best
+                    cur = row.get("current", {}).get("us")
+                    log(f"  {name:8s} best mixed {best['us']:.1f} us x{best['x_bf16']:.2f} bf16"
+                        + (f", x{cur / best['us']:.2f} vs current" if cur else "") + f"  [{_cfg_name(best['config'])}"
+                        + f" scales={best['scales']}]")
+            with open(OUT_PATH[0], "w") as f:
+                json.dump(results, f, indent=1)
+        del ws, mods
+        torch.cuda.empty_cache()
+    log(f"mixed-mm: {time.monotonic() - t0:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-moe", action="store_true")
     ap.add_argument("--quick", action="store_true", help="MoE at 1 token only, a smaller GEMV sweep")
+    ap.add_argument("--mixed-mm", action="store_true",
+                    help="only the mixed-input GEMM (qk.mixed_mm) config sweep at 32/64/128 rows against bf16 "
+                         "F.linear and today's dequant_mm path")
+    ap.add_argument("--budget-s", type=float, default=80.0,
+                    help="--mixed-mm: start no new measurement after this many seconds (default 80)")
     args = ap.parse_args()
     if args.quick:
         global ROTATE_BYTES, MOE_TOKENS, SWEEP_BK, SWEEP_SPLIT
@@ -283,7 +396,7 @@ def main() -> None:
     import triton
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "dtype": "bfloat16", "linear": {}, "moe": {}, "sweep": []}
+               "dtype": "bfloat16", "linear": {}, "moe": {}, "sweep": [], "mixed_mm": {}}
 
     def log(s: str) -> None:
         print(s, flush=True)
@@ -299,6 +412,9 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
+        if args.mixed_mm:
+            bench_mixed_mm(results, log, args.budget_s)
+            return
         bench_linears(results, log)
         save()
         if not args.no_moe:

@@ -320,6 +320,107 @@ def test_alternative_kernels_match_emulation():
     assert _rel(y, ref) <= TOL
 
 
+# ----------------------------------------------------------------------------- mixed-input GEMM (many rows)
+
+def test_repack_for_mm_layout_and_config():
+    """The repacked layout decoded by torch (no Triton): int4 word [i, n] holds rows k = 8i + j in
+    bits 4j..4j+3 (signed nibbles), int8 is the transpose; scales [K/g, N].  And the tile rules."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen) * 0.05
+    s = qf.int4_group_scales(w, 128)
+    q = qf.quantize_int4(w, s, 128)
+    mw = qk.repack_for_mm(qf.pack_int4(q), s, "int4", 128)
+    assert mw.weight.dtype == torch.int32 and mw.weight.shape == (32, 64) and mw.scales.shape == (2, 64)
+    assert (mw.in_features, mw.out_features) == (256, 64)
+    nib = torch.stack([(mw.weight << (28 - 4 * j)) >> 28 for j in range(8)], dim=1)  # [K/8, 8, N], arithmetic >>
+    assert torch.equal(nib.reshape(256, 64).t().to(torch.int8), q)
+    assert torch.equal(mw.scales, s.t())
+    s8 = qf.int8_weight_scale(w)
+    m8 = qk.repack_for_mm(qf.quantize_int8(w, s8), s8, "int8")
+    assert torch.equal(m8.weight, qf.quantize_int8(w, s8).t()) and m8.weight.is_contiguous()
+    assert qk.mixed_mm_applies("int4", "group", 64, 4096, 128) and qk.mixed_mm_applies("int8", "channel", 64, 4096)
+    assert not qk.mixed_mm_applies("int4", "group", qk.MIXED_MM_MIN_ROWS - 1, 4096, 128)
+    for M, N, K, g in [(17, 4096, 4096, 128), (64, 4096, 14336, 128), (128, 14336, 4096, 0), (64, 512, 1024, 64)]:
+        c = qk._mm_config(M, N, K, g)
+        assert K % c["bk"] == 0 and (not g or g % c["bk"] == 0) and (K // c["bk"]) % c["split"] == 0, c
+        assert c["bm"] >= 16 and c["split"] * 4 <= max(4, K // c["bk"])
+
+
+MIXED_MM_CHECK = textwrap.dedent("""
+    import torch
+    from trtlm.quant import formats as qf, kernels as qk
+
+    def check(name, N, K, rows, dtype, device, configs, group=128):
+        g = torch.Generator().manual_seed(N + K)
+        w = torch.randn(N, K, generator=g) * 0.05
+        p = torch.rand(K, generator=g) + 0.5 if name == "int4-awq" else None
+        if name.startswith("int4"):
+            ws = w / p if p is not None else w
+            s = qf.int4_group_scales(ws, group)
+            codes = qf.pack_int4(qf.quantize_int4(ws, s, group))
+            dense = qf.dequantize_int4(codes, s, torch.float32, p)  # the emulation's weight, prequant folded
+            mw = qk.repack_for_mm(codes.to(device), s.to(device), "int4", group)
+        else:
+            s = qf.int8_weight_scale(w)
+            codes = qf.quantize_int8(w, s)
+            dense = qf.dequantize_int8(codes, s, torch.float32)
+            mw = qk.repack_for_mm(codes.to(device), s.to(device), "int8")
+        pq = p.to(dtype).to(device) if p is not None else None
+        for M in rows:
+            x = torch.randn(M, K, generator=g).to(dtype)
+            ref = x.float() @ dense.t()
+            for cfg in configs:
+                y = qk.mixed_mm(x.to(device), mw, prequant=pq, config=cfg)
+                assert y.dtype == dtype and y.shape == (M, N), (y.dtype, y.shape)
+                err = ((y.float().cpu() - ref).abs().max() / ref.abs().max()).item()
+                assert err <= 2 ** -6, (name, N, K, M, cfg, err)
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="a CUDA device runs the compiled kernel (test below); the interpreter is for machines without one")
+def test_mixed_mm_in_interpreter():
+    """``mixed_mm`` (int4-wo, int4-awq with prequant, int8-wo) under Triton's CPU interpreter, float16.
+
+    Tolerance 2**-6 of max|ref| against the float32 product with the emulation's dequantized
+    weight, as the CUDA tests: the kernel rounds the output to float16 (2**-11) and, for AWQ,
+    ``x * prequant`` to float16 first (the module's rounding), where the reference folds prequant
+    into the float32 weight; a wrong nibble, sign, group or scale index gives errors of order 1.
+    Configs cover row masks (17, 100 rows), split-K with a part starting mid-group (K = 384,
+    BK = 64, 3 steps per part), a column mask (N = 384, BN = 256) and BK = group = 64.
+    """
+    pytest.importorskip("triton", reason="needs the triton package (Triton's CPU interpreter runs the kernel)")
+    code = MIXED_MM_CHECK + textwrap.dedent("""
+        cfgs = [None, {"bm": 32, "bn": 64, "bk": 64, "split": 2}]
+        for name in ("int4-wo", "int4-awq", "int8-wo"):
+            check(name, 256, 512, (17, 64, 100), torch.float16, "cpu", cfgs)
+            check(name, 384, 384, (17,), torch.float16, "cpu", [{"bm": 16, "bn": 256, "bk": 64, "split": 2}])
+        check("int4-wo", 128, 256, (33,), torch.float16, "cpu", [None], group=64)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int4-wo", "int4-awq", "int8-wo"])
+def test_mixed_mm_matches_emulation(name):
+    """The compiled kernel, bfloat16, against the module's emulation (same tolerance as above)."""
+    pytest.importorskip("triton", reason="needs Triton")
+    m = _linear(name, 512, 1024, torch.bfloat16, "cuda")  # group 64 (FORMATS): BK 64
+    wk = "int4" if name.startswith("int4") else "int8"
+    p = getattr(m, "prequant_scaling_factor", None)
+    for scale_dtype in (torch.float32, torch.bfloat16):
+        mw = qk.repack_for_mm(m.weight, m.weights_scaling_factor, wk, m.group_size, scale_dtype=scale_dtype)
+        for rows in (17, 64, 100, 256):
+            x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+            for cfg in (None, {"bm": 64, "bn": 256, "bk": 64, "split": 1, "num_warps": 8, "num_stages": 3}):
+                y = qk.mixed_mm(x, mw, prequant=p, config=cfg)
+                assert y.dtype == torch.bfloat16 and _rel(y, m.emulate(x)) <= TOL, (rows, cfg, _rel(y, m.emulate(x)))
+
+
 # ----------------------------------------------------------------------------- activation quantization
 ACT_QUANT_CHECK = textwrap.dedent("""
     import torch

@@ -37,12 +37,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
 __all__ = ["EMULATION", "TRITON", "SCALED_MM", "INT_MM", "INT4PACK", "triton_available", "cuda_capability",
            "linear_plan", "choose_path", "dequant_mm", "quantize_activation", "dequantize_fast", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
-           "INT_MM_MIN_ROWS"]
+           "INT_MM_MIN_ROWS", "MixedWeight", "repack_for_mm", "mixed_mm", "mixed_mm_applies", "MIXED_MM_MIN_ROWS"]
 
 EMULATION = "emulation"
 TRITON = "triton"
@@ -519,6 +520,202 @@ def _gemv(x, w, scale, wk, sk, group_size, prequant, expert_ids, rows_per_id, N,
         XDIV=rows_per_id if experts else 1, GROUP=group_size if sk == 2 else 1, WKIND=wk, SKIND=sk,
         HAS_P=prequant is not None, HAS_IDS=experts, ATOMIC=atomic, BN=bn, BK=bk,
         num_warps=(config or {}).get("num_warps", 4))
+    return y.to(x.dtype) if atomic else y
+
+
+# ----------------------------------------------------------------------------- mixed-input GEMM (many rows)
+
+#: rows from which int4/int8 weight-only linears take :func:`mixed_mm` instead of the tiled
+#: ``dequant_mm`` (None: never; measured by ``bench/quant_kernels_bench.py --mixed-mm`` and the
+#: engine benchmark, docs/benchmarks.md).  See :func:`mixed_mm_applies`.
+MIXED_MM_MIN_ROWS: int | None = 17
+
+
+class MixedWeight(NamedTuple):
+    """A weight-only linear repacked once (:func:`repack_for_mm`) for :func:`mixed_mm`.
+
+    ``weight``: int4 -> int32 ``[K/8, N]``, word ``[i, n]`` holding the codes of rows
+    ``k = 8i .. 8i+7`` of output ``n``, ``k = 8i + j`` in bits ``4j .. 4j+3`` (two's complement
+    nibble, the same signed code as the checkpoint's); int8 -> int8 ``[K, N]``.  K-major, N
+    contiguous: a ``[BK, BN]`` tile is BK rows of contiguous bytes.
+    ``scales``: int4 -> ``[K/group, N]`` (float32, or the activation dtype); int8 -> ``[N]`` float32.
+    """
+    weight: torch.Tensor
+    scales: torch.Tensor
+    weight_kind: str  # "int4" or "int8"
+    group_size: int  # int4's group (0 for int8)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0] * (8 if self.weight_kind == "int4" else 1)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def mixed_mm_applies(weight_kind: str, scale_kind: str, rows: int, in_features: int, group_size: int = 0) -> bool:
+    """Whether a weight-only linear's product of ``rows`` rows would take :func:`mixed_mm`.
+
+    The dispatch rule: False while :data:`MIXED_MM_MIN_ROWS` is None or above ``rows``.  int4 needs group scales with
+    a group that is a multiple of 64 (BK divides it); int8 per-channel scales.
+    """
+    if MIXED_MM_MIN_ROWS is None or rows < MIXED_MM_MIN_ROWS:
+        return False
+    if weight_kind == "int4":
+        return scale_kind == "group" and group_size % 64 == 0 and in_features % group_size == 0
+    return weight_kind == "int8" and scale_kind == "channel" and in_features % 64 == 0
+
+
+@torch.no_grad()
+def repack_for_mm(packed: torch.Tensor, scales: torch.Tensor, weight_kind: str, group_size: int = 0,
+                  scale_dtype: torch.dtype = torch.float32) -> MixedWeight:
+    """The checkpoint's codes (int4 packed ``[N/2, K]`` as :func:`trtlm.quant.formats.pack_int4`
+    stores them, or int8 ``[N, K]``) and float32 scales (``[N, K/group]`` / ``[N]``) -> :class:`MixedWeight`.
+
+    Done once at load time (a second copy of the codes, same size).  ``scale_dtype`` applies to
+    int4 group scales: float32 makes the kernel's dequantized tile bit-identical to the emulation's
+    ``(q * s).to(dtype)``; the activation dtype saves a float32 multiply per weight element (one
+    extra rounding of each scale, 2**-9 relative for bfloat16).
+    """
+    from trtlm.quant.formats import unpack_int4
+
+    if weight_kind == "int8":
+        return MixedWeight(packed.t().contiguous(), scales.reshape(-1).float().contiguous(), "int8", 0)
+    if weight_kind != "int4":
+        raise ValueError(f"mixed_mm takes int4 or int8 weights, not {weight_kind}")
+    q = unpack_int4(packed).t()  # [K, N] signed codes in [-8, 7]
+    K, N = q.shape
+    if K % 8 or K % group_size or scales.shape[-1] * group_size != K:
+        raise ValueError(f"in_features {K} vs group size {group_size} / scales {tuple(scales.shape)}")
+    q = q.reshape(K // 8, 8, N).to(torch.int32)
+    # nibble j at bits 4j..4j+3; the top one as a signed multiple of 2**28 (no int32 overflow)
+    w = q[:, 7] * (1 << 28)
+    for j in range(7):
+        w |= (q[:, j] & 0xF) << (4 * j)
+    return MixedWeight(w.contiguous(), scales.t().to(scale_dtype).contiguous(), "int4", group_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def mixed_mm_kernel(
+        x_ptr, w_ptr, s_ptr, p_ptr, y_ptr,
+        M, N, ITERS, stride_xm, stride_ym,
+        GROUP: tl.constexpr, WKIND: tl.constexpr, HAS_P: tl.constexpr, ATOMIC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        # One [BM, BN] output tile per program (split-K over axis 2).  Per K step: the x tile, the
+        # weight tile read row-contiguously from the K-major repacked codes, unpacked and scaled to
+        # a [BK, BN] tile in the activation dtype, then ONE tl.dot into a float32 accumulator --
+        # the shape Hopper's tensor cores want (the older kernel does two half-width dots on a
+        # transposed load).  WKIND: 1 int4 (group scales before the dot), 0 int8 (per-channel
+        # scales on the accumulator).
+        BKW: tl.constexpr = BK // 8 if WKIND == 1 else BK  # weight rows per K step
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        m_mask = rows < M
+        n_mask = cols < N
+        k_start = pid_k * ITERS * BK
+        offs_k = k_start + tl.arange(0, BK)
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + (k_start // (BK // BKW) + tl.arange(0, BKW))[:, None].to(tl.int64) * N + cols[None, :]
+        p_ptrs = p_ptr + offs_k
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for it in range(0, ITERS):
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            if HAS_P:  # AWQ: `x * prequant.to(x.dtype)`, the product rounded to x's dtype as torch does
+                p = tl.load(p_ptrs).to(x_ptr.dtype.element_ty)
+                x = (x.to(tl.float32) * p.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+                p_ptrs += BK
+            b = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+            if WKIND == 1:
+                # [BK/8, BN] int32 -> [BK/8, 8, BN]: nibble j shifted to the top, arithmetic shift
+                # back sign-extends it -> row-major reshape puts k = 8i + j at row 8i + j
+                sh = 28 - 4 * tl.arange(0, 8)
+                q = tl.reshape((b[:, None, :] << sh[None, :, None]) >> 28, (BK, BN))
+                g = (k_start + it * BK) // GROUP  # BK divides GROUP: one group per step
+                s = tl.load(s_ptr + g * N + cols, mask=n_mask, other=0.0)
+                w = (q.to(s_ptr.dtype.element_ty) * s[None, :]).to(x_ptr.dtype.element_ty)
+            else:
+                w = b.to(x_ptr.dtype.element_ty)  # int8 codes are exact in fp16/bf16
+            acc = tl.dot(x, w, acc)
+            x_ptrs += BK
+            w_ptrs += BKW * N
+        if WKIND == 0:
+            acc = acc * tl.load(s_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return mixed_mm_kernel
+
+
+def _mm_config(M: int, N: int, K: int, group_size: int = 0, sms: int = 132, config: dict | None = None) -> dict:
+    """Tiles for :func:`mixed_mm`: ``bm``, ``bn``, ``bk``, ``split``, ``num_warps``, ``num_stages``,
+    the defaults below updated with ``config`` (a sweep's overrides; without ``split`` there, the
+    split rule is applied to the overridden tiles).
+
+    Defaults from ``quant_kernels_bench.py --mixed-mm`` on an H200 (bench/results/h200_engine/run6):
+    up to 128 rows, 64x64 tiles with BK 128, 4 warps, 4 stages won for int4 and int8 at every
+    Mistral-7B shape and 32/64/128 rows (1.05-1.45x the 128-wide tiles); beyond, 128x128 tiles for
+    the compute-bound prefill. BK 64 where that is what divides K or the group; split-K only when the
+    output tiles fill fewer than ~3/4 of the SMs (N = 4096 at 64 rows: 64 tiles on 132 SMs -> 2),
+    each part keeping at least 4 K steps.
+    """
+    bm = 16 if M <= 16 else 64 if M <= 128 else 128
+    bk = 128 if (K % 128 == 0 and (not group_size or group_size % 128 == 0)) else 64
+    bn = 64 if M <= 128 else 128
+    cfg = {"bm": bm, "bn": bn, "bk": bk, "num_warps": 8 if bm >= 128 else 4, "num_stages": 3 if bm >= 128 else 4,
+           **(config or {})}
+    iters = max(1, K // cfg["bk"])
+    if "split" not in cfg:
+        tiles = math.ceil(M / cfg["bm"]) * math.ceil(N / cfg["bn"])
+        cfg["split"] = 1 if 4 * tiles >= 3 * sms else min(math.ceil(sms / tiles), max(1, iters // 4))
+    cfg["split"] = _divisor_at_most(iters, cfg["split"])
+    return cfg
+
+
+def mixed_mm(x: torch.Tensor, w: MixedWeight, prequant: torch.Tensor | None = None,
+             config: dict | None = None) -> torch.Tensor:
+    """``y = (x [* prequant]) @ dequant(w)^T`` for many rows (17..256): ``x [M, K]`` float16/bfloat16
+    -> ``[M, N]`` in ``x.dtype``, from the repacked weight of :func:`repack_for_mm`.
+
+    :param prequant: AWQ's pre-quant scale ``[K]``, applied to x as ``x * prequant.to(x.dtype)``.
+    :param config: overrides of :func:`_mm_config`'s keys, for sweeps (``split`` is rounded down
+        to a divisor of the K steps).
+    """
+    x = x.contiguous()
+    M, K = x.shape
+    N = w.out_features
+    if K != w.in_features:
+        raise ValueError(f"x has {K} columns, the weight {w.in_features} inputs")
+    wk = _WKIND[w.weight_kind]
+    sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.device.type == "cuda" else 132
+    cfg = _mm_config(M, N, K, w.group_size, sms, config)
+    bm, bn, bk, split = cfg["bm"], cfg["bn"], cfg["bk"], cfg["split"]
+    if K % bk or (wk == 1 and w.group_size % bk):
+        raise ValueError(f"BK {bk} must divide in_features {K}" + (f" and the group {w.group_size}" if wk == 1 else ""))
+    iters = K // bk
+    atomic = split > 1
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else torch.empty(
+        M, N, dtype=x.dtype, device=x.device)
+    grid = (math.ceil(M / bm), math.ceil(N / bn), split)
+    _mixed_kernel()[grid](
+        x, w.weight, w.scales, prequant if prequant is not None else x, y,
+        M, N, iters // split, x.stride(0), y.stride(0),
+        GROUP=w.group_size if wk == 1 else 1, WKIND=wk, HAS_P=prequant is not None, ATOMIC=atomic,
+        BM=bm, BN=bn, BK=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
 

@@ -106,6 +106,7 @@ class QuantLinear(nn.Module):
         self.kernel_path, self.kernel_reason = qk.EMULATION, "not prepared"
         self._prepared_on: torch.device | None = None
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mm: qk.MixedWeight | None = None  #: the codes repacked for mixed_mm (weight-only, many rows)
 
     # -- load time ---------------------------------------------------------------------
     @torch.no_grad()
@@ -126,6 +127,13 @@ class QuantLinear(nn.Module):
                 f"tiled Triton GEMM beyond")
         self._packed = (qk.repack_int4pack(self.weight, self.weights_scaling_factor)
                         if self.kernel_path == qk.INT4PACK else None)
+        many_rows = self.kernel_path in (qk.TRITON, qk.INT4PACK) and self.fmt.activation is None and \
+            qk.mixed_mm_applies(self.fmt.weight, self.fmt.weight_scale, qk.MIXED_MM_MIN_ROWS or 0,
+                                self.in_features, self.group_size)
+        self._mm = (qk.repack_for_mm(self.weight, self.weights_scaling_factor, self.fmt.weight, self.group_size)
+                    if many_rows else None)
+        if many_rows:
+            self.kernel_reason += f"; mixed-input Triton GEMM from {qk.MIXED_MM_MIN_ROWS} rows"
         self._prepared_on = dev
         return self.kernel_path
 
@@ -172,6 +180,9 @@ class QuantLinear(nn.Module):
                                    scale_kind=fmt.weight_scale, group_size=self.group_size, dtype=x.dtype,
                                    out_features=self.out_features)
             return F.linear(x * p.to(x.dtype) if p is not None else x, w)
+        if self._mm is not None and rows >= qk.MIXED_MM_MIN_ROWS:
+            # AWQ's pre-quant scale once on x (rounded as the kernel would), not once per output tile
+            return qk.mixed_mm(x * p.to(x.dtype) if p is not None else x, self._mm)
         return qk.dequant_mm(x, self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
                              scale_kind=fmt.weight_scale, group_size=self.group_size,
                              prequant=p.to(x.dtype) if p is not None else None)
