@@ -687,7 +687,7 @@ def _mm_config(M: int, N: int, K: int, group_size: int = 0, sms: int = 132, conf
 
 def mixed_mm(x: torch.Tensor, w: MixedWeight, prequant: torch.Tensor | None = None,
              config: dict | None = None) -> torch.Tensor:
-    """``y = (x [* prequant]) @ dequant(w)^T`` for many rows (17..256): ``x [M, K]`` float16/bfloat16
+    """``y = (x [* prequant]) @ dequant(w)^T`` for many rows (decode batches, prefill): ``x [M, K]`` float16/bfloat16
     -> ``[M, N]`` in ``x.dtype``, from the repacked weight of :func:`repack_for_mm`.
 
     :param prequant: AWQ's pre-quant scale ``[K]``, applied to x as ``x * prequant.to(x.dtype)``.
