@@ -43,7 +43,8 @@ import torch
 
 __all__ = ["EMULATION", "TRITON", "SCALED_MM", "INT_MM", "INT4PACK", "triton_available", "cuda_capability",
            "linear_plan", "choose_path", "dequant_mm", "quantize_activation", "dequantize_fast", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
-           "INT_MM_MIN_ROWS", "MixedWeight", "repack_for_mm", "mixed_mm", "mixed_mm_applies", "MIXED_MM_MIN_ROWS"]
+           "INT_MM_MIN_ROWS", "MixedWeight", "repack_for_mm", "mixed_mm", "mixed_mm_supports", "mixed_mm_applies",
+           "MIXED_MM_MIN_ROWS"]
 
 EMULATION = "emulation"
 TRITON = "triton"
@@ -554,17 +555,23 @@ class MixedWeight(NamedTuple):
         return self.weight.shape[1]
 
 
-def mixed_mm_applies(weight_kind: str, scale_kind: str, rows: int, in_features: int, group_size: int = 0) -> bool:
-    """Whether a weight-only linear's product of ``rows`` rows would take :func:`mixed_mm`.
+def mixed_mm_supports(weight_kind: str, scale_kind: str, in_features: int, group_size: int = 0) -> bool:
+    """Whether a weight-only linear can take :func:`mixed_mm` at all (decided once, at load time).
 
-    The dispatch rule: False while :data:`MIXED_MM_MIN_ROWS` is None or above ``rows``.  int4 needs group scales with
-    a group that is a multiple of 64 (BK divides it); int8 per-channel scales.
+    False while :data:`MIXED_MM_MIN_ROWS` is None.  int4 needs group scales with a group that is a
+    multiple of 64 (BK divides it); int8 per-channel scales.
     """
-    if MIXED_MM_MIN_ROWS is None or rows < MIXED_MM_MIN_ROWS:
+    if MIXED_MM_MIN_ROWS is None:
         return False
     if weight_kind == "int4":
         return scale_kind == "group" and group_size % 64 == 0 and in_features % group_size == 0
     return weight_kind == "int8" and scale_kind == "channel" and in_features % 64 == 0
+
+
+def mixed_mm_applies(weight_kind: str, scale_kind: str, rows: int, in_features: int, group_size: int = 0) -> bool:
+    """Whether a weight-only linear's product of ``rows`` rows takes :func:`mixed_mm`."""
+    return MIXED_MM_MIN_ROWS is not None and rows >= MIXED_MM_MIN_ROWS and \
+        mixed_mm_supports(weight_kind, scale_kind, in_features, group_size)
 
 
 @torch.no_grad()

@@ -128,8 +128,7 @@ class QuantLinear(nn.Module):
         self._packed = (qk.repack_int4pack(self.weight, self.weights_scaling_factor)
                         if self.kernel_path == qk.INT4PACK else None)
         many_rows = self.kernel_path in (qk.TRITON, qk.INT4PACK) and self.fmt.activation is None and \
-            qk.mixed_mm_applies(self.fmt.weight, self.fmt.weight_scale, qk.MIXED_MM_MIN_ROWS or 0,
-                                self.in_features, self.group_size)
+            qk.mixed_mm_supports(self.fmt.weight, self.fmt.weight_scale, self.in_features, self.group_size)
         self._mm = (qk.repack_for_mm(self.weight, self.weights_scaling_factor, self.fmt.weight, self.group_size)
                     if many_rows else None)
         if many_rows:
