@@ -8,7 +8,7 @@
   (requests wait).  Tokens are compared for equality, as in test_runtime_mistral.py: float32
   logits differ from transformers' by ~1e-6 there (asserted < 1e-4), so only an exact near-tie
   could flip a greedy choice, and these seeded prompts have none.
-* Prefix caching, ``n > 1``, aborts (``Engine.abort``, an ``AsyncEngine`` consumer that stops),
+* Prefix caching, ``n > 1``, aborts (``Engine.abort``, a server stream (``trtlm.serve.engine_client``) whose consumer stops),
   seeded sampling, stop strings, streaming text, the other sampling settings, request limits.
 
 After every test each engine the test opened must have a fully free KV pool (autouse check).
@@ -29,7 +29,6 @@ from conftest import TINY_DEFAULTS, transformers_greedy
 from engine_driver import drive
 
 from trtlm.errors import UserError
-from trtlm.runtime.async_engine import AsyncEngine
 from trtlm.runtime.engine import Engine, EngineConfig
 from trtlm.runtime.executor import LocalExecutor
 from trtlm.runtime.kv_cache import KVPool, blocks_for
@@ -298,10 +297,26 @@ def test_abort_frees_blocks_at_once_in_every_state(engine_dir, hf_dir):
     assert out.outputs[0].token_ids == transformers_greedy(hf_dir("mistral"), [p[3]], 8)[0]
 
 
-def test_async_consumer_that_stops_aborts_its_request(engine_dir):
+def engine_over_a_pipe(eng: Engine):
+    """The server's two halves on ``eng``: its engine loop (:func:`trtlm.serve.engine_core.serve_engine`)
+    on a thread of this process instead of a process of its own, and the :class:`EngineClient` the HTTP
+    layer uses, talking over a real pipe -- the same protocol ``trtlm serve`` runs across processes."""
+    import threading
+    from multiprocessing import Pipe
+
+    from trtlm.serve.engine_client import EngineClient
+    from trtlm.serve.engine_core import serve_engine
+
+    ours, theirs = Pipe()
+    loop = threading.Thread(target=serve_engine, args=(eng, theirs), daemon=True)
+    loop.start()
+    return EngineClient(ours, {"limits": eng.limits().to_dict(), "stats": eng.stats()}, eng.tokenizer,
+                        stop=lambda failed: loop.join(timeout=30))
+
+
+def test_a_server_stream_that_stops_aborts_its_request(engine_dir):
     eng = open_engine(engine_dir("mistral"))
-    aeng = AsyncEngine(eng)
-    aeng.start()
+    aeng = engine_over_a_pipe(eng)
     long = SamplingParams(max_tokens=200, ignore_eos=True)
 
     async def wait_free(steps_at_stop: int) -> None:
@@ -349,6 +364,46 @@ def test_async_consumer_that_stops_aborts_its_request(engine_dir):
     finally:
         aeng.shutdown()
     assert eng.allocator.all_free()
+
+
+def test_server_stream_outputs_equal_the_engines_own(engine_dir):
+    """The pipe carries only what changed each step (``trtlm.serve.wire``); the outputs rebuilt from it
+    equal the engine's own for greedy, seeded n=2, logprobs and a stop id.  Ids must be equal (greedy
+    margins are clear and seeded sampling does not depend on the batch); logprobs within 1e-4, since the
+    two runs batch the requests differently and float32 sums in another order."""
+    mistral = engine_dir("mistral")
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    [first] = open_engine(mistral).generate([prompt(50, 12)], greedy)
+    stop_id = first.outputs[0].token_ids[9]
+    cases = [(prompt(50, 12), SamplingParams(max_tokens=16, ignore_eos=True, stop_token_ids=[stop_id])),
+             (prompt(51, 7), SamplingParams(max_tokens=12, n=2, temperature=0.8, seed=3, ignore_eos=True)),
+             (prompt(52, 20), SamplingParams(max_tokens=10, logprobs=2, ignore_eos=True))]
+    direct = open_engine(mistral).generate([p for p, _ in cases], [sp for _, sp in cases])
+    aeng = engine_over_a_pipe(open_engine(mistral))
+
+    async def one(p, sp):
+        outs = [o async for o in aeng.generate(p, sp)]
+        return outs[-1]
+
+    async def main():
+        return await asyncio.gather(*(one(p, sp) for p, sp in cases))
+
+    try:
+        served = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    assert served[0].outputs[0].finish_reason == "stop" and served[0].outputs[0].token_ids[-1] == stop_id
+    for got, want in zip(served, direct):
+        assert got.finished and got.prompt_token_ids == want.prompt_token_ids
+        assert len(got.outputs) == len(want.outputs)
+        for g, w in zip(got.outputs, want.outputs):
+            assert (g.index, g.token_ids, g.text, g.finish_reason, g.stop_reason) == \
+                (w.index, w.token_ids, w.text, w.finish_reason, w.stop_reason)
+            assert (g.logprobs is None) == (w.logprobs is None)
+            if w.logprobs is not None:  # the chosen token's (the runner-up may swap on a near-tie)
+                assert len(g.logprobs) == len(w.logprobs) == len(w.token_ids)
+                for tid, ge, we in zip(w.token_ids, g.logprobs, w.logprobs):
+                    assert abs(ge[tid] - we[tid]) < 1e-4
 
 
 # -- sampling ----------------------------------------------------------------------------------------------------

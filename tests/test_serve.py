@@ -655,7 +655,7 @@ def tp2_engine(tmp_path_factory) -> Path:
 
 
 def test_tp2_engine_served_end_to_end(tp2_engine, tmp_path):
-    """A tp2 (gloo) engine: two rank processes, rank 0 serves; the same text as `trtlm run` (one
+    """A tp2 (gloo) engine: two rank processes under the HTTP process; the same text as `trtlm run` (one
     process per rank too); SIGTERM mid-stream ends the stream cleanly, every rank exits, exit 0."""
     ref = trtlm_run(tp2_engine, PROMPTS[0], 24)
     s = Server(["--engine-dir", tp2_engine, "--served-model-name", MODEL, "--shutdown-grace", 0.5], tmp_path)

@@ -33,8 +33,8 @@ from trtlm.commands.engine_options import engine_options, engine_settings
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--launch", type=click.Choice(["auto", "single", "multi"]), default="auto", show_default=True,
-              help="auto: one process per rank when the engine has several ranks (rank 0 serves), else one "
-                   "process; single: merge all ranks into this process; multi: one process per rank.")
+              help="The engine runs apart from the HTTP process. auto: one engine process per rank; single: "
+                   "all ranks merged into one engine process; multi: one per rank (an error for one rank).")
 def serve_cmd(engine_dir, model_dir, tokenizer_dir, host, port, served_model_name, api_key, max_queue_size,
               request_timeout, device, dtype, chat_template, max_body_size, shutdown_grace, log_level, launch,
               **engine_flags):

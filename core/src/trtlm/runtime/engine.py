@@ -10,8 +10,8 @@ Everything that generates runs on this class — ``LLM.generate``, ``trtlm run``
   its own settings, and the outputs of the requests that advanced come back;
 * :meth:`Engine.abort` cancels a request at any step (its blocks are free at once).
 
-The engine is single-threaded and synchronous; :mod:`trtlm.runtime.async_engine`
-runs it on a thread for servers.
+The engine is single-threaded and synchronous; ``trtlm serve`` steps it in a
+process of its own (:mod:`trtlm.serve.engine_core`).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 from trtlm.errors import UserError
 from trtlm.runtime.executor import StepInputs
 from trtlm.runtime.kv_cache import BlockAllocator, KVPool, blocks_for
+from trtlm.runtime.limits import PromptLimits
 from trtlm.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from trtlm.runtime.sampling import (
     IncrementalDetokenizer,
@@ -196,29 +197,17 @@ class Engine:
         except (TypeError, ValueError):
             raise UserError("a prompt is text or a list of integer token ids") from None
 
+    def limits(self) -> PromptLimits:
+        """What a prompt may be on this engine (a server in another process checks against a copy)."""
+        return PromptLimits(vocab_size=self.vocab_size, max_input_len=self.max_input_len,
+                            max_seq_len=self.max_seq_len, block_size=self.block_size,
+                            num_blocks=self.allocator.num_blocks, max_batch_size=self.max_batch_size,
+                            chunked_prefill=self.config.enable_chunked_prefill,
+                            max_num_tokens=self.config.max_num_tokens)
+
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         """One clear error for a prompt this engine cannot run."""
-        if not ids:
-            raise UserError("empty prompt: give at least one token")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise UserError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) > self.max_input_len:
-            raise UserError(f"prompt of {len(ids)} tokens is longer than the engine's max_input_len "
-                            f"{self.max_input_len} (rebuild with a larger --max-input-len)")
-        if len(ids) + params.max_tokens > self.max_seq_len:
-            raise UserError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                            f"{len(ids) + params.max_tokens} exceeds the engine's max_seq_len {self.max_seq_len}")
-        need = params.n * blocks_for(len(ids) + params.max_tokens, self.block_size)
-        if need > self.allocator.num_blocks:
-            raise UserError(f"the request needs {need} KV blocks and the cache has {self.allocator.num_blocks}: "
-                            f"raise --kv-cache-gb / --kv-cache-free-gpu-mem-fraction or lower max_tokens")
-        if params.n > self.max_batch_size:
-            raise UserError(f"n={params.n} completions exceed --max-batch-size {self.max_batch_size} "
-                            f"(each completion is a sequence of the batch)")
-        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_tokens:
-            raise UserError(f"prompt of {len(ids)} tokens exceeds --max-num-tokens {self.config.max_num_tokens} "
-                            f"and chunked prefill is off")
+        self.limits().check(ids, params)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,

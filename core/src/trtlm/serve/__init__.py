@@ -1,4 +1,4 @@
-"""``trtlm serve``: an OpenAI- and Triton-compatible HTTP server on the engine's :class:`AsyncEngine`.
+"""``trtlm serve``: an OpenAI- and Triton-compatible HTTP server; the engine runs in processes of its own.
 
 The server needs the optional ``serve`` extra (FastAPI, uvicorn, jinja2,
 prometheus-client); :func:`require_serve_deps` turns a missing one into one
@@ -13,7 +13,10 @@ line saying which pip command installs it.  Modules:
 * :mod:`trtlm.serve.streams`  -- the SSE streams of completions, chat and Triton generate_stream
 * :mod:`trtlm.serve.openai_protocol` / :mod:`trtlm.serve.triton_protocol` -- request validation, responses
 * :mod:`trtlm.serve.errors`   -- OpenAI / Triton error shapes
-* :mod:`trtlm.serve.ranks`    -- multi-rank engines: one process per rank, rank 0 serves
+* :mod:`trtlm.serve.ranks`    -- the engine's processes (one per rank), started and watched from here
+* :mod:`trtlm.serve.engine_core` -- rank 0's loop: apply commands, step, send each step's deltas
+* :mod:`trtlm.serve.engine_client` -- this process's side: submit, stream, abort, health
+* :mod:`trtlm.serve.wire`     -- the per-step deltas and their reassembly into RequestOutputs
 * :mod:`trtlm.serve.chat_template` -- chat templates rendered as transformers renders them
 * :mod:`trtlm.serve.metrics`  -- Prometheus metrics
 * :mod:`trtlm.serve.streaming` -- server-sent events with disconnect detection

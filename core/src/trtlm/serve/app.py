@@ -17,6 +17,7 @@ from trtlm.serve.errors import APIError, bad_request
 from trtlm.serve.generation import Prompt
 from trtlm.serve.handling import (
     drain_outputs,
+    engine_dead_error,
     field_name,
     internal_error,
     off_loop,
@@ -82,8 +83,8 @@ def create_app(state: ServerState):
     @app.get("/v1/models")
     async def models():
         card = {"id": settings.model_name, "object": "model", "created": state.created, "owned_by": "trtlm"}
-        if state.core is not None:
-            card["max_model_len"] = state.core.max_seq_len
+        if state.engine is not None:
+            card["max_model_len"] = state.engine.max_seq_len
         return {"object": "list", "data": [card]}
 
     async def run_to_end(request: Request, gen) -> None:
@@ -91,6 +92,10 @@ def create_app(state: ServerState):
         leaves first), then record its end-to-end latency and token usage."""
         try:
             await until_disconnect(request.receive, drain_outputs(gen))
+        except Exception as exc:
+            if isinstance(exc, engine_dead_error()):  # a 503 naming the cause, not a logged traceback
+                raise internal_error(state, exc) from None
+            raise
         finally:
             await gen.close()
         gen.e2e_done()
@@ -134,7 +139,7 @@ def create_app(state: ServerState):
             raise APIError(400, "this model has no chat template (no chat_template in its tokenizer_config.json, "
                                 "no chat_template.jinja): use /v1/completions, or start trtlm serve with "
                                 "--chat-template FILE", param="messages", code="chat_template_missing")
-        if state.core.tokenizer is None:
+        if state.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, which chat needs: use /v1/completions with token "
                                 "ids", param="messages")
         messages = [m.model_dump(exclude_none=False) for m in req.messages]
@@ -150,7 +155,7 @@ def create_app(state: ServerState):
             cut = text.rfind(final) if final else -1
             if cut >= 0:
                 text = text[:cut + len(final)]
-        prompt = Prompt(await off_loop(lambda t: encode_rendered(state.core.tokenizer, t), text), text)
+        prompt = Prompt(await off_loop(lambda t: encode_rendered(state.engine.tokenizer, t), text), text)
         max_tokens = token_budget(state, [prompt], req.token_limit(),
                                   "max_completion_tokens" if req.max_completion_tokens else "max_tokens", "messages")
         params = oai.sampling_params(req, max_tokens, req.num_logprobs())
@@ -185,11 +190,11 @@ def create_app(state: ServerState):
         state.require_ready()
         if stream:
             req.stream = True
-        if state.core.tokenizer is None:
+        if state.engine.tokenizer is None:
             raise bad_request("text_input", "this model has no tokenizer, which text_input needs")
         prompt = await tokenize_prompt(state, req.text_input, "text_input")
         req.max_tokens = token_budget(state, [prompt], req.max_tokens, "max_tokens", "text_input")
-        params = tri.sampling_params(req, state.core.tokenizer, state.core.vocab_size)
+        params = tri.sampling_params(req, state.engine.tokenizer, state.engine.vocab_size)
         gen = await start_generation(state, request, [prompt], params)
         if req.stream:
             return EventStream(triton_stream(state, request, gen, req, model),

@@ -51,10 +51,14 @@ def user_error(exc: UserError, default_param: str | None = None) -> APIError:
 
 
 def _engine_errors() -> tuple[type[BaseException], type[BaseException]]:
-    """(QueueFullError, EngineDeadError) of the engine (imported late: they live with torch)."""
-    from trtlm.runtime.async_engine import EngineDeadError, QueueFullError
+    """(QueueFullError, EngineDeadError) of the engine client (imported late, with the engine)."""
+    from trtlm.serve.engine_client import EngineDeadError, QueueFullError
 
     return QueueFullError, EngineDeadError
+
+
+def engine_dead_error() -> type[BaseException]:
+    return _engine_errors()[1]
 
 
 def field_name(param: str, index: int, count: int) -> str:
@@ -78,39 +82,39 @@ async def off_loop(fn, text: str):
 async def tokenize_prompt(state: ServerState, prompt: str | list[int], param: str, echo: bool = False) -> Prompt:
     """Token ids of a text or token-id prompt (ids checked against the vocabulary); the prompt's
     text too when it is to be echoed."""
-    core = state.core
+    engine = state.engine
     if isinstance(prompt, str):
-        if core.tokenizer is None:
+        if engine.tokenizer is None:
             raise bad_request(param, "this model has no tokenizer: send token ids instead of text")
-        return Prompt(list(await off_loop(core.tokenizer.encode, prompt)), prompt)
-    bad = next((t for t in prompt if not 0 <= t < core.vocab_size), None)
+        return Prompt(list(await off_loop(engine.tokenizer.encode, prompt)), prompt)
+    bad = next((t for t in prompt if not 0 <= t < engine.vocab_size), None)
     if bad is not None:
-        raise bad_request(param, f"token id {bad} is outside the vocabulary (0..{core.vocab_size - 1})")
-    text = core.tokenizer.decode(list(prompt)) if echo and core.tokenizer is not None else None
+        raise bad_request(param, f"token id {bad} is outside the vocabulary (0..{engine.vocab_size - 1})")
+    text = engine.tokenizer.decode(list(prompt)) if echo and engine.tokenizer is not None else None
     return Prompt(list(prompt), text)
 
 
 def token_budget(state: ServerState, prompts: list[Prompt], max_tokens: int | None, param: str,
                  prompt_param: str) -> int:
     """``max_tokens`` checked against the engine's lengths (``None``: all that fits)."""
-    core = state.core
+    engine = state.engine
     for i, p in enumerate(prompts):
         name = field_name(prompt_param, i, len(prompts))
         if not p.token_ids:
             raise bad_request(name, "the prompt is empty")
-        if len(p.token_ids) > core.max_input_len:
+        if len(p.token_ids) > engine.max_input_len:
             raise bad_request(name, f"the prompt is {len(p.token_ids)} tokens; this engine takes at most "
-                                    f"{core.max_input_len} (max_input_len)")
+                                    f"{engine.max_input_len} (max_input_len)")
     longest = max(len(p.token_ids) for p in prompts)
-    room = core.max_seq_len - longest
+    room = engine.max_seq_len - longest
     if room < 1:
         raise bad_request(prompt_param, f"the prompt ({longest} tokens) leaves no room to generate within "
-                                        f"max_seq_len {core.max_seq_len}")
+                                        f"max_seq_len {engine.max_seq_len}")
     if max_tokens is None:
         return room
     if max_tokens > room:
         raise bad_request(param, f"{max_tokens} tokens after a {longest}-token prompt exceed this engine's "
-                                 f"max_seq_len {core.max_seq_len}: ask for at most {room}")
+                                 f"max_seq_len {engine.max_seq_len}: ask for at most {room}")
     return max_tokens
 
 
@@ -162,7 +166,7 @@ def internal_error(state: ServerState, exc: BaseException) -> APIError:
 
 
 def token_text_fn(state: ServerState):
-    tok = state.core.tokenizer
+    tok = state.engine.tokenizer
     if tok is None:
         return str
     cache: dict[int, str] = {}

@@ -1,4 +1,4 @@
-"""``trtlm serve``'s entry: one server process, or one process per rank for a multi-rank engine."""
+"""``trtlm serve``'s entry: the HTTP process, which starts the engine's rank processes."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,8 @@ from trtlm.serve.server import ServeConfig, run_server
 
 
 def serve_main(config: ServeConfig, launch: str = "auto") -> None:
-    """``trtlm serve``: one process, or one per rank for a multi-rank engine (rank 0 serves)."""
+    """``trtlm serve``: HTTP in this process, the engine in one process per rank (``--launch single``:
+    a multi-rank engine merged into one)."""
     config.validate()
     if config.engine_dir is not None:
         from trtlm.runtime.launch import engine_world_size
@@ -17,12 +18,7 @@ def serve_main(config: ServeConfig, launch: str = "auto") -> None:
         world = engine_world_size(Path(config.engine_dir))
     else:
         world = 1
-    if world > 1 and launch != "single":
-        from trtlm.serve.ranks import serve_ranks  # rank 0 of those runs run_server itself
-
-        serve_ranks(config, world)
-        return
     if launch == "multi" and world == 1:
         raise UserError("--launch multi: this engine has one rank")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_server(config)
+    run_server(config, world_size=1 if launch == "single" else world)

@@ -1,7 +1,7 @@
 """Prometheus metrics of ``trtlm serve`` (``GET /metrics``), named as vLLM names them with a ``trtlm:`` prefix.
 
 Engine state (requests running / waiting, KV-cache usage, token counters,
-preemptions) is read from ``AsyncEngine.stats()`` when Prometheus scrapes, so
+preemptions) is read from ``EngineClient.stats()`` (the engine sends its stats with every step) when Prometheus scrapes, so
 the numbers are the engine's own and cost nothing between scrapes.  Latencies
 (time to first token, inter-token, end to end, queue) and request outcomes are
 recorded by the HTTP layer as responses are produced, i.e. as a client sees

@@ -1,27 +1,35 @@
-"""Serving a multi-rank (tensor / pipeline parallel) engine: one process per rank, rank 0 serves.
+"""The engine's processes: one per rank, started and watched by the API process.
 
-``trtlm serve`` on an engine with ``tp * pp > 1`` starts the ranks as
-``trtlm run`` does -- the same environment (:func:`trtlm.runtime.launch.worker_env`),
-the same rendezvous socket handed to rank 0, the same watcher that kills every
-rank when one fails (:func:`trtlm.runtime.launch.watch`) -- but each rank runs
-``python -m trtlm.serve.ranks CONFIG.json``:
+``trtlm serve`` is two kinds of process.  The one the user started serves
+HTTP (uvicorn, the routes, tokenization of requests, SSE); the engine runs in
+``world_size`` processes of ``python -m trtlm.serve.ranks JOB.json``
+started as ``trtlm run`` starts ranks -- the same environment
+(:func:`trtlm.runtime.launch.worker_env`), the same rendezvous socket handed to
+rank 0, the same watcher that kills every rank when one fails
+(:func:`trtlm.runtime.launch.watch`):
 
-* rank 0 loads its shard as :class:`trtlm.api.DistributedLLM` (the engine's
-  scheduler and sampling live there, every step is broadcast) and serves HTTP
-  on it exactly like a single-process server;
+* rank 0 loads the engine (all of it for a one-rank engine, its shard as
+  :class:`trtlm.api.DistributedLLM` otherwise: scheduler and sampling live
+  there and every step is broadcast) and steps it for the API process over a
+  socket pair (:mod:`trtlm.serve.engine_core`);
 * the other ranks load their shards and run :func:`trtlm.runtime.executor.follow`
-  until rank 0's engine says ``stop`` (on shutdown), then leave the group.
+  until rank 0's engine says ``stop``, then leave the group.
 
-Collectives wait :data:`SERVE_DIST_TIMEOUT_S`: an idle server's followers
-block in a broadcast for as long as no request comes, and a rank that dies is
-noticed by the launcher (its exit), which then stops the others.  SIGTERM or
-Ctrl-C to ``trtlm serve`` is passed to rank 0, which drains and stops the
-followers; all exit 0.
+Why a process of its own even for one rank: HTTP and the engine in one
+interpreter take turns on its lock, and at a few hundred streams the event
+loop's share stretches every decode step (see :mod:`trtlm.serve.engine_core`).
+
+The ranks ignore SIGINT and SIGTERM: the API process drains and then tells
+rank 0 to stop, which releases the followers; all exit 0.  A rank that fails
+ends the server with ``rank N failed: ...``; a step that raises leaves the
+server answering 503 with the cause until it is stopped.  Every rank also dies
+with the API process (``PR_SET_PDEATHSIG``), so none is ever orphaned.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,130 +37,180 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from trtlm.errors import UserError
 
-#: Bound on one collective while serving (an idle server waits in one for as long as no request comes).
+#: Bound on one collective while serving (an idle server's followers wait in one for as long as no request comes).
 SERVE_DIST_TIMEOUT_S = 7 * 24 * 3600.0
-#: After rank 0 exited, how long the followers get to leave the group before they are killed.
-FOLLOWER_EXIT_S = 10.0
+#: After ``stop``, how long the ranks get to leave before they are killed.
+RANK_EXIT_S = 15.0
+#: The inherited socket (a file descriptor number) rank 0 talks to the API process on.
+ENGINE_FD_ENV = "TRTLM_ENGINE_FD"
 
 
-def _config_json(config) -> str:
-    return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()})
+def _rank_job(config) -> str:
+    """What a rank needs of ``trtlm serve``'s options (JSON): where the engine is and how to run it."""
+    return json.dumps({"engine_dir": str(config.engine_dir),
+                       "tokenizer_dir": str(config.tokenizer_dir) if config.tokenizer_dir else None,
+                       "device": config.device, "engine": config.engine})
 
 
-def _config_from_json(text: str):
-    from trtlm.serve.server import ServeConfig
+class EngineProcesses:
+    """The rank processes of one served engine, as the API process starts, watches and stops them."""
 
-    raw = json.loads(text)
-    for key in ("engine_dir", "model_dir", "tokenizer_dir", "chat_template"):
-        if raw.get(key) is not None:
-            raw[key] = Path(raw[key])
-    return ServeConfig(**raw)
+    def __init__(self, config, engine_dir: Path, world_size: int):
+        # The ranks see a resolved engine directory (``--model-dir`` was built into the cache already).
+        self.config = replace(config, engine_dir=Path(engine_dir), model_dir=None)
+        self.world_size = world_size
+        self.procs: list[subprocess.Popen] = []
+        self.tmpdir: Path | None = None
+        self.client = None
+        self._verdict: list[str] = []  #: the watcher's one-line failure, once a rank failed
+        self._watched = threading.Event()
 
+    def start(self):
+        """Start the ranks and return an :class:`~trtlm.serve.engine_client.EngineClient` once rank 0's
+        engine is ready; :class:`UserError` naming the failure when a rank fails to load."""
+        from multiprocessing.connection import Connection
 
-def serve_ranks(config, world_size: int) -> None:
-    """Start ``world_size`` rank processes (rank 0 serves), forward SIGTERM/SIGINT to rank 0, and
-    wait; raise :class:`UserError` naming the rank when one fails."""
-    from trtlm.runtime.launch import _forward_output, kill_all, watch, worker_env
+        from trtlm.runtime.loader import load_engine_config, load_tokenizer_and_eos
+        from trtlm.serve.engine_client import EngineClient
 
-    with tempfile.TemporaryDirectory(prefix="trtlm-serve-") as tmp:
-        tmpdir = Path(tmp)
-        cfg_path = tmpdir / "serve.json"
-        cfg_path.write_text(_config_json(config))
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(max(128, world_size))
-        port = listener.getsockname()[1]
-        procs: list[subprocess.Popen] = []
-        forwarder = None
-        signals = {"count": 0}
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="trtlm-serve-"))
+        cfg_path = self.tmpdir / "serve.json"
+        cfg_path.write_text(_rank_job(self.config))
+        ours, theirs = socket.socketpair()
+        spawned = threading.Event()
+        # The ranks are started by the thread that watches them, which lives as long as they do:
+        # PR_SET_PDEATHSIG (each rank dies with its launcher) fires when the starting *thread* ends.
+        threading.Thread(target=self._start_and_watch, args=(cfg_path, theirs, spawned), name="trtlm-ranks",
+                         daemon=True).start()
+        spawned.wait()
+        if not self.procs:
+            ours.close()
+            raise UserError(self._verdict[0] if self._verdict else "the engine's processes could not be started")
+        conn = Connection(ours.detach())
+        engine_dir = self.config.engine_dir
+        tokenizer, _eos, _error = load_tokenizer_and_eos(load_engine_config(engine_dir),
+                                                         Path(self.config.tokenizer_dir or engine_dir))
+        info = self._wait_ready(conn)
+        self.client = EngineClient(conn, info, tokenizer, max_queue_size=self.config.max_queue_size, stop=self.stop)
+        if self._verdict:  # a rank failed between ``ready`` and here
+            self.client.fail(self._verdict[0])
+        return self.client
 
-        def on_signal(signum, frame):
-            signals["count"] += 1
-            if signals["count"] == 1 and procs and procs[0].poll() is None:
-                procs[0].send_signal(signal.SIGTERM)  # rank 0 drains and releases the followers
-            elif signals["count"] > 1:
-                raise KeyboardInterrupt
+    def _wait_ready(self, conn) -> dict[str, Any]:
+        while True:
+            if self._verdict:
+                self.stop(failed=True)
+                raise UserError(self._verdict[0])
+            try:
+                if conn.poll(0.05):
+                    message = conn.recv()
+                    if message[0] == "ready":
+                        return message[1]
+            except (EOFError, OSError):  # rank 0 is gone: the watcher says why in a moment
+                self._watched.wait(timeout=30)
+                self.stop(failed=True)
+                raise UserError(self._verdict[0] if self._verdict else "the engine process exited while loading")
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if threading.current_thread() is threading.main_thread() else {}
+    def _spawn(self, cfg_path: Path, theirs: socket.socket) -> None:
+        from trtlm.runtime.launch import STORE_FD_ENV, worker_env
+
+        store = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        store.bind(("127.0.0.1", 0))
+        store.listen(max(128, self.world_size))
         try:
-            for rank in range(world_size):
-                fd = listener.fileno() if rank == 0 else None
-                env = worker_env(rank, world_size, port, tmpdir / f"rank{rank}.json", fd)
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "trtlm.serve.ranks", str(cfg_path)], env=env, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, pass_fds=(fd,) if fd is not None else (),
-                    start_new_session=False))
+            for rank in range(self.world_size):
+                env = worker_env(rank, self.world_size, store.getsockname()[1], self.tmpdir / f"rank{rank}.json",
+                                 store.fileno() if rank == 0 else None)
+                fds: tuple[int, ...] = ()
                 if rank == 0:
-                    listener.close()
-                    forwarder = threading.Thread(target=_forward_output, args=(procs[0].stdout, sys.stdout), daemon=True)
-                    forwarder.start()
-            _watch_serving(procs, tmpdir, watch)
+                    env[ENGINE_FD_ENV] = str(theirs.fileno())
+                    fds = (store.fileno(), theirs.fileno())
+                else:
+                    env.pop(STORE_FD_ENV, None)
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "trtlm.serve.ranks", str(cfg_path)],
+                                                   env=env, stdin=subprocess.DEVNULL, pass_fds=fds))
         finally:
-            listener.close()
-            kill_all(procs)
-            if forwarder is not None:
-                forwarder.join(timeout=5)
-            for s, h in previous.items():
-                signal.signal(s, h)
+            store.close()
+            theirs.close()
 
+    def _start_and_watch(self, cfg_path: Path, theirs: socket.socket, spawned: threading.Event) -> None:
+        """The ranks' thread: start them, then wait until all exit 0 after ``stop``, or one fails
+        and the rest are killed (its one-line verdict fails the client)."""
+        from trtlm.runtime.launch import kill_all, watch
 
-def _watch_serving(procs, tmpdir: Path, watch) -> None:
-    """:func:`trtlm.runtime.launch.watch`, plus: once rank 0 exited 0, followers that do not leave within
-    :data:`FOLLOWER_EXIT_S` are killed (the server is done either way)."""
-    done = threading.Event()
-    error: list[BaseException] = []
-
-    def run():
         try:
-            watch(procs, tmpdir)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            error.append(exc)
+            try:
+                self._spawn(cfg_path, theirs)
+            except OSError as exc:
+                kill_all(self.procs)
+                self.procs.clear()
+                self._verdict.append(f"the engine's processes could not be started: {exc}")
+                return
+            finally:
+                spawned.set()
+            watch(self.procs, self.tmpdir)
+        except UserError as exc:
+            message = str(exc)
+            if self.world_size == 1:  # one process: "rank 0" would only puzzle
+                message = message.removeprefix("rank 0 failed: ")
+            self._verdict.append(message)
+            if self.client is not None:
+                self.client.fail(message)
         finally:
-            done.set()
+            self._watched.set()
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    rank0_exit: float | None = None
-    while not done.wait(0.05):
-        if procs[0].poll() == 0:
-            rank0_exit = rank0_exit or time.monotonic()
-            if time.monotonic() - rank0_exit > FOLLOWER_EXIT_S:
-                for p in procs[1:]:
-                    if p.poll() is None:
-                        p.kill()
-                break
-    t.join(timeout=15)
-    if error:
-        raise error[0]
+    def stop(self, failed: bool) -> None:
+        """After ``stop`` was sent: wait for the ranks to leave; kill them when ``failed`` or too slow."""
+        from trtlm.runtime.launch import kill_all
+
+        if not failed:
+            self._watched.wait(timeout=RANK_EXIT_S)
+        kill_all(self.procs)
+        self._watched.wait(timeout=5)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def _load_rank0(config, env):
-    """rank 0's loader for :func:`trtlm.serve.server.run_server`."""
-    from trtlm.api import DistributedLLM
-    from trtlm.runtime.async_engine import AsyncEngine
-    from trtlm.serve.server import engine_config, load_chat_template
+# ---------------------------------------------------------------------------------------------- in a rank
+def _serve_rank0(job: dict[str, Any], env) -> None:
+    from multiprocessing.connection import Connection
 
-    engine_dir = Path(config.engine_dir)
-    template = load_chat_template(config, engine_dir, config.tokenizer_dir)
-    llm = DistributedLLM(engine_dir, tokenizer_dir=config.tokenizer_dir, device=config.device,
-                         timeout_s=SERVE_DIST_TIMEOUT_S, env=env, engine_config=engine_config(config))
-    async_engine = AsyncEngine(llm.engine, max_queue_size=config.max_queue_size)
-    async_engine.start()
-    return async_engine, llm.engine, template
+    from trtlm.commands.engine_options import engine_config
+    from trtlm.serve.engine_core import serve_engine
+
+    conn = Connection(int(os.environ[ENGINE_FD_ENV]))
+    if env.world_size == 1:
+        from trtlm.runtime.engine import Engine
+
+        engine = Engine.from_engine_dir(job["engine_dir"], device=job["device"], tokenizer_dir=job["tokenizer_dir"],
+                                        config=engine_config(job["engine"]))
+    else:
+        from trtlm.api import DistributedLLM
+
+        engine = DistributedLLM(Path(job["engine_dir"]), tokenizer_dir=job["tokenizer_dir"], device=job["device"],
+                                timeout_s=SERVE_DIST_TIMEOUT_S, env=env,
+                                engine_config=engine_config(job["engine"])).engine
+    conn.send(("ready", {"limits": engine.limits().to_dict(), "stats": engine.stats()}))
+    serve_engine(engine, conn)
+    engine.close()  # a multi-rank engine's close tells the followers to stop
+    if env.world_size > 1:
+        from trtlm.runtime.distributed import shutdown
+
+        shutdown()
 
 
-def _follow(config, env) -> None:
+def _follow(job: dict[str, Any], env) -> None:
     from trtlm.api import DistributedLLM
     from trtlm.runtime.distributed import shutdown
     from trtlm.runtime.executor import follow
 
-    llm = DistributedLLM(Path(config.engine_dir), tokenizer_dir=config.tokenizer_dir, device=config.device,
+    llm = DistributedLLM(Path(job["engine_dir"]), tokenizer_dir=job["tokenizer_dir"], device=job["device"],
                          timeout_s=SERVE_DIST_TIMEOUT_S, env=env, engine_config=None)
     while follow(llm.model, llm.state, llm._pool_box)[0] != "stop":
         pass
@@ -160,29 +218,25 @@ def _follow(config, env) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One rank of a served multi-rank engine (started by :func:`serve_ranks`)."""
+    """One rank of a served engine (started by :class:`EngineProcesses`)."""
     from trtlm.runtime.worker import _die_with_launcher, fail
 
     argv = sys.argv[1:] if argv is None else argv
     _die_with_launcher()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which tells rank 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which stops the ranks
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         from trtlm.runtime.launch import rank_env
 
         env = rank_env()
         if env is None or len(argv) != 1:
-            raise UserError("trtlm.serve.ranks is started by `trtlm serve` for a multi-rank engine")
-        config = _config_from_json(Path(argv[0]).read_text())
+            raise UserError("trtlm.serve.ranks is started by `trtlm serve`")
+        job = json.loads(Path(argv[0]).read_text())
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if env.rank == 0:
-            from trtlm.runtime.distributed import shutdown
-            from trtlm.serve.server import run_server
-
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            run_server(config, loader=lambda c: _load_rank0(c, env), on_stop=shutdown)
+            _serve_rank0(job, env)
         else:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when the followers stop
-            _follow(config, env)
+            _follow(job, env)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
         return fail(exc)
     sys.stdout.flush()

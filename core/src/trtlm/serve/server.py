@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,18 +120,14 @@ def load_chat_template(config: ServeConfig, engine_dir: Path, tokenizer_dir: Pat
     return ChatTemplate.from_directory(Path(tokenizer_dir or engine_dir), override=config.chat_template)
 
 
-def load_local(config: ServeConfig):
-    """(AsyncEngine started, Engine, ChatTemplate | None) of a single-process engine."""
-    from trtlm.runtime.async_engine import AsyncEngine
-    from trtlm.runtime.engine import Engine
+def start_engine(config: ServeConfig, world_size: int = 1):
+    """(EngineClient, ChatTemplate | None): the engine started in its own process(es), ready."""
+    from trtlm.serve.ranks import EngineProcesses
 
     engine_dir, tokenizer_dir = resolve_engine_dir(config)
     template = load_chat_template(config, engine_dir, tokenizer_dir)
-    engine = Engine.from_engine_dir(engine_dir, device=config.device, tokenizer_dir=tokenizer_dir,
-                                    config=engine_config(config))
-    async_engine = AsyncEngine(engine, max_queue_size=config.max_queue_size)
-    async_engine.start()
-    return async_engine, engine, template
+    processes = EngineProcesses(replace(config, tokenizer_dir=tokenizer_dir), engine_dir, world_size)
+    return processes.start(), template
 
 
 def _one_line(exc: BaseException) -> str:
@@ -152,11 +148,10 @@ def setup_logging(level: str) -> None:
         lg.propagate = False
 
 
-def run_server(config: ServeConfig, loader=None, on_stop=None) -> None:
-    """Serve until SIGTERM / SIGINT; raise :class:`UserError` when the engine fails to load.
+def run_server(config: ServeConfig, world_size: int = 1) -> None:
+    """Serve until SIGTERM / SIGINT; raise :class:`UserError` when the engine fails to load or dies.
 
-    ``loader()`` returns (AsyncEngine, Engine, ChatTemplate); default: :func:`load_local`.
-    ``on_stop()`` runs after the engine stopped (multi-rank: release the followers).
+    HTTP runs in this process, the engine in ``world_size`` rank processes (:mod:`trtlm.serve.ranks`).
     """
     import uvicorn
 
@@ -164,9 +159,9 @@ def run_server(config: ServeConfig, loader=None, on_stop=None) -> None:
     from trtlm.serve.state import ServerState, ServeSettings
 
     setup_logging(config.log_level)
-    # The engine thread and the event loop share the GIL.  When the engine thread comes back from a
-    # GPU wait it queues for the GIL for up to the switch interval (5 ms by default) while the loop
-    # streams tokens -- at hundreds of running requests, every decode step.  0.5 ms bounds that wait.
+    # The engine's reader thread and the event loop share this process's GIL: when a step's outputs
+    # arrive, the reader queues for it for up to the switch interval (5 ms by default) while the loop
+    # streams tokens.  0.5 ms bounds that wait.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     settings = ServeSettings(model_name=config.model_name(), api_key=config.api_key,
                              request_timeout_s=config.request_timeout, max_body_bytes=config.max_body_size,
@@ -180,11 +175,17 @@ def run_server(config: ServeConfig, loader=None, on_stop=None) -> None:
                              timeout_graceful_shutdown=config.shutdown_grace + 10, timeout_keep_alive=5)
     server = _Server(uconfig, state, config.shutdown_grace)
 
+    def stop_serving() -> None:  # a rank died: the server cannot recover, stop with the cause
+        server.should_exit = True
+
     def load() -> None:
         try:
             started = time.monotonic()
-            async_engine, engine, template = (loader or load_local)(config)
-            state.set_ready(async_engine, engine, template)
+            engine, template = start_engine(config, world_size)
+            engine.on_failure = stop_serving
+            state.set_ready(engine, template)
+            if not engine.healthy:  # it failed before it could tell us
+                stop_serving()
             log.info("model %r ready in %.1f s (max_seq_len %d, chat template: %s)", settings.model_name,
                      time.monotonic() - started, engine.max_seq_len, "yes" if template is not None else "none")
             print(f"trtlm serve: ready at {url}", flush=True)
@@ -204,19 +205,13 @@ def run_server(config: ServeConfig, loader=None, on_stop=None) -> None:
         sock.close()
         loader_thread.join(timeout=None if state.status != "loading" else 0)
         engine = state.engine
-        if engine is not None and not engine.healthy and engine.error is not None:
-            # The stepping thread died: stopping the engine could wait forever on a collective
-            # with ranks stuck in the failed step; leave that to the process's exit.
-            dead = engine.error
-        else:
-            if engine is not None:
-                engine.shutdown(grace_s=0)
-            if on_stop is not None:
-                on_stop()
+        if engine is not None:
+            dead = engine.error  # a failed engine's ranks are killed, not asked to stop
+            engine.shutdown(grace_s=0)
     if state.status == "failed":
         raise UserError(state.error or "the engine failed to load")
     if dead is not None:
-        raise UserError(f"the engine failed while serving: {_one_line(dead)}")
+        raise UserError(f"the engine failed while serving: {dead}")
     print("trtlm serve: stopped", flush=True)
 
 

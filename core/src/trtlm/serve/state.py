@@ -32,8 +32,7 @@ class ServerState:
         from trtlm.serve.metrics import Metrics
 
         self.settings = settings
-        self.engine = None  # AsyncEngine
-        self.core = None  # its Engine (tokenizer, limits)
+        self.engine = None  # EngineClient (tokenizer, limits, requests)
         self.chat_template = None
         self.status = "loading"  # loading | ready | failed | draining
         self.error: str | None = None
@@ -44,8 +43,8 @@ class ServerState:
     def stats(self):
         return self.engine.stats() if self.engine is not None else None
 
-    def set_ready(self, async_engine, engine, chat_template) -> None:
-        self.engine, self.core, self.chat_template = async_engine, engine, chat_template
+    def set_ready(self, engine, chat_template) -> None:
+        self.engine, self.chat_template = engine, chat_template
         if self.status == "loading":
             self.status = "ready"
 
@@ -62,7 +61,7 @@ class ServerState:
             return "the server is shutting down"
         if self.engine is not None and not getattr(self.engine, "healthy", True):
             err = getattr(self.engine, "error", None)
-            return f"the engine stopped: {type(err).__name__}: {err}" if err is not None else "the engine stopped"
+            return f"the engine stopped: {err}" if err is not None else "the engine stopped"
         return None
 
     def require_ready(self) -> None:
