@@ -63,7 +63,20 @@ if has serve; then  # trtlm bench serve against trtlm serve, and the engine offl
   for i in $(seq 240); do curl -sf localhost:8000/health >/dev/null && break; kill -0 $SERVER || break; sleep 1; done
   echo "server ready after ${i}s"
   S="trtlm bench serve --base-url http://127.0.0.1:8000 --dataset $W/requests.jsonl --json"
+  # what the server does under the unlimited load: running/waiting every 0.5 s, CPU of each process,
+  # and (where py-spy was carried in dist_gpu/extra) 20 s profiles of the API and engine processes
+  ENGINE_PID=$(pgrep -f "trtlm.serve.ranks" | head -1)
+  ( for i in $(seq 160); do echo "t=$i $(curl -s localhost:8000/metrics | grep -E '^trtlm:num_requests_(running|waiting)' | awk '{printf "%s ", $2}') \
+      $(ps -o times= -p $SERVER,$ENGINE_PID | tr '\n' ' ')"; sleep 0.5; done > "$OUT/serve_load_timeline.txt" ) &
+  TIMELINE=$!
+  if python3 -m pip install -q --no-index --find-links dist_gpu/extra py-spy 2>/dev/null && command -v py-spy >/dev/null; then
+    ( sleep 10; py-spy record --nonblocking -p $SERVER -d 20 -r 100 -f raw -o "$OUT/serve_api_profile.txt" >/dev/null 2>&1 ) &
+    ( sleep 10; py-spy record --nonblocking -p $ENGINE_PID -d 20 -r 100 -f raw -o "$OUT/serve_engine_profile.txt" >/dev/null 2>&1 ) &
+  fi
   run serve_unlimited 240 $S --num-prompts 1000 --request-rate inf
+  kill $TIMELINE 2>/dev/null; wait
+  # one file for the diagnostics: the device tool brings back at most 8 files
+  ( cd "$OUT" && tar czf serve_diagnostics.tar.gz --remove-files serve_load_timeline.txt serve_*_profile.txt 2>/dev/null )
   run serve_concurrency64 240 $S --num-prompts 1000 --max-concurrency 64
   curl -s localhost:8000/metrics | grep -E "^trtlm:(num_requests|kv_cache|prompt_tokens|generation_tokens|request_success)" | head -30 > "$OUT/serve_metrics.txt"
   kill -TERM $SERVER; wait $SERVER; echo "server exit $?"

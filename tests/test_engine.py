@@ -406,6 +406,67 @@ def test_server_stream_outputs_equal_the_engines_own(engine_dir):
                     assert abs(ge[tid] - we[tid]) < 1e-4
 
 
+def test_steps_merged_by_a_reader_that_fell_behind_rebuild_the_same_outputs(engine_dir):
+    """A server's reader that fell behind the engine merges the steps waiting in the pipe
+    (``trtlm.serve.wire.merge_steps``): merged in random groups, the rebuilt outputs are the same as
+    step by step -- final outputs, and every request's new ids and logprobs, concatenated, in order."""
+    from collections import defaultdict
+
+    from trtlm.serve.wire import OutputAssembler, encode_outputs, merge_steps
+
+    eng = open_engine(engine_dir("mistral"))
+    cases = [(prompt(60, 9), SamplingParams(max_tokens=14, ignore_eos=True, logprobs=1)),
+             (prompt(61, 5), SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=5, ignore_eos=True)),
+             (prompt(62, 30), SamplingParams(max_tokens=11, ignore_eos=True))]
+    for i, (p, sp) in enumerate(cases):
+        eng.add_request(p, sp, request_id=f"r{i}")
+    steps = []
+    while eng.has_unfinished():
+        steps.append(encode_outputs(eng.step()))
+
+    def rebuild(groups):
+        asm = OutputAssembler()
+        for i, (p, _) in enumerate(cases):
+            asm.start(f"r{i}", p)
+        last, new_ids, new_logprobs = {}, defaultdict(list), defaultdict(list)
+        for group in groups:
+            for delta in merge_steps(group):
+                out = asm.assemble(delta)
+                last[out.request_id] = out
+                for c in out.outputs:
+                    new_ids[out.request_id, c.index] += c.new_token_ids
+        return last, dict(new_ids)
+
+    alone = rebuild([[s] for s in steps])
+    rng, groups, i = random.Random(0), [], 0
+    while i < len(steps):
+        k = rng.randint(2, 5)
+        groups.append(steps[i:i + k])
+        i += k
+    merged = rebuild(groups)
+    assert len(groups) < len(steps) and merged[1] == alone[1]
+    for rid, out in alone[0].items():
+        other = merged[0][rid]
+        assert out.finished and other.finished
+        for a, b in zip(out.outputs, other.outputs):
+            assert (a.token_ids, a.text, a.finish_reason, a.logprobs) == (b.token_ids, b.text, b.finish_reason,
+                                                                          b.logprobs)
+            assert alone[1][rid, a.index] == a.token_ids  # the new ids add up to the whole
+
+
+def test_warm_up_leaves_no_trace(engine_dir, hf_dir):
+    """A server warms its engine up before it is ready: afterwards the counters are zero, every block
+    is free, and greedy decoding still equals transformers."""
+    eng = open_engine(engine_dir("mistral"))
+    eng.warm_up()
+    stats = eng.stats()
+    assert (stats.steps, stats.prompt_tokens_total, stats.generation_tokens_total, stats.kv_blocks_used) == (0,) * 4
+    assert not eng.has_unfinished()
+    p = prompt(70, 11)
+    [out] = eng.generate([p], SamplingParams(max_tokens=8))
+    assert out.outputs[0].token_ids == transformers_greedy(hf_dir("mistral"), [p], 8)[0]
+
+
 # -- sampling ----------------------------------------------------------------------------------------------------
 def test_seeded_sampling_does_not_depend_on_the_batch(engine_dir):
     mistral = engine_dir("mistral")

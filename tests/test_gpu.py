@@ -168,6 +168,29 @@ def test_cuda_graph_decode_identical_to_eager(family):
 
 
 @CUDA
+def test_warm_up_captures_every_graph_and_changes_no_output():
+    """``Engine.warm_up`` (what ``trtlm serve`` runs before it is ready) captures every (batch, context)
+    bucket -- the scratch block absorbs the K/V that capturing writes -- leaves the counters at zero and
+    the pool free, and the engine then decodes exactly what a cold engine decodes (bit-identical logits:
+    same kernels, same inputs)."""
+    from trtlm.runtime.sampling import SamplingParams
+
+    model = _model("mistral", "bfloat16", "cuda")
+    cold, warm = _engine_on(model, "cuda", True), _engine_on(model, "cuda", True)
+    warm.warm_up()
+    graphs = warm.executor.graphs
+    assert set(graphs.graphs) == {(b, c) for b in graphs.batch_buckets for c in graphs.context_buckets()}
+    stats = warm.stats()
+    assert (stats.steps, stats.prompt_tokens_total, stats.kv_blocks_used) == (0, 0, 0)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    a = cold.generate(PROMPTS, params, keep_logits=True)
+    b = warm.generate(PROMPTS, params, keep_logits=True)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert all(torch.equal(p, q) for p, q in zip(x.step_logits, y.step_logits))
+
+
+@CUDA
 @pytest.mark.parametrize("family", ["mistral", "mixtral"])
 def test_mixed_steps_split_into_graph_and_eager_give_eager_tokens(family):
     """Staggered admissions make steps that mix decodes with prompt chunks; with CUDA graphs their

@@ -644,6 +644,11 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+#: Forwards of the engine's start-up warm-up (``Engine.warm_up``: two prompts prefilled in one step,
+#: then three decode steps to their 4 tokens), counted by the fault injection's forward numbering.
+WARM_UP_FORWARDS = 4
+
+
 @pytest.fixture(scope="module")
 def tp2_engine(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tp2")
@@ -687,10 +692,11 @@ def test_tp2_engine_served_end_to_end(tp2_engine, tmp_path):
 
 
 def test_tp2_rank_failure_stops_the_server(tp2_engine, tmp_path):
-    """Rank 1 dies at its 4th forward (test-only fault injection): the launcher kills rank 0 too and
+    """Rank 1 dies at its 4th forward of the request (test-only fault injection; the count includes the
+    start-up warm-up's WARM_UP_FORWARDS): the launcher kills rank 0 too and
     `trtlm serve` fails with one line naming rank 1; the client sees its connection end."""
     s = Server(["--engine-dir", tp2_engine, "--served-model-name", MODEL], tmp_path,
-               env={"TRTLM_TEST_FAULT": "1:4:exit"})
+               env={"TRTLM_TEST_FAULT": f"1:{WARM_UP_FORWARDS + 4}:exit"})
     try:
         ranks = children(s.proc.pid)
         try:  # the request fails one way or the other: an error answer, or the connection ends
@@ -708,11 +714,11 @@ def test_tp2_rank_failure_stops_the_server(tp2_engine, tmp_path):
 
 
 def test_engine_failure_makes_health_503(tp2_engine, tmp_path):
-    """Rank 0's engine step raises (test-only fault injection at its 4th forward): the request in
+    """Rank 0's engine step raises (test-only fault injection at the request's 4th forward): the request in
     flight fails with a 5xx, /health and new requests answer 503 naming the failure, and SIGTERM then
     ends `trtlm serve` with one error line (exit 1) and no rank left behind."""
     s = Server(["--engine-dir", tp2_engine, "--served-model-name", MODEL], tmp_path,
-               env={"TRTLM_TEST_FAULT": "0:4:raise"})
+               env={"TRTLM_TEST_FAULT": f"0:{WARM_UP_FORWARDS + 4}:raise"})
     try:
         ranks = children(s.proc.pid)
         r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50}, timeout=30)
@@ -729,6 +735,42 @@ def test_engine_failure_makes_health_503(tp2_engine, tmp_path):
         assert not [p for p in ranks if alive(p)]
     finally:
         s.stop()
+
+
+def test_engine_process_killed_mid_stream_stops_the_server_with_one_line(engine_dir, tmp_path):
+    """HTTP and the engine are separate processes: when the engine process dies (SIGKILL, as the
+    kernel's OOM killer would), the stream in flight ends with an error event naming the cause and
+    ``[DONE]``, and `trtlm serve` exits 1 with one line
+    saying so -- never a server that accepts requests it can no longer run."""
+    s = Server(["--engine-dir", engine_dir, "--served-model-name", MODEL], tmp_path)
+    try:
+        [engine_pid] = children(s.proc.pid)
+        results: dict = {}
+        t = threading.Thread(target=lambda: _stream_or_fail(s.url, results))
+        t.start()
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(s.url + "/metrics").text, "trtlm:generation_tokens_total") < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(engine_pid, signal.SIGKILL)
+        assert s.proc.wait(timeout=30) == 1
+        t.join(timeout=10)
+        events = results["events"]  # the stream ends with an error event naming the cause, then [DONE]
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "unavailable", events[-3:]
+        assert "killed by signal SIGKILL" in events[-2]["error"]["message"]
+        err = [line for line in s.stderr().splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "the engine process failed: killed by signal SIGKILL" in err[0], s.stderr()[-2000:]
+        assert "Traceback" not in s.stderr()
+    finally:
+        s.stop()
+
+
+def _stream_or_fail(url: str, results: dict) -> None:
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=long_stream(0), timeout=60) as resp:
+            results["events"] = sse_events(resp.iter_lines())
+    except httpx.HTTPError as exc:
+        results["error"] = repr(exc)
 
 
 def test_engine_that_fails_to_load_stops_the_server_with_one_line(engine_dir, tmp_path):

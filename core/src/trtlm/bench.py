@@ -500,7 +500,8 @@ def run_bench(bm: BenchModel, device: torch.device, opts: BenchOptions, log: Cal
         requests = offline_requests(opts, vocab)
         longest = max(len(p) + n for p, n in requests)
         engine = make_engine(bm, device, opts.max_batch_size, longest, opts.max_num_tokens, opts.cuda_graphs)
-        run_offline(engine, device, requests[:min(len(requests), 2 * opts.max_batch_size)][:16])  # warm-up
+        engine.warm_up()  # as `trtlm serve` starts: kernels compiled, every CUDA graph captured
+        run_offline(engine, device, requests[:min(len(requests), 2 * opts.max_batch_size)][:16])
         for static in ([False, True] if opts.static_baseline else [False]):
             row = run_offline(engine, device, requests, static=static)
             info["offline"].append(row)

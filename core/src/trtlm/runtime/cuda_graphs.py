@@ -70,6 +70,31 @@ class DecodeGraphs:
                             query_start_loc=self.starts[:bb + 1], logits_indices=self.rows[:bb],
                             query_lens_host=[1] * bb, context_lens_host=[1] * bb, decode_only=True, max_context=cb)
 
+    def context_buckets(self) -> list[int]:
+        """Every value :func:`context_bucket` can return for this pool."""
+        out, b = [], MIN_CONTEXT_BUCKET
+        while b < self.max_context:
+            out.append(b)
+            b *= 2
+        return out + [self.max_context]
+
+    def capture_all(self) -> int:
+        """Capture every (batch, context) bucket now -- a server's start-up -- so that no request's
+        step pays for a capture (tens of milliseconds each, lazily at the first use otherwise).
+        The rows point at the scratch block: capturing runs the model, which writes K/V."""
+        self.tokens.zero_()
+        self.positions.zero_()
+        self.slots.fill_(self.scratch * self.pool.block_size)
+        self.tables.fill_(self.scratch)
+        self.context.fill_(1)
+        captured = 0
+        for bb in self.batch_buckets:
+            for cb in self.context_buckets():
+                if (bb, cb) not in self.graphs:
+                    self.graphs[bb, cb] = self._capture(bb, cb)
+                    captured += 1
+        return captured
+
     def _capture(self, bb: int, cb: int):
         batch = self._batch(bb, cb)
         stream = torch.cuda.Stream(self.device)

@@ -234,6 +234,22 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
+    def warm_up(self) -> None:
+        """Compile the kernels and capture the CUDA graphs before the first request (a server's
+        start-up; ``trtlm bench`` too, so that both are measured warm): one prefill chunk of up to
+        ``max_num_tokens`` tokens and a few decode steps, then every graph bucket.  The counters
+        (steps, tokens) are reset afterwards, and the warm-up's blocks are free again."""
+        fits = self.allocator.num_blocks * self.block_size // 2 - self.block_size - 4  # two at once
+        length = min(self.max_input_len, self.config.max_num_tokens // 2, self.max_seq_len - 4, fits)
+        if length >= 1:
+            prompts = [[(7 * i + j) % self.vocab_size for j in range(length)] for i in range(2)]
+            self.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                  detokenize=False))
+        capture = getattr(self.executor, "capture_graphs", None)
+        if capture is not None:
+            capture()
+        self.steps = self.prompt_tokens_total = self.generation_tokens_total = 0
+
     def _new_seq(self, req: Request, index: int, ids: list[int], now: float) -> Sequence:
         params = req.params
         detok = IncrementalDetokenizer(self.tokenizer if params.detokenize else None, params.stop,

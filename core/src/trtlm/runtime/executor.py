@@ -132,6 +132,11 @@ class LocalExecutor:
     def copy_block(self, src: int, dst: int) -> None:
         self.pool.copy_block(src, dst)
 
+    @torch.inference_mode()
+    def capture_graphs(self) -> int:
+        """Every CUDA graph the decode steps can use, captured now (0 without graphs)."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
+
     def shutdown(self) -> None:
         self.graphs = None
 

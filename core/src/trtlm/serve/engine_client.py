@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable
 
 from trtlm.errors import UserError
 from trtlm.runtime.limits import PromptLimits
-from trtlm.serve.wire import OutputAssembler
+from trtlm.serve.wire import OutputAssembler, merge_steps
 
 
 class QueueFullError(Exception):
@@ -36,6 +36,8 @@ class EngineDeadError(Exception):
 
 
 _END = object()
+#: Step messages waiting in the pipe that the reader merges into one hand-over (see ``merge_steps``).
+MAX_STEPS_MERGED = 32
 #: After the engine's pipe closed, how long to wait for the process watcher to say which rank failed.
 EOF_VERDICT_S = 3.0
 
@@ -184,20 +186,18 @@ class EngineClient:
             self._conn.send(message)
 
     def _read(self) -> None:
-        """The reader thread: one message per engine step."""
+        """The reader thread: the engine's step messages, several at once when it fell behind."""
         try:
             while True:
-                message = self._conn.recv()
-                kind = message[0]
-                if kind == "step":
-                    _, deltas, rejected, stats, adds = message
-                    with self._lock:
-                        self._stats, self._adds_applied = stats, adds
-                        items = [(d[0], out) for d in deltas if (out := self._assembler.assemble(d)) is not None]
-                    items += [(rid, UserError(msg)) for rid, msg in rejected]
-                    self._deliver_many(items)
-                elif kind == "dead":
-                    self.fail(message[1], process_gone=False)
+                batch = [self._conn.recv()]
+                while len(batch) < MAX_STEPS_MERGED and self._conn.poll(0):
+                    batch.append(self._conn.recv())
+                steps = [m for m in batch if m[0] == "step"]
+                if steps:
+                    self._deliver_steps(steps)
+                for message in batch:
+                    if message[0] == "dead":
+                        self.fail(message[1], process_gone=False)
         except (EOFError, OSError):
             # A rank that died says why through the process watcher (``rank 1 failed: ...``), which
             # may learn it a moment after the pipe closed: give it the chance to name the cause.
@@ -208,6 +208,14 @@ class EngineClient:
                 time.sleep(0.02)
             if not self._closed and not self._gone:
                 self.fail("the engine process exited")
+
+    def _deliver_steps(self, steps: list[tuple]) -> None:
+        deltas = merge_steps([m[1] for m in steps])
+        with self._lock:
+            self._stats, self._adds_applied = steps[-1][3], steps[-1][4]
+            items = [(d[0], out) for d in deltas if (out := self._assembler.assemble(d)) is not None]
+        items += [(rid, UserError(msg)) for m in steps for rid, msg in m[2]]
+        self._deliver_many(items)
 
     def _deliver_many(self, items: list[tuple[str, Any]]) -> None:
         """Hand ``(request id, output or error)`` pairs to their streams: one hop per event loop."""

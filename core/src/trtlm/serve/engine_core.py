@@ -15,7 +15,9 @@ Protocol (pickled tuples over a :class:`multiprocessing.connection.Connection`):
   API process never blocks on a busy engine; commands are applied between
   steps, so an abort frees the request's KV blocks before the next step.
 * engine → API: ``("ready", info)`` once; then after every step, and after
-  commands were applied, ``("step", deltas, rejected, stats, adds_applied)``
+  commands were applied, ``("step", deltas, rejected, stats, adds_applied)``,
+  sent by a thread so that a step never waits for the API process (which
+  merges the steps that piled up, :func:`trtlm.serve.wire.merge_steps`)
   (``rejected``: ``(request_id, message)`` of requests the engine refused);
   ``("dead", message)`` if a step raised, after which only ``stop`` is awaited.
 """
@@ -37,6 +39,14 @@ def _receive(conn: Any, commands: queue.Queue) -> None:
         commands.put(("stop",))
 
 
+def _send_all(conn: Any, outbox: queue.SimpleQueue) -> None:
+    while (message := outbox.get()) is not None:
+        try:
+            conn.send(message)
+        except OSError:  # the API process is gone; the receiver turns that into stop
+            return
+
+
 def serve_engine(engine: Any, conn: Any, idle_wait_s: float = 0.05) -> None:
     """Run ``engine`` for the API process until it sends ``stop`` (or goes away).
 
@@ -44,6 +54,10 @@ def serve_engine(engine: Any, conn: Any, idle_wait_s: float = 0.05) -> None:
     so the process ends as a failed rank while the server can still say why."""
     commands: queue.Queue = queue.Queue()
     threading.Thread(target=_receive, args=(conn, commands), name="trtlm-engine-commands", daemon=True).start()
+    # Steps never wait for the API process: a thread sends, and a slow reader merges what piled up.
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_all, args=(conn, outbox), name="trtlm-engine-outputs", daemon=True)
+    sender.start()
     adds = 0
     try:
         while True:
@@ -53,6 +67,8 @@ def serve_engine(engine: Any, conn: Any, idle_wait_s: float = 0.05) -> None:
                 command = commands.get(timeout=idle_wait_s) if not engine.has_unfinished() else commands.get_nowait()
                 while True:  # everything that arrived meanwhile, before the next step
                     if command[0] == "stop":
+                        outbox.put(None)
+                        sender.join(timeout=10)
                         return
                     adds += _apply(engine, command, rejected)
                     applied = True
@@ -61,17 +77,15 @@ def serve_engine(engine: Any, conn: Any, idle_wait_s: float = 0.05) -> None:
                 pass
             outputs = engine.step() if engine.has_unfinished() else None
             if applied or outputs is not None:
-                conn.send(("step", encode_outputs(outputs or []), rejected, engine.stats(), adds))
+                outbox.put(("step", encode_outputs(outputs or []), rejected, engine.stats(), adds))
     except Exception as exc:  # noqa: BLE001 - the API process fails every request with this, then stops us
         from trtlm.runtime.distributed import is_peer_failure
 
         if is_peer_failure(exc):  # another rank died: exit now, the launcher names that rank
             raise
         message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        try:
-            conn.send(("dead", " ".join(message.split())))
-        except OSError:
-            pass
+        outbox.put(("dead", " ".join(message.split())))
+        outbox.put(None)
         while commands.get()[0] != "stop":
             pass
         raise

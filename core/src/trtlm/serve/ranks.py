@@ -158,7 +158,7 @@ class EngineProcesses:
         except UserError as exc:
             message = str(exc)
             if self.world_size == 1:  # one process: "rank 0" would only puzzle
-                message = message.removeprefix("rank 0 failed: ")
+                message = "the engine process failed: " + message.removeprefix("rank 0 failed: ")
             self._verdict.append(message)
             if self.client is not None:
                 self.client.fail(message)
@@ -196,6 +196,7 @@ def _serve_rank0(job: dict[str, Any], env) -> None:
         engine = DistributedLLM(Path(job["engine_dir"]), tokenizer_dir=job["tokenizer_dir"], device=job["device"],
                                 timeout_s=SERVE_DIST_TIMEOUT_S, env=env,
                                 engine_config=engine_config(job["engine"])).engine
+    engine.warm_up()  # compile kernels, capture graphs: no request pays for them
     conn.send(("ready", {"limits": engine.limits().to_dict(), "stats": engine.stats()}))
     serve_engine(engine, conn)
     engine.close()  # a multi-rank engine's close tells the followers to stop

@@ -34,6 +34,34 @@ def encode_outputs(outputs: list[RequestOutput]) -> list[tuple]:
     return deltas
 
 
+def merge_steps(steps: list[list[tuple]]) -> list[tuple]:
+    """Several steps' deltas as one step's: what the API process does when it fell behind the engine
+    (its per-token work then shrinks to per-request work, so it catches up instead of lagging more)."""
+    if len(steps) == 1:
+        return steps[0]
+    merged: dict[str, tuple] = {}
+    for deltas in steps:
+        for delta in deltas:
+            earlier = merged.get(delta[0])
+            merged[delta[0]] = delta if earlier is None else _merge(earlier, delta)
+    return list(merged.values())
+
+
+def _merge(earlier: tuple, later: tuple) -> tuple:
+    request_id, finished, num_cached, completions = later
+    before = {c[0]: c for c in earlier[3]}
+    out = []
+    for c in completions:
+        b = before.pop(c[0], None)
+        if b is None:
+            out.append(c)
+            continue
+        logprobs = c[5] if b[5] is None else b[5] + (c[5] or [])
+        out.append((c[0], b[1] + c[1], b[2] + c[2], c[3], c[4], logprobs, c[6], c[7]))
+    out.extend(before.values())  # a completion that did not advance in the later step
+    return (request_id, finished, num_cached, out)
+
+
 class _Completion:
     __slots__ = ("token_ids", "text", "logprobs")
 
@@ -76,8 +104,12 @@ class OutputAssembler:
                 if acc.logprobs is None:
                     acc.logprobs = []
                 acc.logprobs.extend(new_logprobs)
-            outs.append(CompletionOutput(index=index, token_ids=list(acc.token_ids), text=acc.text,
-                                         new_token_ids=new_ids, new_text=new_text,
+            # A running output's ``token_ids`` is the request's live list (the streams read only the
+            # newest output of a request; copying it every step costs O(length) per token).  With
+            # logprobs the streams slice ids and logprobs together, so both are copied then.
+            live = acc.logprobs is None and final is None
+            outs.append(CompletionOutput(index=index, token_ids=acc.token_ids if live else list(acc.token_ids),
+                                         text=acc.text, new_token_ids=new_ids, new_text=new_text,
                                          logprobs=None if acc.logprobs is None else list(acc.logprobs),
                                          cumulative_logprob=cumulative, finish_reason=reason,
                                          stop_reason=stop_reason))
