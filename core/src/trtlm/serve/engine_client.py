@@ -101,15 +101,10 @@ class EngineClient:
             if self.on_failure is not None:
                 self.on_failure()
 
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        """Stop the engine process(es): in-flight requests end with ``abort`` (the server drained
-        them first, see ``ServerState.drain``)."""
-        import time
-
+    def shutdown(self) -> None:
+        """Stop the engine process(es); requests still in flight end (the server drained them first,
+        see ``ServerState.drain``).  A failed engine's processes are killed, not asked to stop."""
         self._accepting = False
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self._streams and self.healthy:
-            time.sleep(0.02)
         failed = self.error is not None
         if not failed:
             try:
@@ -122,26 +117,22 @@ class EngineClient:
         self._deliver_many([(rid, _END) for rid in list(self._streams)])
 
     # -- requests -----------------------------------------------------------------------------------
-    def check(self, prompt: list[int], params: Any) -> list[int]:
-        """The prompt's token ids, or :class:`UserError` -- before anything is queued."""
+    def check(self, token_ids: list[int], params: Any) -> list[int]:
+        """The prompt's token ids as ints, or :class:`UserError` -- before anything is queued (the
+        HTTP layer tokenizes text prompts itself, with :attr:`tokenizer`)."""
         params.validate()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise UserError("this engine has no tokenizer: give token ids")
-            ids = list(self.tokenizer.encode(prompt))
-        else:
-            ids = [int(t) for t in prompt]
+        ids = [int(t) for t in token_ids]
         self.limits.check(ids, params)
         return ids
 
-    async def generate(self, prompt: str | list[int], params: Any,
+    async def generate(self, token_ids: list[int], params: Any,
                        request_id: str | None = None) -> AsyncIterator[Any]:
         """Stream a request's outputs (one per step that advanced it; the last has ``finished``)."""
         if not self._accepting or self._closed:
             raise EngineDeadError("the server is shutting down")
         if self.error is not None:
             raise EngineDeadError(f"the engine failed: {self.error}")
-        ids = self.check(prompt, params)
+        ids = self.check(token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:

@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +60,9 @@ def _rank_job(config) -> str:
 class EngineProcesses:
     """The rank processes of one served engine, as the API process starts, watches and stops them."""
 
-    def __init__(self, config, engine_dir: Path, world_size: int):
-        # The ranks see a resolved engine directory (``--model-dir`` was built into the cache already).
-        self.config = replace(config, engine_dir=Path(engine_dir), model_dir=None)
+    def __init__(self, config, world_size: int):
+        """``config``: ``trtlm serve``'s, with ``engine_dir`` resolved (``--model-dir`` built already)."""
+        self.config = config
         self.world_size = world_size
         self.procs: list[subprocess.Popen] = []
         self.tmpdir: Path | None = None

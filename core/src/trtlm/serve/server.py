@@ -126,8 +126,8 @@ def start_engine(config: ServeConfig, world_size: int = 1):
 
     engine_dir, tokenizer_dir = resolve_engine_dir(config)
     template = load_chat_template(config, engine_dir, tokenizer_dir)
-    processes = EngineProcesses(replace(config, tokenizer_dir=tokenizer_dir), engine_dir, world_size)
-    return processes.start(), template
+    resolved = replace(config, engine_dir=engine_dir, model_dir=None, tokenizer_dir=tokenizer_dir)
+    return EngineProcesses(resolved, world_size).start(), template
 
 
 def _one_line(exc: BaseException) -> str:
@@ -206,8 +206,8 @@ def run_server(config: ServeConfig, world_size: int = 1) -> None:
         loader_thread.join(timeout=None if state.status != "loading" else 0)
         engine = state.engine
         if engine is not None:
-            dead = engine.error  # a failed engine's ranks are killed, not asked to stop
-            engine.shutdown(grace_s=0)
+            dead = engine.error
+            engine.shutdown()
     if state.status == "failed":
         raise UserError(state.error or "the engine failed to load")
     if dead is not None:
