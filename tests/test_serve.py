@@ -691,6 +691,20 @@ def test_tp2_engine_served_end_to_end(tp2_engine, tmp_path):
         s.stop()
 
 
+def test_tp2_engine_merged_into_one_engine_process(tp2_engine, tmp_path):
+    """``--launch single``: the tp2 engine's ranks merged into one engine process under the HTTP
+    process, answering what ``trtlm run`` answers."""
+    ref = trtlm_run(tp2_engine, PROMPTS[1], 16)
+    s = Server(["--engine-dir", tp2_engine, "--served-model-name", MODEL, "--launch", "single"], tmp_path)
+    try:
+        assert len(children(s.proc.pid)) == 1
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0)
+        assert r.choices[0].text == ref["text"]
+    finally:
+        assert s.stop() == 0, s.stderr()[-3000:]
+
+
 def test_tp2_rank_failure_stops_the_server(tp2_engine, tmp_path):
     """Rank 1 dies at its 4th forward of the request (test-only fault injection; the count includes the
     start-up warm-up's WARM_UP_FORWARDS): the launcher kills rank 0 too and
