@@ -13,11 +13,11 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from trtlm.serve.engine_client import EngineDeadError
 from trtlm.serve.errors import APIError, bad_request
 from trtlm.serve.generation import Prompt
 from trtlm.serve.handling import (
     drain_outputs,
-    engine_dead_error,
     field_name,
     internal_error,
     off_loop,
@@ -93,7 +93,7 @@ def create_app(state: ServerState):
         try:
             await until_disconnect(request.receive, drain_outputs(gen))
         except Exception as exc:
-            if isinstance(exc, engine_dead_error()):  # a 503 naming the cause, not a logged traceback
+            if isinstance(exc, EngineDeadError):  # a 503 naming the cause, not a logged traceback
                 raise internal_error(state, exc) from None
             raise
         finally:

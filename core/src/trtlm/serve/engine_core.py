@@ -15,11 +15,11 @@ Protocol (pickled tuples over a :class:`multiprocessing.connection.Connection`):
   API process never blocks on a busy engine; commands are applied between
   steps, so an abort frees the request's KV blocks before the next step.
 * engine → API: ``("ready", info)`` once; then after every step, and after
-  commands were applied, ``("step", deltas, rejected, stats, adds_applied)``,
-  sent by a thread so that a step never waits for the API process (which
-  merges the steps that piled up, :func:`trtlm.serve.wire.merge_steps`)
+  commands were applied, ``("step", deltas, rejected, stats, adds_applied)``
   (``rejected``: ``(request_id, message)`` of requests the engine refused);
   ``("dead", message)`` if a step raised, after which only ``stop`` is awaited.
+  A thread sends them, so a step never waits for the API process, which
+  merges the steps that piled up (:func:`trtlm.serve.wire.merge_steps`).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import traceback
 from typing import Any
 
 from trtlm.errors import UserError
+from trtlm.serve.engine_client import EngineDeadError, QueueFullError
 from trtlm.serve.errors import APIError, bad_request, from_validation_error
 from trtlm.serve.generation import Generation, Prompt, RequestTimeout
 from trtlm.serve.state import ServerState
@@ -48,17 +49,6 @@ def user_error(exc: UserError, default_param: str | None = None) -> APIError:
     message = " ".join(str(exc).split())
     match = _FIELD.match(message)
     return APIError(400, message, param=match.group(1) if match else default_param)
-
-
-def _engine_errors() -> tuple[type[BaseException], type[BaseException]]:
-    """(QueueFullError, EngineDeadError) of the engine client (imported late, with the engine)."""
-    from trtlm.serve.engine_client import EngineDeadError, QueueFullError
-
-    return QueueFullError, EngineDeadError
-
-
-def engine_dead_error() -> type[BaseException]:
-    return _engine_errors()[1]
 
 
 def field_name(param: str, index: int, count: int) -> str:
@@ -126,14 +116,13 @@ async def start_generation(state: ServerState, request, prompts: list[Prompt], p
         raise user_error(exc) from None
     gen = Generation(state, prompts, params, timeout_s=state.settings.request_timeout_s)
     request.scope.setdefault("trtlm", {})["request_id"] = gen.request_id
-    queue_full, engine_dead = _engine_errors()
     try:
         await until_disconnect(request.receive, gen.start())
-    except queue_full:
+    except QueueFullError:
         state.metrics.error("queue_full")
         raise APIError(503, "the server's request queue is full; retry later (--max-queue-size)", code="queue_full",
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
-    except engine_dead as exc:
+    except EngineDeadError as exc:
         state.metrics.error("unavailable")
         raise APIError(503, str(exc), code="unavailable",
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
@@ -156,7 +145,7 @@ def record_usage(request, gen: Generation) -> None:
 def internal_error(state: ServerState, exc: BaseException) -> APIError:
     """The answer to an exception no route expected: 503 when the engine died under the request
     (``/health`` says so too), else 500 for this request alone, logged with its traceback."""
-    if isinstance(exc, _engine_errors()[1]):
+    if isinstance(exc, EngineDeadError):
         state.metrics.error("unavailable")
         return APIError(503, str(exc), code="unavailable",
                         headers={"Retry-After": str(state.settings.retry_after_s)})

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ class EngineProcesses:
         from trtlm.serve.engine_client import EngineClient
 
         self.tmpdir = Path(tempfile.mkdtemp(prefix="trtlm-serve-"))
-        cfg_path = self.tmpdir / "serve.json"
+        cfg_path = self.tmpdir / "job.json"
         cfg_path.write_text(_rank_job(self.config))
         ours, theirs = socket.socketpair()
         spawned = threading.Event()
