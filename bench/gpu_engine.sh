@@ -57,11 +57,13 @@ if has serve; then  # trtlm bench serve against trtlm serve, and the engine offl
   ( cd $W && time trtlm convert --family mistral --preset 7b --dummy-weights --dtype bfloat16 --output-dir ckpt \
     && trtlm build --checkpoint-dir ckpt --output-dir engine --max-batch-size 256 --max-input-len 1024 \
        --max-seq-len 1536 ) 2>&1 | tail -3
-  trtlm serve --engine-dir $W/engine --tokenizer-dir $W/tokenizer --device cuda --port 8000 --max-batch-size 256 \
+  # a Triton cache of its own for each of the server and the offline run (both compile cold, before
+  # they are ready; a kernel compiled mid-load shows as a new cache entry)
+  TRITON_CACHE_DIR=$W/triton_serve trtlm serve --engine-dir $W/engine --tokenizer-dir $W/tokenizer --device cuda --port 8000 --max-batch-size 256 \
       --max-queue-size 4096 > "$OUT/serve_server.log" 2>&1 &
   SERVER=$!
   for i in $(seq 240); do curl -sf localhost:8000/health >/dev/null && break; kill -0 $SERVER || break; sleep 1; done
-  echo "server ready after ${i}s"
+  echo "server ready after ${i}s; Triton cache entries: $(ls $W/triton_serve 2>/dev/null | wc -l)"
   S="trtlm bench serve --base-url http://127.0.0.1:8000 --dataset $W/requests.jsonl --json"
   # what the server does under the unlimited load: running/waiting every 0.5 s, CPU of each process,
   # and (where py-spy was carried in dist_gpu/extra) 20 s profiles of the API and engine processes
@@ -71,15 +73,18 @@ if has serve; then  # trtlm bench serve against trtlm serve, and the engine offl
   TIMELINE=$!
   if python3 -m pip install -q --no-index --find-links dist_gpu/extra py-spy 2>/dev/null && command -v py-spy >/dev/null; then
     ( sleep 10; py-spy record --nonblocking -p $SERVER -d 20 -r 100 -f raw -o "$OUT/serve_api_profile.txt" >/dev/null 2>&1 ) &
+    PROFILERS="$!"
     ( sleep 10; py-spy record --nonblocking -p $ENGINE_PID -d 20 -r 100 -f raw -o "$OUT/serve_engine_profile.txt" >/dev/null 2>&1 ) &
+    PROFILERS="$PROFILERS $!"
   fi
   run serve_unlimited 240 $S --num-prompts 1000 --request-rate inf
-  kill $TIMELINE 2>/dev/null; wait
+  kill $TIMELINE 2>/dev/null; wait $TIMELINE $PROFILERS  # not a bare `wait`: that would wait for the server too
+  echo "Triton cache entries after the unlimited load: $(ls $W/triton_serve 2>/dev/null | wc -l)"
   # one file for the diagnostics: the device tool brings back at most 8 files
   ( cd "$OUT" && tar czf serve_diagnostics.tar.gz --remove-files serve_load_timeline.txt serve_*_profile.txt 2>/dev/null )
   run serve_concurrency64 240 $S --num-prompts 1000 --max-concurrency 64
   curl -s localhost:8000/metrics | grep -E "^trtlm:(num_requests|kv_cache|prompt_tokens|generation_tokens|request_success)" | head -30 > "$OUT/serve_metrics.txt"
   kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
-  run serve_offline_same_requests 240 trtlm bench --engine-dir $W/engine --device cuda --json --mode offline \
+  TRITON_CACHE_DIR=$W/triton_offline run serve_offline_same_requests 240 trtlm bench --engine-dir $W/engine --device cuda --json --mode offline \
       --dataset $W/requests.jsonl --max-batch-size 256 --no-static-baseline
 fi

@@ -454,6 +454,69 @@ def test_steps_merged_by_a_reader_that_fell_behind_rebuild_the_same_outputs(engi
             assert alone[1][rid, a.index] == a.token_ids  # the new ids add up to the whole
 
 
+def test_outputs_collected_during_the_next_step_equal_steps_own(bundled_engine):
+    """``trtlm serve`` builds a step's outputs while the next step runs (``advance(overlap=...)``,
+    with the text of requests without stop strings decoded only then).  Driven that way, every
+    request streams the same new ids and new text, in the same order, and ends with the same output
+    as with ``step()`` -- text prompts, stop strings, a stop id, seeded n=2, logprobs -- and a request
+    aborted mid-way sends nothing after its abort (with the overlap, the step that ran meanwhile is
+    dropped).  Ids and texts are equal: both runs batch the
+    same requests the same way (the overlap changes when host work runs, not what the GPU computes)."""
+    from collections import defaultdict
+
+    eng = open_engine(bundled_engine)
+    free = eng.generate(["def fibonacci(n):"], SamplingParams(max_tokens=24, ignore_eos=True))[0].outputs[0]
+    cases = [("def fibonacci(n):", SamplingParams(max_tokens=24, ignore_eos=True, stop=[free.text[10:13]])),
+             ("def fibonacci(n):", SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=[free.token_ids[5]])),
+             ("class A:", SamplingParams(max_tokens=12, n=2, temperature=0.9, seed=4, ignore_eos=True)),
+             ("x = 1", SamplingParams(max_tokens=9, logprobs=2, ignore_eos=True)),
+             ("for i in", SamplingParams(max_tokens=30, ignore_eos=True))]  # aborted after 3 outputs
+
+    def run(overlapped: bool):
+        eng = open_engine(bundled_engine)
+        for i, (p, sp) in enumerate(cases):
+            eng.add_request(p, sp, request_id=f"r{i}")
+        streamed, last = defaultdict(list), {}
+        pending: list = []
+
+        def take(outputs):
+            for out in outputs:
+                last[out.request_id] = out
+                for c in out.outputs:
+                    streamed[out.request_id, c.index].append((c.new_token_ids, c.new_text))
+
+        def ship():
+            nonlocal pending
+            take(eng.collect(pending))
+            pending = []
+
+        while eng.has_unfinished() or pending:
+            if len(streamed["r4", 0]) == 3:  # its client leaves after three outputs
+                eng.abort("r4")
+            if overlapped:
+                pending = eng.advance(overlap=ship)
+            else:
+                take(eng.step())
+        assert eng.allocator.all_free() and not eng.requests
+        return dict(streamed), last
+
+    (step_streams, step_last), (lap_streams, lap_last) = run(False), run(True)
+    assert lap_streams == step_streams
+    assert step_last["r0"].outputs[0].stop_reason == free.text[10:13]
+    stopped = step_last["r1"].outputs[0]
+    assert stopped.stop_reason == free.token_ids[5] == stopped.token_ids[-1]
+    assert stopped.text == eng.tokenizer.decode(stopped.token_ids[:-1])  # a stop id is not text
+    assert not step_last["r4"].finished and len(step_streams["r4", 0]) == 3  # nothing after the abort
+    for rid, want in step_last.items():
+        got = lap_last[rid]
+        assert got.finished == want.finished
+        for g, w in zip(got.outputs, want.outputs, strict=True):
+            assert (g.token_ids, g.text, g.finish_reason, g.stop_reason, g.logprobs) == \
+                (w.token_ids, w.text, w.finish_reason, w.stop_reason, w.logprobs)
+            if want.finished:
+                assert "".join(t for _, t in step_streams[rid, w.index]) == w.text
+
+
 def test_warm_up_leaves_no_trace(engine_dir, hf_dir):
     """A server warms its engine up before it is ready: afterwards the counters are zero, every block
     is free, and greedy decoding still equals transformers."""
@@ -716,6 +779,33 @@ def test_more_prompts_than_the_batch_wait_their_turn(engine_dir, reference):
     run = drive(eng, requests, [0] * 10)  # drive asserts running <= 3 after every step
     assert run.max_running == 3 and run.stats[0].waiting == 7
     assert run.token_ids == reference("mpt")[:10]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_field_of_a_step_starts_16_byte_aligned(seed):
+    """Triton specializes kernels on pointer alignment: if a field's offset in the packed step
+    tensors depended on the step's sizes, steps of new sizes would compile new kernel variants
+    mid-serving.  Whatever the sizes, every field starts on 16 bytes and holds the step's values."""
+    from trtlm.runtime.executor import StepInputs, to_batch
+
+    rng = random.Random(seed)
+    S = rng.randint(1, 9)
+    qlens = [rng.randint(1, 7) for _ in range(S)]
+    tables = [[rng.randint(0, 50) for _ in range(rng.randint(1, 6))] for _ in range(S)]
+    N = sum(qlens)
+    inputs = StepInputs(list(range(N)), [rng.randint(0, 99) for _ in range(N)], [rng.randint(0, 999) for _ in range(N)],
+                        qlens, [q + rng.randint(0, 9) for q in qlens], tables, sorted(rng.sample(range(N), rng.randint(1, N))))
+    batch = to_batch(inputs, torch.device("cpu"))
+    fields = [batch.tokens, batch.positions, batch.slot_mapping, batch.logits_indices, batch.block_tables,
+              batch.context_lens, batch.query_start_loc]
+    assert all(f.data_ptr() % 16 == 0 for f in fields)
+    assert (batch.tokens.tolist(), batch.positions.tolist(), batch.slot_mapping.tolist()) == \
+        (inputs.tokens, inputs.positions, inputs.slots)
+    assert batch.logits_indices.tolist() == inputs.logits_indices
+    assert batch.context_lens.tolist() == inputs.context_lens
+    assert batch.query_start_loc.tolist() == [sum(qlens[:i]) for i in range(S + 1)]
+    width = max(map(len, tables))
+    assert batch.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
 
 
 def test_a_mixed_step_split_at_its_decodes_computes_the_same_logits():

@@ -190,6 +190,43 @@ def test_warm_up_captures_every_graph_and_changes_no_output():
         assert all(torch.equal(p, q) for p, q in zip(x.step_logits, y.step_logits))
 
 
+def _triton_variants() -> int:
+    """Compiled variants of every Triton kernel of the engine's forward, on every device."""
+    import triton
+
+    from trtlm.runtime.kernels import fused_triton, triton_ops
+
+    count = 0
+    for module in (triton_ops, fused_triton):
+        for fn in vars(module).values():
+            if isinstance(fn, triton.runtime.JITFunction):
+                caches = getattr(fn, "device_caches", None)  # triton >= 3.0: device -> (kernels, ...)
+                count += sum(len(c[0]) for c in caches.values()) if caches is not None else \
+                    sum(len(c) for c in fn.cache.values())
+    return count
+
+
+@CUDA
+def test_after_warm_up_no_step_compiles_a_kernel():
+    """A served engine must not stall mid-load to compile: Triton compiles a kernel variant per
+    pointer alignment and per integer that is 1 or a multiple of 16, and steps of every size come.
+    After ``warm_up``, a workload of prompts of 1 to 70 tokens arriving while others decode (mixed
+    steps of every width and alignment) adds no compiled variant."""
+    from trtlm.runtime.sampling import SamplingParams
+
+    engine = _engine_on(_model("mistral", "bfloat16", "cuda"), "cuda", True)
+    engine.warm_up()
+    before = _triton_variants()
+    assert before > 0
+    lengths = [1, 2, 3, 5, 16, 17, 31, 33, 48, 64, 65, 70, 7, 9]
+    prompts = [[(11 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate(lengths)]
+    params = [SamplingParams(max_tokens=3 + i % 5, ignore_eos=True) for i in range(len(prompts))]
+    engine.scheduler.max_batch_size = 3  # admissions wait for a slot: they land in decode steps
+    engine.generate(prompts, params)
+    assert engine.executor.split_steps > 0
+    assert _triton_variants() == before
+
+
 @CUDA
 @pytest.mark.parametrize("family", ["mistral", "mixtral"])
 def test_mixed_steps_split_into_graph_and_eager_give_eager_tokens(family):

@@ -10,6 +10,12 @@ Everything that generates runs on this class — ``LLM.generate``, ``trtlm run``
   its own settings, and the outputs of the requests that advanced come back;
 * :meth:`Engine.abort` cancels a request at any step (its blocks are free at once).
 
+``step`` is :meth:`Engine.advance` (run the step, up to its new tokens) then
+:meth:`Engine.collect` (decode their text, build the outputs).  A caller that
+wants the GPU busy while it does host work splits them: ``advance(overlap=f)``
+calls ``f`` while the step's forward runs, which is where a server collects and
+ships the previous step's outputs (the async output processing of vLLM).
+
 The engine is single-threaded and synchronous; ``trtlm serve`` steps it in a
 process of its own (:mod:`trtlm.serve.engine_core`).
 """
@@ -286,13 +292,28 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; the outputs of the requests that advanced (finished ones last time)."""
+        return self.collect(self.advance())
+
+    def advance(self, overlap: Callable[[], None] | None = None) -> list[Request]:
+        """Run one scheduler step up to its new tokens; return the requests it advanced, whose
+        outputs :meth:`collect` builds.
+
+        ``overlap`` is called once per call, while the device computes this step (after its forward
+        is queued, before the host waits for its tokens), or at once when there is nothing to run.
+        It is for host work that does not depend on this step -- a server builds and ships the
+        previous step's outputs there (:mod:`trtlm.serve.engine_core`), so that work no longer
+        leaves the GPU idle between steps."""
         plan = self.scheduler.schedule()
         if not plan:
+            if overlap is not None:
+                overlap()
             return []
         self.steps += 1
         inputs, rows = self._inputs(plan)
         logits = self.executor.execute(inputs)
         self.scheduler.after_step(plan)
+        if overlap is not None:
+            overlap()
         touched: dict[str, Request] = {}
         sample_rows: list[tuple[Sequence, int]] = []
         now = time.monotonic()
@@ -316,7 +337,14 @@ class Engine:
             touched[req.request_id] = req
         if sample_rows:
             self._sample(logits, sample_rows)
-        return [self._output(req) for req in touched.values() if req.stream or req.finished]
+        return list(touched.values())
+
+    def collect(self, advanced: list[Request]) -> list[RequestOutput]:
+        """The outputs of requests :meth:`advance` returned, as they stand now: every one that streams
+        or finished, except those aborted since (an aborted request sends nothing more).  A finished
+        request leaves the engine here."""
+        return [self._output(req) for req in advanced
+                if (req.stream or req.finished) and self.requests.get(req.request_id) is req]
 
     def _inputs(self, plan) -> tuple[StepInputs, list[tuple[int, int]]]:
         tokens, positions, slots, qlens, clens, tables, logit_rows = [], [], [], [], [], [], []
@@ -380,8 +408,10 @@ class Engine:
             plain = not params.bad_words_ids and len(seq.output_ids) >= params.min_tokens
             sample_rows.append(SampleRow(params, seq.generator, seq.output_ids,
                                          () if plain else banned_ids(params, seq.output_ids, seq.stop_ids)))
-        index = torch.tensor([r for _, r in rows], device=logits.device)
-        result = sample(logits.index_select(0, index), sample_rows, self._fallback)
+        index = [r for _, r in rows]
+        if index != list(range(logits.shape[0])):  # (a decode step samples every row, in order)
+            logits = logits.index_select(0, torch.tensor(index).to(logits.device, non_blocking=True))
+        result = sample(logits, sample_rows, self._fallback)
         now = time.monotonic()
         for (seq, _), token, lp in zip(rows, result.token_ids, result.logprobs):
             self._append(seq, token, lp, now)
@@ -401,22 +431,35 @@ class Engine:
         if token in seq.stop_ids and len(seq.output_ids) >= params.min_tokens:
             self._finish(seq, "stop", token)
             return
-        found = seq.detok.add(token)
-        if found is not None:
-            self._finish(seq, "stop", found, text_done=True)
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+        if seq.detok.stop:  # stop strings end the sequence: its text is decoded as it grows
+            found = seq.detok.add(token)
+            if found is not None:
+                self._finish(seq, "stop", found)
+                return
+        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             self._finish(seq, "length", None)
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, text_done: bool = False) -> None:
-        if not text_done:
-            seq.detok.finish()
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.free_seq(seq)
         seq.status = Status.FINISHED
 
+    @staticmethod
+    def _decode(seq: Sequence) -> None:
+        """Bring the sequence's text up to its ids (without stop strings nothing depends on the
+        text before its output is built, which may overlap the next step: see :meth:`advance`)."""
+        end = len(seq.output_ids)
+        if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
+            end -= 1  # a stop id is not part of the text
+        for token in seq.output_ids[len(seq.detok.ids):end]:
+            seq.detok.add(token)
+        if seq.finished:
+            seq.detok.finish()
+
     def _output(self, req: Request) -> RequestOutput:
         outs = []
         for i, seq in enumerate(req.seqs):
+            self._decode(seq)
             new_ids = seq.output_ids[req.emitted[i]:]
             req.emitted[i] = len(seq.output_ids)
             new_text = seq.detok.take(final=seq.finished)  # all of it once finished

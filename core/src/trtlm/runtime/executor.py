@@ -67,24 +67,40 @@ class StepInputs:
 
 def to_batch(inputs: StepInputs, device: torch.device) -> ForwardBatch:
     """The tensors of one step on ``device`` (block tables padded with block 0): two host tensors
-    (int64 and int32 fields packed), two copies."""
+    (int64 and int32 fields packed), two copies.  Each field starts 16-byte aligned, whatever the
+    step's sizes: Triton specializes a kernel on the alignment of its pointers, so a field at a
+    size-dependent offset would compile a new variant of the attention kernel mid-serving."""
     S, N, M = len(inputs.query_lens), len(inputs.tokens), len(inputs.logits_indices)
     width = max(len(t) for t in inputs.block_tables)
     starts = [0]
     for q in inputs.query_lens:
         starts.append(starts[-1] + q)
-    longs = torch.tensor(inputs.tokens + inputs.positions + inputs.slots + inputs.logits_indices, dtype=torch.long)
-    tables = [t + [0] * (width - len(t)) for t in inputs.block_tables]
-    ints = torch.tensor([x for t in tables for x in t] + inputs.context_lens + starts, dtype=torch.int32)
+    tables = [x for t in inputs.block_tables for x in t + [0] * (width - len(t))]
+    longs, long_sizes = _aligned([inputs.tokens, inputs.positions, inputs.slots, inputs.logits_indices], 2)
+    ints, int_sizes = _aligned([tables, inputs.context_lens, starts], 4)
+    longs, ints = torch.tensor(longs, dtype=torch.long), torch.tensor(ints, dtype=torch.int32)
     if device.type != "cpu":
         longs, ints = longs.to(device, non_blocking=True), ints.to(device, non_blocking=True)
-    tokens, positions, slots, rows = longs.split([N, N, N, M])
-    table_t, context, starts_t = ints.split([S * width, S, S + 1])
+    tokens, positions, slots, rows = (t[:n] for t, n in zip(longs.split(long_sizes), (N, N, N, M)))
+    table_t, context, starts_t = (t[:n] for t, n in zip(ints.split(int_sizes), (S * width, S, S + 1)))
     return ForwardBatch(tokens=tokens, positions=positions, slot_mapping=slots, block_tables=table_t.view(S, width),
                         context_lens=context, query_start_loc=starts_t, logits_indices=rows,
                         query_lens_host=list(inputs.query_lens), context_lens_host=list(inputs.context_lens),
                         decode_only=inputs.decode_only, max_context=max(inputs.context_lens),
                         block_tables_host=inputs.block_tables)
+
+
+def _aligned(fields: list[list[int]], per: int) -> tuple[list[int], list[int]]:
+    """``fields`` concatenated, each padded with zeros to a multiple of ``per`` elements (16 bytes
+    of its dtype), and the padded sizes to split them apart again."""
+    flat: list[int] = []
+    sizes = []
+    for f in fields:
+        pad = -len(f) % per
+        flat += f
+        flat += [0] * pad
+        sizes.append(len(f) + pad)
+    return flat, sizes
 
 
 class LocalExecutor:

@@ -15,7 +15,9 @@ Protocol (pickled tuples over a :class:`multiprocessing.connection.Connection`):
   API process never blocks on a busy engine; commands are applied between
   steps, so an abort frees the request's KV blocks before the next step.
 * engine → API: ``("ready", info)`` once; then after every step, and after
-  commands were applied, ``("step", deltas, rejected, stats, adds_applied)``
+  commands were applied, ``("step", deltas, rejected, stats, adds_applied)``.
+  A step's outputs are built and sent while the next step runs on the GPU
+  (``Engine.advance(overlap=...)``): the GPU no longer idles through that host work
   (``rejected``: ``(request_id, message)`` of requests the engine refused);
   ``("dead", message)`` if a step raised, after which only ``stop`` is awaited.
   A thread sends them, so a step never waits for the API process, which
@@ -59,14 +61,26 @@ def serve_engine(engine: Any, conn: Any, idle_wait_s: float = 0.05) -> None:
     sender = threading.Thread(target=_send_all, args=(conn, outbox), name="trtlm-engine-outputs", daemon=True)
     sender.start()
     adds = 0
+    advanced: list = []  # requests the last step advanced, whose outputs are not built yet
+    rejected: list[tuple[str, str]] = []
+    applied = False
+
+    def ship() -> None:
+        """Build and queue the last step's outputs (while the engine's next step runs on the GPU)."""
+        nonlocal advanced, rejected, applied
+        if advanced or applied:
+            outputs = engine.collect(advanced)
+            outbox.put(("step", encode_outputs(outputs), rejected, engine.stats(), adds))
+        advanced, rejected, applied = [], [], False
+
     try:
         while True:
-            rejected: list[tuple[str, str]] = []
-            applied = False
             try:
-                command = commands.get(timeout=idle_wait_s) if not engine.has_unfinished() else commands.get_nowait()
+                busy = engine.has_unfinished() or advanced
+                command = commands.get_nowait() if busy else commands.get(timeout=idle_wait_s)
                 while True:  # everything that arrived meanwhile, before the next step
                     if command[0] == "stop":
+                        ship()
                         outbox.put(None)
                         sender.join(timeout=10)
                         return
@@ -75,9 +89,10 @@ def serve_engine(engine: Any, conn: Any, idle_wait_s: float = 0.05) -> None:
                     command = commands.get_nowait()
             except queue.Empty:
                 pass
-            outputs = engine.step() if engine.has_unfinished() else None
-            if applied or outputs is not None:
-                outbox.put(("step", encode_outputs(outputs or []), rejected, engine.stats(), adds))
+            if engine.has_unfinished():
+                advanced = engine.advance(overlap=ship)  # ship() runs inside, before this assignment
+            else:
+                ship()
     except Exception as exc:  # noqa: BLE001 - the API process fails every request with this, then stops us
         from trtlm.runtime.distributed import is_peer_failure
 

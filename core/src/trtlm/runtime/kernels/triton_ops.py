@@ -134,7 +134,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 # ----------------------------------------------------------------------------- attention
 
-@triton.jit
+# ``stride_bt`` is the step's block-table width: not specialized (Triton would compile a variant
+# for widths of 1 and multiples of 16 as steps of such widths come, stalling a server mid-load).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attn_kernel(
     Q, K, V, Out, BT, CTX, QSL, SLOPES, KS, VS, TMP_O, TMP_ML,
     qk_scale, window, part_tokens, num_parts,
