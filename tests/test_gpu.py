@@ -306,6 +306,13 @@ def test_quantized_engine_gpu_path_matches_cpu_path(mode, tmp_path):
                                                   **GPU_QUANT[mode]))
     build(tmp_path / "ck", tmp_path / "eng", BuildOptions())
     cpu, gpu = LLM(tmp_path / "eng", device="cpu"), LLM(tmp_path / "eng", device="cuda")
+    if mode == "fp8":  # the FP8 activation quantization runs fused into the norms and the SwiGLU
+        from trtlm.runtime.model import Block, GatedMLP
+
+        modules = list(gpu.engine.executor.model.modules())
+        assert all(m.fused_fp8 is not None for m in modules if isinstance(m, GatedMLP))
+        assert all(b.qkv_fp8_scale is not None and b.mlp_fp8_scale is not None
+                   for b in modules if isinstance(b, Block))
     prompt = "def fibonacci(n):\n    "
     a = cpu.generate([prompt], max_new_tokens=8, keep_logits=True)
     b = gpu.generate([prompt], max_new_tokens=8, keep_logits=True)

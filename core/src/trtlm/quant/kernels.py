@@ -784,19 +784,23 @@ def quantize_activation(x: torch.Tensor, a_scale: torch.Tensor, kind: str,
 
 # ----------------------------------------------------------------------------- torch's kernels
 
-def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
-    """FP8 W8A8 with a static activation scale: ``x`` ``[M, K]`` -> ``[M, N]`` in ``x.dtype``.
+def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """FP8 W8A8 with a static activation scale: ``x`` ``[M, K]`` -> ``[M, N]`` in ``out_dtype``
+    (default ``x.dtype``).  ``x`` may already be FP8, quantized with ``a_scale`` by the op that
+    produced it (a fused RMSNorm or SwiGLU); otherwise it is quantized here.
 
     ``w_scale`` per tensor ``[1]`` or per output channel ``[N]`` (the latter applied to the
     float32 output, since cuBLASLt's row-wise scaling is limited to bfloat16 outputs).
     """
+    out_dtype = out_dtype or x.dtype
     a = a_scale.float().reshape(())
-    xq = quantize_activation(x, a, "fp8")
+    xq = x if x.dtype == torch.float8_e4m3fn else quantize_activation(x, a, "fp8")
     if w_scale.numel() == 1:
-        return torch._scaled_mm(xq, weight.t(), scale_a=a, scale_b=w_scale.float().reshape(()), out_dtype=x.dtype)
+        return torch._scaled_mm(xq, weight.t(), scale_a=a, scale_b=w_scale.float().reshape(()), out_dtype=out_dtype)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     y = torch._scaled_mm(xq, weight.t(), scale_a=a, scale_b=one, out_dtype=torch.float32)
-    return (y * w_scale.float()).to(x.dtype)
+    return (y * w_scale.float()).to(out_dtype)
 
 
 def int8_int_mm(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,

@@ -136,6 +136,15 @@ class QuantLinear(nn.Module):
         self._prepared_on = dev
         return self.kernel_path
 
+    def fp8_input_scale(self) -> torch.Tensor | None:
+        """The static activation scale when this linear runs FP8 ``_scaled_mm`` on its input
+        quantized with it, else ``None``.  The op that produces the input (the RMSNorm before it,
+        the SwiGLU before the down projection) can then emit FP8 itself and hand it over as is:
+        :meth:`forward` takes an FP8 input as already quantized with this scale."""
+        if self._prepared_on != self.weight.device:
+            self.prepare()
+        return self.activation_scaling_factor if self.kernel_path == qk.SCALED_MM else None
+
     # -- compute -----------------------------------------------------------------------
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized weight applying to the *unscaled* input (prequant folded for weight-only)."""
@@ -148,7 +157,11 @@ class QuantLinear(nn.Module):
         if self._prepared_on != self.weight.device:
             self.prepare()
         path = self.kernel_path
-        if path == qk.EMULATION or x.dtype != self.dtype or not x.is_cuda:
+        if x.dtype == torch.float8_e4m3fn:  # quantized by the op before (see fp8_input_scale)
+            if path != qk.SCALED_MM:
+                x = qf.dequantize_fp8(x, self.activation_scaling_factor, self.dtype)
+                return self.emulate(x)
+        elif path == qk.EMULATION or x.dtype != self.dtype or not x.is_cuda:
             return self.emulate(x)
         x2 = x.reshape(-1, x.shape[-1])
         y = self._fast(x2, path)
@@ -163,7 +176,7 @@ class QuantLinear(nn.Module):
             if rows <= qk.FP8_TRITON_MAX_ROWS and qk.triton_available():
                 return qk.dequant_mm(qf.fake_quant_fp8(x, a_s), self.weight, w_s, weight_kind="fp8",
                                      scale_kind="tensor" if w_s.numel() == 1 else "channel")
-            return qk.fp8_scaled_mm(x, self.weight, w_s, a_s)
+            return qk.fp8_scaled_mm(x, self.weight, w_s, a_s, out_dtype=self.dtype)
         if path == qk.INT_MM:  # SmoothQuant W8A8
             a_s, w_s = self.activation_scaling_factor, self.weights_scaling_factor
             if rows >= qk.INT_MM_MIN_ROWS:

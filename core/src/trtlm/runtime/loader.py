@@ -113,7 +113,7 @@ def prepare_for_device(model: torch.nn.Module) -> dict[str, str]:
     """Load-time preparation, once, before any step or CUDA graph: quantized layers repack their
     weights for their kernels; on CUDA the SwiGLU's two input products become one matrix."""
     from trtlm.quant.runtime import prepare_model
-    from trtlm.runtime.model import GatedMLP
+    from trtlm.runtime.model import Block, GatedMLP
 
     paths = prepare_model(model)
     device = next(model.parameters()).device
@@ -121,6 +121,15 @@ def prepare_for_device(model: torch.nn.Module) -> dict[str, str]:
         for module in model.modules():
             if isinstance(module, GatedMLP):
                 module.fuse()
+        if any(isinstance(m, GatedMLP) and m.fused_fp8 is not None for m in model.modules()):
+            for kind in ("mlp.fc", "mlp.gate"):
+                if kind in paths:
+                    paths[kind] += "; fc and gate as one FP8 GEMM, their input quantized by the RMSNorm's kernel"
+            if "mlp.proj" in paths:
+                paths["mlp.proj"] += "; input quantized by the SwiGLU's kernel"
+        if "attention.qkv" in paths and any(isinstance(m, Block) and m.qkv_fp8_scale is not None
+                                            for m in model.modules()):
+            paths["attention.qkv"] += "; input quantized by the RMSNorm's kernel"
     model.kernel_paths = paths
     return paths
 

@@ -91,8 +91,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused.add_rms_norm(x, None, self.weight, self.eps)[1]
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x + delta, norm(x + delta))`` in one kernel on the GPU."""
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None,
+                    fp8_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))`` in one kernel on the GPU; with ``fp8_scale`` the norm
+        comes out as FP8, quantized for the FP8 linear that reads it (see ``fp8_input_scale``)."""
+        if fp8_scale is not None:
+            return fused.add_rms_norm_fp8(x, delta, self.weight, self.eps, fp8_scale)
         return fused.add_rms_norm(x, delta, self.weight, self.eps)
 
 
@@ -106,7 +110,8 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None,
+                    fp8_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x if delta is None else x + delta
         return x, self.forward(x)
 
@@ -176,13 +181,18 @@ class GatedMLP(nn.Module):
         self.proj = make_linear(cfg, d.inter, d.hidden, bias, dtype, device)
         self.comm = comm
         self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        #: FP8 ``fc``/``gate`` fused: (codes [2I, H], per-column weight scales [2I], input scale, 1.0)
+        self.fused_fp8: tuple[torch.Tensor, ...] | None = None
 
     def fuse(self) -> None:
         """Put ``fc`` and ``gate`` in one ``[2I, H]`` weight so both products are one matrix
         product (one read of ``x``, one kernel).  ``fc.weight``/``gate.weight`` become views of
         it, so the state_dict (names, shapes, values) is unchanged; call after loading weights.
-        Quantized linears are left alone."""
-        if self.fused is not None or type(self.fc) is not Linear or type(self.gate) is not Linear:
+        FP8 linears are fused the same way (:meth:`_fuse_fp8`); other quantized ones are left alone."""
+        if self.fused is not None or self.fused_fp8 is not None:
+            return
+        if type(self.fc) is not Linear or type(self.gate) is not Linear:
+            self._fuse_fp8()
             return
         inter = self.fc.weight.shape[0]
         w = torch.cat([self.fc.weight.data, self.gate.weight.data])
@@ -193,10 +203,45 @@ class GatedMLP(nn.Module):
             self.fc.bias.data, self.gate.bias.data = b[:inter], b[inter:]
         self.fused = (w, b)
 
+    def _fuse_fp8(self) -> None:
+        """FP8 ``fc`` and ``gate`` on ``_scaled_mm`` with one input scale (they read the same
+        activations; TensorRT-LLM and modelopt calibrate them alike): one ``[2I, H]`` FP8 product
+        in float32, whose per-tensor weight scales become per-column scales applied -- with the
+        SiLU, the product and the down projection's input quantization -- in one kernel after it."""
+        fc, gate = self.fc, self.gate
+        scale = getattr(fc, "fp8_input_scale", lambda: None)()
+        other = getattr(gate, "fp8_input_scale", lambda: None)()
+        if scale is None or other is None or not torch.equal(scale, other) or fc.bias is not None:
+            return
+        inter = fc.weight.shape[0]
+        w = torch.cat([fc.weight.view(torch.uint8), gate.weight.view(torch.uint8)]).view(fc.weight.dtype)
+        fc.weight, gate.weight = w[:inter], w[inter:]
+        cols = torch.cat([fc.weights_scaling_factor.float().expand(inter),
+                          gate.weights_scaling_factor.float().expand(inter)]).contiguous()
+        self.fused_fp8 = (w, cols, scale, torch.ones(1, dtype=torch.float32, device=w.device))
+
+    def fp8_input_scale(self) -> torch.Tensor | None:
+        """The scale the norm before this MLP quantizes its output with (FP8 ``fc``/``gate`` fused)."""
+        return self.fused_fp8[2] if self.fused_fp8 is not None else None
+
     def forward(self, x):
+        if self.fused_fp8 is not None:
+            w, cols, scale, one = self.fused_fp8
+            y = qk_fp8_scaled_mm(x, w, one, scale, out_dtype=torch.float32)  # weight scales: after
+            down_scale = getattr(self.proj, "fp8_input_scale", lambda: None)()
+            if down_scale is not None:
+                return row_parallel(self.proj, fused.silu_mul_fp8(y, cols, self.proj.dtype, down_scale), self.comm)
+            return row_parallel(self.proj, fused.silu_mul((y * cols).to(self.proj.dtype)), self.comm)
         if self.fused is not None:
             return row_parallel(self.proj, fused.silu_mul(F.linear(x, *self.fused)), self.comm)
         return row_parallel(self.proj, F.silu(self.fc(x)) * self.gate(x), self.comm)
+
+
+def qk_fp8_scaled_mm(*args, **kwargs) -> torch.Tensor:
+    """:func:`trtlm.quant.kernels.fp8_scaled_mm` (imported on first use: quantized models only)."""
+    from trtlm.quant.kernels import fp8_scaled_mm
+
+    return fp8_scaled_mm(*args, **kwargs)
 
 
 class PlainMLP(nn.Module):
@@ -333,9 +378,24 @@ class Block(nn.Module):
     def step(self, x, delta, batch, cache, layer, rope, slopes):
         """The layer on the residual stream ``x + delta`` -> the next ``(x, delta)``: the residual
         add is left to the next norm, which does both in one kernel on the GPU."""
-        x, h = self.input_layernorm.add_forward(x, delta)
-        x, h = self.post_layernorm.add_forward(x, self.attention(h, batch, cache, layer, rope, slopes))
+        # An FP8 linear after a norm gets its input quantized by the norm's kernel (fp8_input_scale).
+        x, h = self.input_layernorm.add_forward(x, delta, self.qkv_fp8_scale)
+        x, h = self.post_layernorm.add_forward(x, self.attention(h, batch, cache, layer, rope, slopes),
+                                               self.mlp_fp8_scale)
         return x, self.mlp(h)
+
+    @property
+    def qkv_fp8_scale(self) -> torch.Tensor | None:
+        return _fp8_input_scale(self.attention.qkv)
+
+    @property
+    def mlp_fp8_scale(self) -> torch.Tensor | None:
+        return _fp8_input_scale(self.mlp)
+
+
+def _fp8_input_scale(module: nn.Module) -> torch.Tensor | None:
+    scale = getattr(module, "fp8_input_scale", None)
+    return scale() if scale is not None else None
 
 
 class Embedding(nn.Module):

@@ -47,6 +47,28 @@ def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * g
 
 
+def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor FP8 activation quantization: ``float8_e4m3fn(clamp(x / scale))`` in
+    float32 (what :func:`trtlm.quant.kernels.quantize_activation` computes)."""
+    return (x.float() / scale.float().reshape(())).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def add_rms_norm_fp8_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                         scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm_ref` with its normalized output quantized to FP8 for the next linear."""
+    x, h = add_rms_norm_ref(x, delta, weight, eps)
+    return x, quantize_fp8_ref(h, scale)
+
+
+def silu_mul_fp8_ref(y: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype,
+                     scale: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU of an FP8 gate/up product, quantized for the down projection: ``y [N, 2I]`` is
+    the float32 product before the weight scales, ``col_scale [2I]`` the per-column weight scales;
+    each half is scaled and rounded to ``dtype`` (what each linear alone would output), then
+    ``silu(a) * g`` in ``dtype``, then FP8 with the down projection's activation scale."""
+    return quantize_fp8_ref(silu_mul_ref((y * col_scale.float()).to(dtype)), scale)
+
+
 # ----------------------------------------------------------------------------- dispatch
 @functools.lru_cache(maxsize=1)
 def _triton_present() -> bool:
@@ -84,3 +106,25 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
         return fused_triton.silu_mul(x)
     return silu_mul_ref(x)
+
+
+# FP8 activations: the quantization of a linear's input fused into the op that produces it
+# (issue 15: one kernel fewer per FP8 linear, and the SwiGLU's products as one FP8 GEMM).
+def add_rms_norm_fp8(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + delta, fp8(rms_norm(x + delta) * weight / scale))``: the residual stream, and the
+    normalized activations already quantized for an FP8 linear with static input ``scale``."""
+    if _use_triton(x) and x.dim() == 2 and x.dtype == weight.dtype:
+        from trtlm.runtime.kernels import fused_triton
+
+        return fused_triton.add_rms_norm(x, delta, weight, eps, scale)
+    return add_rms_norm_fp8_ref(x, delta, weight, eps, scale)
+
+
+def silu_mul_fp8(y: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+    """See :func:`silu_mul_fp8_ref`; one kernel on the GPU."""
+    if _use_triton(y) and y.dim() == 2 and y.stride(-1) == 1:
+        from trtlm.runtime.kernels import fused_triton
+
+        return fused_triton.silu_mul_fp8(y, col_scale, dtype, scale)
+    return silu_mul_fp8_ref(y, col_scale, dtype, scale)

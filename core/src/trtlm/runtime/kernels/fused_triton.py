@@ -16,8 +16,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, D, W, OUT, RES, stride_x, stride_d, stride_o, stride_r, n_cols, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(X, D, W, OUT, RES, A, stride_x, stride_d, stride_o, stride_r, n_cols, eps,
+                         HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -31,25 +31,31 @@ def _add_rms_norm_kernel(X, D, W, OUT, RES, stride_x, stride_d, stride_o, stride
     normed = (h * tl.math.rsqrt(mean_sq + eps)).to(X.dtype.element_ty)
     w = tl.load(W + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=mask)
+    if QUANT:  # the next linear's FP8 input: rounded to the activation dtype first, as unfused
+        y = tl.math.div_rn(out.to(X.dtype.element_ty).to(tl.float32), tl.load(A))
+        tl.store(OUT + row * stride_o + cols, tl.minimum(tl.maximum(y, -448.0), 448.0).to(OUT.dtype.element_ty),
+                 mask=mask)
+    else:
+        tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, fp8_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if x.stride(-1) != 1:
         x = x.contiguous()
     if delta is not None and delta.stride(-1) != 1:
         delta = delta.contiguous()
     n, h = x.shape
-    out = torch.empty((n, h), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    dtype = torch.float8_e4m3fn if fp8_scale is not None else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty((n, h), dtype=dtype, device=x.device)
     res = torch.empty_like(x) if delta is not None else x
     if n:
         block = triton.next_power_of_2(h)
         _add_rms_norm_kernel[(n,)](
-            x, delta if delta is not None else x, weight, out, res,
+            x, delta if delta is not None else x, weight, out, res, fp8_scale if fp8_scale is not None else weight,
             x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0), res.stride(0), h, float(eps),
-            HAS_DELTA=delta is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)),
-            enable_fp_fusion=False)
+            HAS_DELTA=delta is not None, QUANT=fp8_scale is not None, BLOCK=block,
+            num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False)
     return res, out
 
 
@@ -106,4 +112,36 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         block = 1024
         _silu_mul_kernel[(n, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
                                                          num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+@triton.jit
+def _silu_mul_fp8_kernel(Y, S, A, OUT, stride_y, stride_o, inter, DT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    # each half scaled by its weight scale and rounded to the activation dtype, as each linear outputs it
+    a = (tl.load(Y + row * stride_y + cols, mask=mask, other=0.0)
+         * tl.load(S + cols, mask=mask, other=0.0)).to(DT).to(tl.float32)
+    g = (tl.load(Y + row * stride_y + inter + cols, mask=mask, other=0.0)
+         * tl.load(S + inter + cols, mask=mask, other=0.0)).to(DT)
+    s = (a / (1.0 + tl.exp(-a))).to(DT)
+    v = (s.to(tl.float32) * g.to(tl.float32)).to(DT)
+    y = tl.math.div_rn(v.to(tl.float32), tl.load(A))
+    tl.store(OUT + row * stride_o + cols, tl.minimum(tl.maximum(y, -448.0), 448.0).to(OUT.dtype.element_ty),
+             mask=mask)
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def silu_mul_fp8(y: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype, fp8_scale: torch.Tensor) -> torch.Tensor:
+    n, two_i = y.shape
+    inter = two_i // 2
+    out = torch.empty((n, inter), dtype=torch.float8_e4m3fn, device=y.device)
+    if n:
+        block = 1024
+        _silu_mul_fp8_kernel[(n, triton.cdiv(inter, block))](
+            y, col_scale, fp8_scale, out, y.stride(0), out.stride(0), inter, DT=_TL_DTYPES[dtype], BLOCK=block,
+            num_warps=4, enable_fp_fusion=False)
     return out
