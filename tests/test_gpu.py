@@ -323,3 +323,35 @@ def test_quantized_engine_gpu_path_matches_cpu_path(mode, tmp_path):
     ppl_cpu = score(engine_logits_fn(cpu.engine), chunks).ppl
     ppl_gpu = score(engine_logits_fn(gpu.engine), chunks).ppl
     assert abs(ppl_gpu / ppl_cpu - 1) < 1e-2, (ppl_cpu, ppl_gpu)
+
+
+def test_fp8_swiglu_fused_computes_what_the_fp8_linears_compute():
+    """The fused FP8 SwiGLU (one ``[2I, H]`` FP8 GEMM, per-column weight scales, SiLU, product and the
+    down projection's input quantization in one op) against the three FP8 linears one by one, on
+    the CPU (``torch._scaled_mm`` runs there too; the GPU picks this path on sm_89+, where
+    ``test_quantized_engine_gpu_path_matches_cpu_path[fp8]`` covers it).  The linears are put on the
+    ``_scaled_mm`` path as on such a GPU.  Reference: each linear's emulation (dequantized weights
+    rounded to bf16), so the two differ by that rounding (~2^-9 per weight) and by FP8 codes of the
+    SwiGLU output that it moves across a rounding boundary (one e4m3 step is 6-12%): relative errors
+    of 1-2% on these weights, bound 4e-2.  Swapping the fc and gate column scales gives ~9%."""
+    from trtlm.quant import kernels as qk
+    from trtlm.quant.runtime import QuantLinear
+    from trtlm.runtime.kernels import fused
+    from trtlm.runtime.model import GatedMLP
+
+    model = dummy_model("mistral", "tiny", "bfloat16", "cpu", seed=3, quant="fp8").model
+    mlp = next(m for m in model.modules() if isinstance(m, GatedMLP))
+    mlp.gate.weights_scaling_factor.mul_(1.7)  # fc and gate scaled differently: each column its own
+    for linear in (mlp.fc, mlp.gate, mlp.proj):
+        assert isinstance(linear, QuantLinear)
+        linear.prepare()
+        linear.kernel_path = qk.SCALED_MM
+    x = torch.randn(5, mlp.fc.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    want = mlp(x)  # CPU bf16 input: every linear emulates
+    mlp.fuse()
+    assert mlp.fused_fp8 is not None and mlp.fp8_input_scale() is mlp.fc.activation_scaling_factor
+    assert mlp.fc.weight.data_ptr() == mlp.fused_fp8[0].data_ptr()  # views of the fused codes
+    got = mlp(fused.quantize_fp8_ref(x, mlp.fp8_input_scale()))  # as the RMSNorm's kernel hands it over
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 4e-2, err

@@ -209,8 +209,7 @@ class GatedMLP(nn.Module):
         in float32, whose per-tensor weight scales become per-column scales applied -- with the
         SiLU, the product and the down projection's input quantization -- in one kernel after it."""
         fc, gate = self.fc, self.gate
-        scale = getattr(fc, "fp8_input_scale", lambda: None)()
-        other = getattr(gate, "fp8_input_scale", lambda: None)()
+        scale, other = _fp8_input_scale(fc), _fp8_input_scale(gate)
         if scale is None or other is None or not torch.equal(scale, other) or fc.bias is not None:
             return
         inter = fc.weight.shape[0]
@@ -226,9 +225,11 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         if self.fused_fp8 is not None:
+            from trtlm.quant.kernels import fp8_scaled_mm  # (quantized models only)
+
             w, cols, scale, one = self.fused_fp8
-            y = qk_fp8_scaled_mm(x, w, one, scale, out_dtype=torch.float32)  # weight scales: after
-            down_scale = getattr(self.proj, "fp8_input_scale", lambda: None)()
+            y = fp8_scaled_mm(x, w, one, scale, out_dtype=torch.float32)  # the weight scales: after
+            down_scale = _fp8_input_scale(self.proj)
             if down_scale is not None:
                 return row_parallel(self.proj, fused.silu_mul_fp8(y, cols, self.proj.dtype, down_scale), self.comm)
             return row_parallel(self.proj, fused.silu_mul((y * cols).to(self.proj.dtype)), self.comm)
@@ -237,11 +238,11 @@ class GatedMLP(nn.Module):
         return row_parallel(self.proj, F.silu(self.fc(x)) * self.gate(x), self.comm)
 
 
-def qk_fp8_scaled_mm(*args, **kwargs) -> torch.Tensor:
-    """:func:`trtlm.quant.kernels.fp8_scaled_mm` (imported on first use: quantized models only)."""
-    from trtlm.quant.kernels import fp8_scaled_mm
-
-    return fp8_scaled_mm(*args, **kwargs)
+def _fp8_input_scale(module: nn.Module) -> torch.Tensor | None:
+    """The static FP8 input scale of ``module`` if the op before it may hand it FP8 (see
+    ``QuantLinear.fp8_input_scale``), else None (plain and other quantized modules)."""
+    scale = getattr(module, "fp8_input_scale", None)
+    return scale() if scale is not None else None
 
 
 class PlainMLP(nn.Module):
@@ -391,11 +392,6 @@ class Block(nn.Module):
     @property
     def mlp_fp8_scale(self) -> torch.Tensor | None:
         return _fp8_input_scale(self.mlp)
-
-
-def _fp8_input_scale(module: nn.Module) -> torch.Tensor | None:
-    scale = getattr(module, "fp8_input_scale", None)
-    return scale() if scale is not None else None
 
 
 class Embedding(nn.Module):
