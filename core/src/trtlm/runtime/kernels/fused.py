@@ -50,7 +50,9 @@ def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
 def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Static per-tensor FP8 activation quantization: ``float8_e4m3fn(clamp(x / scale))`` in
     float32 (what :func:`trtlm.quant.kernels.quantize_activation` computes)."""
-    return (x.float() / scale.float().reshape(())).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    from trtlm.quant.formats import quantize_fp8
+
+    return quantize_fp8(x, scale)
 
 
 def add_rms_norm_fp8_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
