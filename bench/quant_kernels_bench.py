@@ -12,6 +12,9 @@ rotation of weight copies totalling >= 256 MB (so the 50 MB L2 never holds the n
 microseconds per call = median over replays / calls.  Mixtral expert layers (E=8, H=4096,
 I=14336, top-2) are timed through ``quant_moe_forward`` against ``moe_forward`` in bf16.
 
+``--gemv`` times only the one-row GEMV (``trtlm.quant.gemv``) over a tile sweep at Mistral-7B's
+decode shapes, against bf16 and the module's path (< 20 s).
+
 ``--mixed-mm`` times only the mixed-input GEMM ``qk.mixed_mm`` (weights repacked K-major once) at
 32/64/128 rows over a small config sweep, against bf16 ``F.linear`` and today's path (the module's
 forward, i.e. the tiled ``dequant_mm``), for int4-wo, int8-wo and int4-awq.
@@ -377,6 +380,98 @@ def bench_mixed_mm(results: dict, log, budget_s: float) -> None:
     log(f"mixed-mm: {time.monotonic() - t0:.0f} s")
 
 
+#: decode shapes of Mistral-7B (out x in): qkv, dense, fc+gate fused, fc, proj
+GEMV_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (14336, 4096), (4096, 14336)]
+GEMV_SWEEP = {
+    "int8": [{"bn": bn, "bk": bk, "num_warps": w, "num_stages": st} for bn, bk, w, st in (
+        (4, 512, 4, 3), (8, 512, 4, 4), (8, 1024, 8, 3), (4, 1024, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 4),
+        (8, 2048, 8, 3), (4, 2048, 8, 3), (16, 1024, 8, 3), (16, 2048, 16, 3), (2, 1024, 4, 3), (8, 1024, 4, 3))],
+    "int4": [{"bn": bn, "bk": 128, "num_warps": w, "num_stages": st} for bn, w, st in (
+        (16, 4, 4), (32, 8, 4), (64, 8, 4))],
+}
+GEMV_SWEEP["fp8"] = GEMV_SWEEP["int8"] + [dict(c, fp8_bits=1) for c in GEMV_SWEEP["int8"][:3]]
+
+
+def bench_gemv(results: dict, log, budget_s: float) -> None:
+    """The one-row GEMV (:func:`trtlm.quant.gemv.gemv`) over a tile sweep, against bf16 ``F.linear``
+    and the module's current path at one row, for int8-wo, int4-wo, int4-awq and fp8 (FP8 input
+    quantized in the kernel, FP8 codes handed over as the fused RMSNorm/SwiGLU do, and a separate
+    quantization kernel before the GEMV on codes)."""
+    import time
+
+    from trtlm.quant.gemv import GEMV_CONFIGS, gemv
+
+    t0 = time.monotonic()
+    gen = torch.Generator("cuda").manual_seed(5)
+    out = results["gemv"]
+    for out_f, in_f in GEMV_SHAPES:
+        key = f"{out_f}x{in_f}"
+        w16 = torch.randn(out_f, in_f, device="cuda", generator=gen, dtype=DT) * 0.02
+        ws = [w16] + [w16.clone() for _ in range(max(1, ROTATE_BYTES // w16.nbytes) - 1)]
+        x = torch.randn(1, in_f, device="cuda", generator=gen, dtype=DT)
+        t16 = time_op(lambda i: (lambda: F.linear(x, ws[i % len(ws)])), w16.nbytes, reps=3)
+        out[key] = {"bf16_us": t16, "bf16_TBps": w16.nbytes / t16 / 1e6}
+        log(f"{key}: bf16 F.linear {t16:.1f} us ({w16.nbytes / t16 / 1e6:.2f} TB/s)")
+        del ws
+        for name in ("int8-wo", "int4-wo", "int4-awq", "fp8"):
+            m = quant_module(name, out_f, in_f, gen)
+            copies = [m] + [copy.deepcopy(m) for _ in range(max(1, ROTATE_BYTES // nbytes(m)) - 1)]
+            wk, sk = {"int8-wo": ("int8", "channel"), "fp8": ("fp8", "tensor")}.get(name, ("int4", "group"))
+            ref = m.emulate(x)
+            row = out[key][name] = {"bytes": nbytes(m), "configs": []}
+            inputs = [("x", x)]
+            if name == "fp8":
+                xq = qf.quantize_fp8(x, m.activation_scaling_factor)
+                inputs.append(("fp8 codes", xq))
+
+            def call(c, xin, cfg):
+                return gemv(xin, c.weight, c.weights_scaling_factor, weight_kind=wk, scale_kind=sk, group_size=128,
+                            prequant=getattr(c, "prequant_scaling_factor", None),
+                            input_scale=getattr(c, "activation_scaling_factor", None), out_dtype=DT, config=cfg)
+
+            def record(label, fn, extra):
+                if time.monotonic() - t0 > budget_s:
+                    row.setdefault("skipped", []).append(label)
+                    return None
+                try:
+                    err = rel_err(fn(0), ref)
+                    us = time_op(lambda i: (lambda: fn(i)), nbytes(m), reps=3)
+                    r = {"us": us, "x_bf16": t16 / us, "TBps": nbytes(m) / us / 1e6, "rel_err": err,
+                         "ok": err <= TOL, **extra}
+                    log(f"  {name:8s} {label:60s} {us:7.1f} us  x{t16 / us:5.2f}  {r['TBps']:.2f} TB/s  "
+                        f"err {err:.1e} {'ok' if err <= TOL else 'WRONG'}")
+                except Exception as e:  # noqa: BLE001 - report, keep sweeping
+                    r = {"error": f"{type(e).__name__}: {e}"[:300], **extra}
+                    log(f"  {name:8s} {label:60s} error {type(e).__name__}: {str(e)[:160]}")
+                return r
+
+            row["current"] = record(f"current ({m.kernel_path})", lambda i: copies[i % len(copies)](x), {})
+            if name == "fp8":  # the alternative to quantizing in the GEMV: a quantization kernel first
+                row["quantize_then_codes"] = record(
+                    "quantize kernel, then gemv[fp8 codes]",
+                    lambda i: call(copies[i % len(copies)],
+                                   qk.quantize_activation(x, m.activation_scaling_factor, "fp8"), None), {})
+            default = GEMV_CONFIGS[wk, out_f > 4096]
+            for what, xin in inputs:  # FP8: the whole sweep on codes, the default on quantize-in-kernel
+                cfgs = [default] + [c for c in GEMV_SWEEP[wk] if c != default]
+                for cfg in (cfgs if what == inputs[-1][0] else cfgs[:1] + [dict(default, fp8_bits=1)]):
+                    r = record(f"gemv[{what}] " + " ".join(f"{k}{v}" for k, v in cfg.items()),
+                               lambda i, cfg=cfg, xin=xin: call(copies[i % len(copies)], xin, cfg),
+                               {"config": cfg, "input": what})
+                    if r is not None:
+                        row["configs"].append(r)
+            ok = [c for c in row["configs"] if c.get("ok")]
+            if ok:
+                row["best"] = best = min(ok, key=lambda c: c["us"])
+                log(f"  {name:8s} BEST {best['us']:.1f} us x{best['x_bf16']:.2f} bf16 {best['TBps']:.2f} TB/s "
+                    f"{best['config']} [{best['input']}]")
+            with open(OUT_PATH[0], "w") as f:
+                json.dump(results, f, indent=1)
+            del copies, m
+            torch.cuda.empty_cache()
+    log(f"gemv: {time.monotonic() - t0:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -386,6 +481,8 @@ def main() -> None:
     ap.add_argument("--mixed-mm", action="store_true",
                     help="only the mixed-input GEMM (qk.mixed_mm) config sweep at 32/64/128 rows against bf16 "
                          "F.linear and today's dequant_mm path")
+    ap.add_argument("--gemv", action="store_true",
+                    help="only the one-row GEMV (trtlm.quant.gemv) tile sweep against bf16 F.linear and today's path")
     ap.add_argument("--budget-s", type=float, default=80.0,
                     help="--mixed-mm: start no new measurement after this many seconds (default 80)")
     args = ap.parse_args()
@@ -396,7 +493,7 @@ def main() -> None:
     import triton
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "dtype": "bfloat16", "linear": {}, "moe": {}, "sweep": [], "mixed_mm": {}}
+               "dtype": "bfloat16", "linear": {}, "moe": {}, "sweep": [], "mixed_mm": {}, "gemv": {}}
 
     def log(s: str) -> None:
         print(s, flush=True)
@@ -414,6 +511,9 @@ def main() -> None:
     try:
         if args.mixed_mm:
             bench_mixed_mm(results, log, args.budget_s)
+            return
+        if args.gemv:
+            bench_gemv(results, log, args.budget_s)
             return
         bench_linears(results, log)
         save()

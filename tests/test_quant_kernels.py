@@ -215,6 +215,13 @@ def test_weight_bytes_per_token_counts_stored_codes_and_scales():
 
 # ----------------------------------------------------------------------------- Triton interpreter (CPU)
 
+def _interpret(code: str) -> None:
+    """Run ``code`` in a fresh interpreter with Triton's CPU interpreter on (it must print ``ok``)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="a CUDA device runs the compiled kernels (the CUDA tests below); the interpreter is for "
                            "machines without one (Triton 3.6's interpreter also cannot index with a loaded scalar)")
@@ -250,9 +257,7 @@ def test_triton_kernel_in_interpreter():
             assert err <= 2 ** -8, (wk, sk, experts, err)  # fp16 output rounding
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    _interpret(code)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -398,9 +403,7 @@ def test_mixed_mm_in_interpreter():
         check("int4-wo", 128, 256, (33,), torch.float16, "cpu", [None], group=64)
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    _interpret(code)
 
 
 @cuda
@@ -468,10 +471,7 @@ def test_activation_quant_kernel_in_interpreter():
     """The int8 path of the activation-quantization kernel (prequant multiply, IEEE division, ties
     to even, clamp) under Triton's CPU interpreter (fp8 casts need a GPU)."""
     pytest.importorskip("triton", reason="needs the triton package (Triton's CPU interpreter runs the kernel)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = ACT_QUANT_CHECK + "\nrun('cpu', ['int8'], force_triton=True)\n"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    _interpret(ACT_QUANT_CHECK + "\nrun('cpu', ['int8'], force_triton=True)\n")
 
 
 def test_activation_quant_cpu_is_the_reference():
@@ -486,3 +486,110 @@ def test_activation_quant_kernel_on_gpu():
     namespace: dict = {}
     exec(ACT_QUANT_CHECK, namespace)
     namespace["run"]("cuda", ["int8", "fp8"])
+
+
+# ----------------------------------------------------------------------------- one-row GEMV (decode, batch 1)
+
+GEMV_CHECK = textwrap.dedent("""
+    import torch
+    from trtlm.quant import formats as qf
+    from trtlm.quant.gemv import gemv
+
+    def check(kind, N, K, dtype, device, quant_x=True, config=None, out_dtype=None):
+        g = torch.Generator().manual_seed(N * 7 + K)
+        w = torch.randn(N, K, generator=g) * 0.05
+        x = torch.randn(1, K, generator=g).to(dtype)
+        kw = {}
+        if kind == "int8":
+            s = qf.int8_weight_scale(w); codes = qf.quantize_int8(w, s); sk = "channel"
+            dense = qf.dequantize_int8(codes, s, torch.float32); xr = x.float()
+        elif kind.startswith("int4"):
+            p = torch.rand(K, generator=g) + 0.5 if kind == "int4-awq" else None
+            ws = w / p if p is not None else w
+            s = qf.int4_group_scales(ws, 128); codes = qf.pack_int4(qf.quantize_int4(ws, s, 128)); sk = "group"
+            dense = qf.dequantize_int4(codes, s, torch.float32); kw["group_size"] = 128
+            xr = (x * p.to(dtype)).float() if p is not None else x.float()
+            if p is not None:
+                kw["prequant"] = p.to(dtype).to(device)
+            kind = "int4"
+        else:  # fp8, per tensor or per channel
+            s = qf.fp8_per_channel_scale(w) if kind == "fp8-channel" else qf.fp8_weight_scale(w)
+            sk = "channel" if kind == "fp8-channel" else "tensor"
+            codes = qf.quantize_fp8(w, s); dense = qf.dequantize_fp8(codes, s, torch.float32)
+            a = qf.fp8_activation_scale(3.0)
+            kw["input_scale"] = a.to(device)
+            xr = qf.dequantize_fp8(qf.quantize_fp8(x, a), a, torch.float32)
+            if not quant_x:  # the codes the fused RMSNorm / SwiGLU kernels hand over
+                x = qf.quantize_fp8(x, a)
+            kind = "fp8"
+        ref = xr @ dense.t()
+        y = gemv(x.to(device), codes.to(device), s.to(device), weight_kind=kind, scale_kind=sk, config=config,
+                 out_dtype=out_dtype, **kw)
+        assert y.shape == (1, N) and y.dtype == (out_dtype or (dtype if x.dtype != torch.float8_e4m3fn
+                                                                else torch.bfloat16)), (y.shape, y.dtype)
+        err = ((y.float().cpu() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 2 ** -7, (kind, N, K, dtype, config, err)
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="a CUDA device runs the compiled kernel (test below); the interpreter is for CPUs")
+def test_gemv_in_interpreter():
+    """The one-row GEMV's bit tricks (int8 and int4 codes to float by masking into 2^23's bit
+    pattern, e4m3 codes moved into float32's fields), group scales, AWQ's pre-quant scale and the
+    row mask (N = 200 is not a multiple of the 8- and 16-row tiles), under Triton's interpreter.
+
+    Tolerance 2**-7 of max|ref| against the float32 product of the dequantized weight: the kernel
+    rounds its output to float16/bfloat16 (2**-9 relative at worst) and otherwise differs only in
+    summation order; a wrong bias, nibble, group or scale gives errors of order 1.  FP8 inputs are
+    given as codes here: Triton 3.6's interpreter rounds float32 -> e4m3 wrongly when the rounding
+    carries into the exponent (-126 becomes -64), so in-kernel quantization is checked on CUDA only.
+    """
+    pytest.importorskip("triton", reason="needs the triton package (Triton's CPU interpreter runs the kernel)")
+    code = GEMV_CHECK + textwrap.dedent("""
+        for kind in ("int8", "int4-wo", "int4-awq", "fp8", "fp8-channel"):
+            check(kind, 200, 256, torch.float16, "cpu", quant_x=False, config={"bk": 128, "bn": 16})
+        check("fp8", 64, 256, torch.float16, "cpu", quant_x=False, config={"bk": 128, "fp8_bits": 1})
+        check("int8", 64, 512, torch.float16, "cpu", out_dtype=torch.float32)
+        print("ok")
+    """)
+    _interpret(code)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_matches_the_dequantized_product(dtype):
+    """The compiled GEMV, every weight kind, FP8 input quantized in the kernel or handed over as
+    codes, the default tiles and the sweep's alternatives (same tolerance as the interpreter test)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs compute capability 8.9+ (FP8)")
+    exec(compile(GEMV_CHECK, "GEMV_CHECK", "exec"), ns := {})
+    check = ns["check"]
+    for kind in ("int8", "int4-wo", "int4-awq", "fp8", "fp8-channel"):
+        for N, K in ((200, 1024), (6144, 4096), (4096, 14336)):
+            check(kind, N, K, dtype, "cuda")
+            if kind.startswith("fp8"):
+                check(kind, N, K, dtype, "cuda", quant_x=False, out_dtype=torch.float32)
+    for cfg in ({"bn": 4, "bk": 512}, {"bn": 16, "bk": 1024, "num_warps": 8}, {"fp8_bits": 1}):
+        check("fp8", 4096, 4096, dtype, "cuda", config=cfg)
+        check("int8", 4096, 4096, dtype, "cuda", config={k: v for k, v in cfg.items() if k != "fp8_bits"})
+
+
+@cuda
+@pytest.mark.gpu
+def test_one_row_takes_the_gemv_where_measured_faster():
+    """int8-wo and FP8 linears up to GEMV_MAX_OUT outputs take the GEMV at one row (and say so);
+    int4 keeps tinygemm; two rows take the other kernels, which agree with it."""
+    from trtlm.quant.gemv import GEMV_MAX_OUT
+
+    for name, want in (("int8-wo", True), ("fp8", True), ("int4-wo", False), ("int8-sq", False)):
+        m = _linear(name, 512, 1024, torch.bfloat16, "cuda")
+        m.prepare()
+        assert m._gemv is want and ("GEMV" in m.kernel_reason) is want, (name, m.kernel_reason)
+        x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+        one, two = m(x[:1]), m(x)
+        assert _rel(one, two[:1]) <= TOL
+    wide = _linear("int8-wo", GEMV_MAX_OUT + 512, 1024, torch.bfloat16, "cuda")
+    wide.prepare()
+    assert not wide._gemv

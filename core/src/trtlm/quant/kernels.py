@@ -29,6 +29,10 @@ constants below switch them):
     fake-quantized (the same rounding) and the tiled Triton kernel runs on the int8 codes.
 ``"emulation"`` -- dequantize then ``F.linear`` (any device, any dtype).
 
+Whatever the path, at one row (decode at batch 1) int8 and FP8 linears up to
+:data:`trtlm.quant.gemv.GEMV_MAX_OUT` outputs take the bandwidth-bound GEMV of
+:mod:`trtlm.quant.gemv` instead (faster than each of the above there, docs/benchmarks.md "one-row GEMV").
+
 Numerics: every fast path computes what the emulation computes up to accumulation order and the
 rounding of partial products (codes are exact in fp16/bf16; scales are applied in float32).
 """

@@ -35,6 +35,7 @@ from torch import nn
 from trtlm.quant import formats as qf
 from trtlm.quant import kernels as qk
 from trtlm.quant import schemes
+from trtlm.quant.gemv import gemv, gemv_applies
 
 #: quant_algo values the runtime executes (every registered format's).
 SUPPORTED = schemes.runtime_algos()
@@ -107,6 +108,7 @@ class QuantLinear(nn.Module):
         self._prepared_on: torch.device | None = None
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._mm: qk.MixedWeight | None = None  #: the codes repacked for mixed_mm (weight-only, many rows)
+        self._gemv = False  #: one row takes :func:`trtlm.quant.gemv.gemv`
 
     # -- load time ---------------------------------------------------------------------
     @torch.no_grad()
@@ -133,8 +135,61 @@ class QuantLinear(nn.Module):
                     if many_rows else None)
         if many_rows:
             self.kernel_reason += f"; mixed-input Triton GEMM from {qk.MIXED_MM_MIN_ROWS} rows"
+        fmt = self.fmt
+        self._gemv = self.kernel_path != qk.EMULATION and qk.triton_available() and gemv_applies(
+            fmt.weight, fmt.activation, fmt.weight_scale, self.in_features, self.out_features, self.group_size)
+        if self._gemv:
+            self.kernel_reason = f"one-row Triton GEMV at 1 row; {self.kernel_reason}"
         self._prepared_on = dev
         return self.kernel_path
+
+    @classmethod
+    def stacked(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
+        """One linear whose output is the parts' outputs side by side, for parts that read the same
+        input (the SwiGLU's ``fc`` and ``gate``): one kernel and one pass over the input instead of
+        one per part.  The parts' codes and scales become views of the stacked module's, so their
+        state_dict is unchanged and nothing is stored twice.  ``None`` where the parts cannot
+        share one product: other formats, a bias, activation quantization (FP8 has its own fusion,
+        ``GatedMLP._fuse_fp8``), different pre-quant scales, per-tensor scales that differ."""
+        first = parts[0]
+        fmt = first.fmt
+        if (fmt.activation is not None or any(p.bias is not None or p.fmt != fmt or p.dtype != first.dtype
+                                               or p.in_features != first.in_features
+                                               or p.group_size != first.group_size for p in parts)):
+            return None
+        pre = [getattr(p, "prequant_scaling_factor", None) for p in parts]
+        if pre[0] is not None and any(not torch.equal(pre[0], q) for q in pre[1:]):
+            return None
+        if fmt.weight_scale == "tensor" and any(not torch.equal(first.weights_scaling_factor,
+                                                                p.weights_scaling_factor) for p in parts[1:]):
+            return None
+        stacked = cls.__new__(cls)
+        nn.Module.__init__(stacked)
+        stacked.fmt, stacked.algo, stacked.dtype = fmt, first.algo, first.dtype
+        stacked.in_features, stacked.group_size = first.in_features, first.group_size
+        stacked.out_features = sum(p.out_features for p in parts)
+        stacked.bias = None
+        stacked._prepared_on = None
+        with torch.no_grad():
+            shared = {"prequant_scaling_factor"}
+            if fmt.weight_scale == "tensor":
+                shared.add("weights_scaling_factor")
+            for name, _ in first.named_buffers(recurse=False):
+                if name in shared:  # one value for every part (checked equal above)
+                    stacked.register_buffer(name, getattr(first, name))
+                    continue
+                whole = torch.cat([getattr(p, name) for p in parts])
+                stacked.register_buffer(name, whole)
+                start = 0
+                for p in parts:  # the parts read their slice of the stacked tensor
+                    n = getattr(p, name).shape[0]
+                    setattr(p, name, whole[start:start + n])
+                    start += n
+            for p in parts:
+                p._prepared_on = None  # their repacked copies (if any) are dropped; re-made if ever called
+                p._packed = p._mm = None
+        stacked.prepare()
+        return stacked
 
     def fp8_input_scale(self) -> torch.Tensor | None:
         """The static activation scale when this linear runs FP8 ``_scaled_mm`` on its input
@@ -171,6 +226,10 @@ class QuantLinear(nn.Module):
     def _fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
         fmt, rows = self.fmt, x.shape[0]
         p = getattr(self, "prequant_scaling_factor", None)
+        if rows == 1 and self._gemv:  # decode at batch 1: the bandwidth-bound GEMV
+            return gemv(x, self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
+                        scale_kind=fmt.weight_scale, group_size=self.group_size, prequant=p,
+                        input_scale=getattr(self, "activation_scaling_factor", None), out_dtype=self.dtype)
         if path == qk.SCALED_MM:  # FP8 W8A8
             a_s, w_s = self.activation_scaling_factor, self.weights_scaling_factor
             if rows <= qk.FP8_TRITON_MAX_ROWS and qk.triton_available():

@@ -127,6 +127,10 @@ def prepare_for_device(model: torch.nn.Module) -> dict[str, str]:
                     paths[kind] += "; fc and gate as one FP8 GEMM, their input quantized by the RMSNorm's kernel"
             if "mlp.proj" in paths:
                 paths["mlp.proj"] += "; input quantized by the SwiGLU's kernel"
+        if any(isinstance(m, GatedMLP) and m.fused_quant is not None for m in model.modules()):
+            for kind in ("mlp.fc", "mlp.gate"):
+                if kind in paths:
+                    paths[kind] += "; fc and gate stacked into one quantized product"
         if "attention.qkv" in paths and any(isinstance(m, Block) and m.qkv_fp8_scale is not None
                                             for m in model.modules()):
             paths["attention.qkv"] += "; input quantized by the RMSNorm's kernel"

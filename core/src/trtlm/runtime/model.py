@@ -183,16 +183,20 @@ class GatedMLP(nn.Module):
         self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
         #: FP8 ``fc``/``gate`` fused: (codes [2I, H], per-column weight scales [2I], input scale, 1.0)
         self.fused_fp8: tuple[torch.Tensor, ...] | None = None
+        #: weight-only quantized ``fc``/``gate`` stacked: (the stacked ``QuantLinear``,)
+        self.fused_quant: tuple[nn.Module] | None = None
 
     def fuse(self) -> None:
         """Put ``fc`` and ``gate`` in one ``[2I, H]`` weight so both products are one matrix
         product (one read of ``x``, one kernel).  ``fc.weight``/``gate.weight`` become views of
         it, so the state_dict (names, shapes, values) is unchanged; call after loading weights.
         FP8 linears are fused the same way (:meth:`_fuse_fp8`); other quantized ones are left alone."""
-        if self.fused is not None or self.fused_fp8 is not None:
+        if self.fused is not None or self.fused_fp8 is not None or self.fused_quant is not None:
             return
         if type(self.fc) is not Linear or type(self.gate) is not Linear:
             self._fuse_fp8()
+            if self.fused_fp8 is None:
+                self._fuse_quantized()
             return
         inter = self.fc.weight.shape[0]
         w = torch.cat([self.fc.weight.data, self.gate.weight.data])
@@ -219,6 +223,16 @@ class GatedMLP(nn.Module):
                           gate.weights_scaling_factor.float().expand(inter)]).contiguous()
         self.fused_fp8 = (w, cols, scale, torch.ones(1, dtype=torch.float32, device=w.device))
 
+    def _fuse_quantized(self) -> None:
+        """Weight-only quantized ``fc`` and ``gate`` as one stacked quantized linear
+        (``QuantLinear.stacked``: one kernel, their codes and scales views of its own)."""
+        stacked = getattr(type(self.fc), "stacked", None)
+        if stacked is None or type(self.gate) is not type(self.fc):
+            return
+        both = stacked([self.fc, self.gate])
+        if both is not None:
+            self.fused_quant = (both,)  # (a tuple: not a submodule, so the state_dict keeps its names)
+
     def fp8_input_scale(self) -> torch.Tensor | None:
         """The scale the norm before this MLP quantizes its output with (FP8 ``fc``/``gate`` fused)."""
         return self.fused_fp8[2] if self.fused_fp8 is not None else None
@@ -235,6 +249,8 @@ class GatedMLP(nn.Module):
             return row_parallel(self.proj, fused.silu_mul((y * cols).to(self.proj.dtype)), self.comm)
         if self.fused is not None:
             return row_parallel(self.proj, fused.silu_mul(F.linear(x, *self.fused)), self.comm)
+        if self.fused_quant is not None:
+            return row_parallel(self.proj, fused.silu_mul(self.fused_quant[0](x)), self.comm)
         return row_parallel(self.proj, F.silu(self.fc(x)) * self.gate(x), self.comm)
 
 
