@@ -105,6 +105,8 @@ MODES = {
     "unchunked": dict(max_num_tokens=64, enable_chunked_prefill=False),
     "preempt": dict(capacity_policy="max_utilization", kv_blocks=SMALL_POOL),
     "no_evict": dict(capacity_policy="guaranteed_no_evict", kv_blocks=SMALL_POOL),
+    # decode steps queued before the previous step's tokens are read back (Engine._look_ahead)
+    "ahead": dict(async_scheduling=True, max_num_tokens=16),
 }
 
 
@@ -139,6 +141,7 @@ def test_staggered_greedy_matches_transformers(engine_dir, reference, model_type
         assert run.partial_prefill_steps == 0
     if mode == "preempt":
         assert run.preemptions > 0 and run.preempted  # prompt and generated tokens were recomputed
+    assert (eng.lookahead_steps > 0) == (mode == "ahead")
     if mode == "no_evict":
         assert run.preemptions == 0
         assert run.max_running < eng.max_batch_size  # requests waited for memory, not for a batch slot
@@ -470,10 +473,14 @@ def test_outputs_collected_during_the_next_step_equal_steps_own(bundled_engine):
              ("def fibonacci(n):", SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=[free.token_ids[5]])),
              ("class A:", SamplingParams(max_tokens=12, n=2, temperature=0.9, seed=4, ignore_eos=True)),
              ("x = 1", SamplingParams(max_tokens=9, logprobs=2, ignore_eos=True)),
-             ("for i in", SamplingParams(max_tokens=30, ignore_eos=True))]  # aborted after 3 outputs
+             ("for i in", SamplingParams(max_tokens=30, ignore_eos=True)),  # aborted after 3 outputs
+             # once r2 and r3 are done every row is greedy, and decode steps can be queued ahead:
+             ("def fibonacci(n):", SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=[free.token_ids[16]])),
+             ("import os", SamplingParams(max_tokens=40, ignore_eos=True)),  # aborted after 20 outputs
+             ("x = 1", SamplingParams(max_tokens=36, ignore_eos=True))]
 
-    def run(overlapped: bool):
-        eng = open_engine(bundled_engine)
+    def run(overlapped: bool, ahead: bool = False):
+        eng = open_engine(bundled_engine, async_scheduling=ahead)
         for i, (p, sp) in enumerate(cases):
             eng.add_request(p, sp, request_id=f"r{i}")
         streamed, last = defaultdict(list), {}
@@ -493,20 +500,31 @@ def test_outputs_collected_during_the_next_step_equal_steps_own(bundled_engine):
         while eng.has_unfinished() or pending:
             if len(streamed["r4", 0]) == 3:  # its client leaves after three outputs
                 eng.abort("r4")
+            if len(streamed["r6", 0]) == 20:
+                eng.abort("r6")
             if overlapped:
                 pending = eng.advance(overlap=ship)
             else:
                 take(eng.step())
         assert eng.allocator.all_free() and not eng.requests
+        assert (eng.lookahead_steps > 0) == ahead
         return dict(streamed), last
 
     (step_streams, step_last), (lap_streams, lap_last) = run(False), run(True)
     assert lap_streams == step_streams
+    # decode steps queued ahead (once the sampled and logprobs requests are done, every row is
+    # greedy): the same streams, whichever way the outputs are collected
+    for overlapped in (False, True):
+        ahead_streams, ahead_last = run(overlapped, ahead=True)
+        assert ahead_streams == step_streams
+        assert {r: o.outputs for r, o in ahead_last.items()} == {r: o.outputs for r, o in step_last.items()}
     assert step_last["r0"].outputs[0].stop_reason == free.text[10:13]
     stopped = step_last["r1"].outputs[0]
     assert stopped.stop_reason == free.token_ids[5] == stopped.token_ids[-1]
     assert stopped.text == eng.tokenizer.decode(stopped.token_ids[:-1])  # a stop id is not text
     assert not step_last["r4"].finished and len(step_streams["r4", 0]) == 3  # nothing after the abort
+    assert not step_last["r6"].finished and len(step_streams["r6", 0]) == 20
+    assert step_last["r5"].outputs[0].stop_reason == free.token_ids[16]
     for rid, want in step_last.items():
         got = lap_last[rid]
         assert got.finished == want.finished
@@ -860,3 +878,34 @@ def test_admission_group_waits_for_free_slots_and_changes_no_token(engine_dir):
     roomy = open_engine(mistral)
     for i, (p, sp) in enumerate(requests):
         assert done[f"req-{i}"] == roomy.generate([p], sp)[0].outputs[0].token_ids, i
+
+
+def test_run_flag_turns_async_scheduling_on_and_off(bundled_engine):
+    """``--async-scheduling``/``--no-async-scheduling`` (``run``, ``serve``, ``eval``) reach the
+    engine's config (unset: None, the engine decides), and ``trtlm run`` prints the same tokens
+    either way (on the CPU, where it is off by default: greedy, the same forwards in another order)."""
+    import json
+
+    import click
+    from click.testing import CliRunner
+    from conftest import run_cli
+
+    from trtlm.commands.engine_options import engine_config, engine_options, engine_settings
+
+    seen = []
+
+    @click.command()
+    @engine_options
+    def probe(**kwargs):
+        seen.append(engine_config(engine_settings(kwargs)).async_scheduling)
+
+    for args in (["--async-scheduling"], ["--no-async-scheduling"], []):
+        assert CliRunner().invoke(probe, args).exit_code == 0
+    assert seen == [True, False, None]
+    outputs = []
+    for flag in ("--no-async-scheduling", "--async-scheduling"):
+        res = run_cli("run", "--engine-dir", bundled_engine, "--input-text", "def fibonacci(n):",
+                      "--input-text", "class A:", "--max-output-len", 12, "--json", flag)
+        assert res.exit_code == 0, res.stderr
+        outputs.append(json.loads(res.stdout)["outputs"])
+    assert outputs[0] == outputs[1]

@@ -137,12 +137,48 @@ def test_bench_cli_errors(capsys):
 
 
 # -- GPU ------------------------------------------------------------------------------------------
-def _engine_on(model, device, graphs: bool):
+def _engine_on(model, device, graphs: bool, async_scheduling: bool | None = None):
     from trtlm.runtime.engine import Engine, EngineConfig
     from trtlm.runtime.executor import LocalExecutor
 
     return Engine(LocalExecutor(model, torch.device(device), use_cuda_graphs=graphs), max_seq_len=128,
-                  vocab_size=model.d.vocab, max_batch_size=4, config=EngineConfig(use_cuda_graphs=graphs))
+                  vocab_size=model.d.vocab, max_batch_size=4,
+                  config=EngineConfig(use_cuda_graphs=graphs, async_scheduling=async_scheduling))
+
+
+@CUDA
+def test_decode_steps_queued_ahead_on_cuda_graphs_give_the_same_tokens():
+    """With CUDA graphs a decode step is queued before the previous step's tokens are read back (on
+    by default): its input tokens are copied on the device from the previous argmax into the
+    graph's buffer, its host staging alternates between two pinned sets.  Same greedy tokens as
+    reading every step back first, with requests ending by stop id, by length at different steps,
+    and one aborted while a step is queued; float32 (no TF32): the same kernels on the same inputs."""
+    from trtlm.runtime.sampling import SamplingParams
+
+    model = _model("mistral", "float32", "cuda")
+    prompts = [[(5 * i + j) % 250 + 3 for j in range(4 + 7 * i)] for i in range(4)]
+    results = []
+    for ahead in (False, None):
+        engine = _engine_on(model, "cuda", True, ahead)
+        assert engine.async_scheduling is (ahead is None)
+        free = engine.generate([prompts[0]], SamplingParams(max_tokens=30, ignore_eos=True))[0].outputs[0]
+        params = [SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=[free.token_ids[12]]),
+                  SamplingParams(max_tokens=9, ignore_eos=True), SamplingParams(max_tokens=40, ignore_eos=True),
+                  SamplingParams(max_tokens=25, ignore_eos=True)]
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outs, steps = {}, 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs[out.request_id] = out.outputs[0].token_ids
+            steps += 1
+            if steps == 15:
+                engine.abort(ids[2])
+        results.append([outs[i] for i in ids])
+        assert engine.allocator.all_free()
+        assert (engine.lookahead_steps > 0) == (ahead is None)
+    assert results[0] == results[1]
+    stop_at = free.token_ids.index(free.token_ids[12])  # its first occurrence ends the request
+    assert results[0][0] == free.token_ids[:stop_at + 1]
 
 
 @CUDA
@@ -323,6 +359,40 @@ def test_quantized_engine_gpu_path_matches_cpu_path(mode, tmp_path):
     ppl_cpu = score(engine_logits_fn(cpu.engine), chunks).ppl
     ppl_gpu = score(engine_logits_fn(gpu.engine), chunks).ppl
     assert abs(ppl_gpu / ppl_cpu - 1) < 1e-2, (ppl_cpu, ppl_gpu)
+
+
+@pytest.mark.parametrize("quant", ["int8-wo", "int4-wo", "int4-awq"])
+def test_weight_only_swiglu_stacks_fc_and_gate(quant):
+    """``GatedMLP.fuse`` stacks weight-only quantized ``fc`` and ``gate`` into one quantized linear
+    (one kernel on the GPU): same output, same state_dict, the parts' codes views of the stacked
+    ones (nothing stored twice), and a checkpoint loaded afterwards reaches the stacked codes.  On
+    the CPU both sides run the emulation; they differ only in how the float32 BLAS blocks the
+    product (``1e-5``).  AWQ stacks only when fc and gate share their pre-quant scale."""
+    from trtlm.runtime.model import GatedMLP
+
+    model = dummy_model("mistral", "tiny", "float32", "cpu", seed=4, quant=quant).model
+    mlp = next(m for m in model.modules() if isinstance(m, GatedMLP))
+    if quant == "int4-awq":
+        mlp.gate.prequant_scaling_factor.copy_(mlp.fc.prequant_scaling_factor * 1.5)
+        mlp.fuse()
+        assert mlp.fused_quant is None  # different pre-quant scales: not one product
+        mlp.gate.prequant_scaling_factor.copy_(mlp.fc.prequant_scaling_factor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, mlp.fc.in_features, generator=torch.Generator().manual_seed(0))
+    want = mlp(x)
+    mlp.fuse()
+    assert mlp.fused_quant is not None
+    stacked = mlp.fused_quant[0]
+    assert stacked.out_features == mlp.fc.out_features + mlp.gate.out_features
+    assert mlp.fc.weight.data_ptr() == stacked.weight.data_ptr()
+    assert mlp.gate.weight.untyped_storage().data_ptr() == stacked.weight.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+    name = next(k for k in before if k.endswith("mlp.gate.weights_scaling_factor"))
+    model.load_state_dict({**before, name: before[name] * 2})
+    rows = mlp.fc.out_features
+    assert torch.equal(stacked.weights_scaling_factor[rows:], before[name] * 2)
 
 
 def test_fp8_swiglu_fused_computes_what_the_fp8_linears_compute():

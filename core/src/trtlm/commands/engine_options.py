@@ -10,7 +10,7 @@ import click
 CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
 
 ENGINE_FLAGS = ("max_batch_size", "max_num_tokens", "kv_cache_free_gpu_mem_fraction", "kv_cache_gb",
-                "capacity_policy", "enable_prefix_caching")
+                "capacity_policy", "enable_prefix_caching", "async_scheduling")
 
 
 def engine_options(fn: Callable) -> Callable:
@@ -35,6 +35,10 @@ def engine_options(fn: Callable) -> Callable:
                           "sequence when blocks run out."),
         click.option("--enable-prefix-caching/--disable-prefix-caching", default=True, show_default=True,
                      help="Reuse the KV blocks of prompt prefixes seen before."),
+        click.option("--async-scheduling/--no-async-scheduling", default=None,
+                     help="Queue the next decode step before the host has read this step's tokens back, so "
+                          "the host's per-step work overlaps the GPU (greedy decode steps; default: on where "
+                          "decode steps replay CUDA graphs)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -53,10 +53,13 @@ class DecodeGraphs:
         self.rows = torch.arange(B, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None
-        # pinned host staging: one asynchronous copy per buffer and step (the previous step's copies
-        # are done by the time these are rewritten: the engine reads each step's tokens back first)
-        self.host_rows = torch.zeros(4, B, dtype=torch.long).pin_memory()
-        self.host_tables = torch.zeros(B, W, dtype=torch.int32).pin_memory()
+        # pinned host staging, one asynchronous copy per buffer and step, in two sets used in turn: a
+        # set is rewritten two steps after its copies were queued, when the engine has read back the
+        # tokens of the step that used it (queued after those copies) -- even when it queues a step
+        # before reading the previous step's tokens (Engine.advance looking ahead)
+        self.host_rows = [torch.zeros(4, B, dtype=torch.long).pin_memory() for _ in range(2)]
+        self.host_tables = [torch.zeros(B, W, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self.turn = 0
 
     def handles(self, inputs: Any) -> bool:
         return self.handles_rows(len(inputs.query_lens))
@@ -114,19 +117,23 @@ class DecodeGraphs:
         n = len(inputs.query_lens)
         bb = bucket(n, self.batch_buckets)
         cb = context_bucket(max(inputs.context_lens), self.max_context)
-        rows, tables = self.host_rows.numpy(), self.host_tables.numpy()
+        self.turn ^= 1
+        host_rows, host_tables = self.host_rows[self.turn], self.host_tables[self.turn]
+        rows, tables = host_rows.numpy(), host_tables.numpy()
         rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = (inputs.tokens, inputs.positions, inputs.slots,
                                                              inputs.context_lens)
         rows[:, n:bb] = ((0,), (0,), (self.scratch * self.pool.block_size,), (1,))  # padding rows
         tables[:bb] = self.scratch
         for i, t in enumerate(inputs.block_tables):
             tables[i, :len(t)] = t
-        staged = self.host_rows[:, :bb].to(self.device, non_blocking=True)
+        staged = host_rows[:, :bb].to(self.device, non_blocking=True)
         self.tokens[:bb].copy_(staged[0])
+        if inputs.device_tokens is not None:  # the previous step's samples, still on the device
+            self.tokens[:n].copy_(inputs.device_tokens)
         self.positions[:bb].copy_(staged[1])
         self.slots[:bb].copy_(staged[2])
         self.context[:bb].copy_(staged[3])
-        self.tables[:bb].copy_(self.host_tables[:bb], non_blocking=True)
+        self.tables[:bb].copy_(host_tables[:bb], non_blocking=True)
         key = (bb, cb)
         if key not in self.graphs:
             self.graphs[key] = self._capture(bb, cb)

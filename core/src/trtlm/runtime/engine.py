@@ -16,8 +16,12 @@ wants the GPU busy while it does host work splits them: ``advance(overlap=f)``
 calls ``f`` while the step's forward runs, which is where a server collects and
 ships the previous step's outputs (the async output processing of vLLM).
 
-The engine is single-threaded and synchronous; ``trtlm serve`` steps it in a
-process of its own (:mod:`trtlm.serve.engine_core`).
+Where decode steps replay CUDA graphs, a step of greedy decodes also queues the
+next decode step before its own tokens reach the host (``async_scheduling``,
+see ``_look_ahead``), so the host's per-step work runs while the GPU computes.
+
+The engine is single-threaded; ``trtlm serve`` steps it in a process of its own
+(:mod:`trtlm.serve.engine_core`).
 """
 from __future__ import annotations
 
@@ -39,11 +43,12 @@ from trtlm.runtime.sampling import (
     IncrementalDetokenizer,
     SampleRow,
     SamplingParams,
+    argmax_only,
     banned_ids,
     request_generator,
     sample,
 )
-from trtlm.runtime.scheduler import CAPACITY_POLICIES, Scheduler, Sequence, Status
+from trtlm.runtime.scheduler import CAPACITY_POLICIES, ScheduledSeq, Scheduler, Sequence, Status, StepPlan
 
 #: KV pool on CPU when neither ``kv_cache_gb`` nor anything else says (enough for tests and the tiny model).
 DEFAULT_CPU_KV_GB = 1.0
@@ -63,6 +68,9 @@ class EngineConfig:
     :param admission_group: while sequences decode, admit queued ones only when this many batch
         slots are free (or fewer are queued); default ``max_batch_size // 8`` when decode steps
         replay CUDA graphs (each admission step also runs an eager forward), else 1.
+    :param async_scheduling: queue the next decode step before the host has read this step's
+        tokens back, when every row is greedy (``Engine._look_ahead``); default: where decode
+        steps replay CUDA graphs.
     """
 
     max_batch_size: int | None = None
@@ -75,6 +83,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     use_cuda_graphs: bool | None = None
     admission_group: int | None = None
+    async_scheduling: bool | None = None
 
     def validate(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -144,6 +153,12 @@ class Engine:
         self.steps = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        #: queue a decode step before the previous one's tokens are read back (see _look_ahead)
+        self.async_scheduling = bool(getattr(executor, "accepts_device_tokens", False)) and (
+            graphs if config.async_scheduling is None else config.async_scheduling)
+        self.lookahead_steps = 0  #: steps queued ahead
+        self._ahead: tuple[Any, list[tuple[int, int]], torch.Tensor] | None = None
+        self._token_host: torch.Tensor | None = None
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -303,17 +318,17 @@ class Engine:
         It is for host work that does not depend on this step -- a server builds and ships the
         previous step's outputs there (:mod:`trtlm.serve.engine_core`), so that work no longer
         leaves the GPU idle between steps."""
-        plan = self.scheduler.schedule()
-        if not plan:
-            if overlap is not None:
-                overlap()
-            return []
-        self.steps += 1
-        inputs, rows = self._inputs(plan)
-        logits = self.executor.execute(inputs)
+        plan, rows, logits = self._take_ahead()
+        if plan is None:
+            plan = self.scheduler.schedule()
+            if not plan:
+                if overlap is not None:
+                    overlap()
+                return []
+            self.steps += 1
+            inputs, rows = self._inputs(plan)
+            logits = self.executor.execute(inputs)
         self.scheduler.after_step(plan)
-        if overlap is not None:
-            overlap()
         touched: dict[str, Request] = {}
         sample_rows: list[tuple[Sequence, int]] = []
         now = time.monotonic()
@@ -336,7 +351,9 @@ class Engine:
                     sample_rows.append((child, first_row + n_rows - 1))
             touched[req.request_id] = req
         if sample_rows:
-            self._sample(logits, sample_rows)
+            self._sample(logits, sample_rows, plan, overlap)
+        elif overlap is not None:
+            overlap()
         return list(touched.values())
 
     def collect(self, advanced: list[Request]) -> list[RequestOutput]:
@@ -346,14 +363,17 @@ class Engine:
         return [self._output(req) for req in advanced
                 if (req.stream or req.finished) and self.requests.get(req.request_id) is req]
 
-    def _inputs(self, plan) -> tuple[StepInputs, list[tuple[int, int]]]:
+    def _inputs(self, plan, device_tokens: torch.Tensor | None = None) -> tuple[StepInputs, list[tuple[int, int]]]:
+        """The step's inputs, and per scheduled sequence ``(first logits row, rows)``.  With
+        ``device_tokens`` (a decode step queued ahead) each sequence's one token is that tensor's
+        row: a placeholder on the host."""
         tokens, positions, slots, qlens, clens, tables, logit_rows = [], [], [], [], [], [], []
         rows: list[tuple[int, int]] = []
         bs = self.block_size
         offset = 0
         for s in plan.scheduled:
             seq, start, n = s.seq, s.start, s.num_tokens
-            tokens += seq.token_range(start, n)
+            tokens += seq.token_range(start, n) if device_tokens is None else [0]
             positions += range(start, start + n)
             table = seq.block_table
             if n == 1:
@@ -372,7 +392,7 @@ class Engine:
             else:
                 rows.append((len(logit_rows), 0))
             offset += n
-        return StepInputs(tokens, positions, slots, qlens, clens, tables, logit_rows), rows
+        return StepInputs(tokens, positions, slots, qlens, clens, tables, logit_rows, device_tokens), rows
 
     def _fork(self, parent: Sequence, req: Request) -> list[Sequence]:
         """Siblings of a request with ``n > 1``, made when its prompt is first computed: they share
@@ -401,7 +421,10 @@ class Engine:
         parent.forks = 0
         return children
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]], plan: Any,
+                overlap: Callable[[], None] | None) -> None:
+        """Sample every row, append the tokens; ``overlap`` runs before the host waits for them.
+        When every row takes the argmax, the next decode step may be queued first (:meth:`_look_ahead`)."""
         sample_rows = []
         for seq, _ in rows:
             params = seq.params
@@ -411,10 +434,87 @@ class Engine:
         index = [r for _, r in rows]
         if index != list(range(logits.shape[0])):  # (a decode step samples every row, in order)
             logits = logits.index_select(0, torch.tensor(index).to(logits.device, non_blocking=True))
-        result = sample(logits, sample_rows, self._fallback)
+        if self.async_scheduling and argmax_only(sample_rows):
+            tokens = logits.argmax(dim=-1)
+            readback = self._read_back(tokens)  # queued before the next step: it need not wait for it
+            self._look_ahead(plan, rows, tokens)
+            if overlap is not None:
+                overlap()
+            token_ids, logprobs = readback(), [None] * len(rows)
+        else:
+            if overlap is not None:
+                overlap()
+            result = sample(logits, sample_rows, self._fallback)
+            token_ids, logprobs = result.token_ids, result.logprobs
         now = time.monotonic()
-        for (seq, _), token, lp in zip(rows, result.token_ids, result.logprobs):
+        for (seq, _), token, lp in zip(rows, token_ids, logprobs):
             self._append(seq, token, lp, now)
+
+    # -- looking one decode step ahead ------------------------------------------------------------------
+    # At batch 1 the host's share of a step -- reading the sampled tokens back, appending them,
+    # checking stops, scheduling and staging the next step -- leaves the GPU idle between steps
+    # (0.17-0.39 ms of a 3-5 ms Mistral-7B step on an H200: docs/benchmarks.md, quantized engines,
+    # run 13).  When
+    # a step is all decodes and every row takes the argmax, the next decode step of the same sequences
+    # is queued *before* this step's tokens reach the host: its input tokens are this step's argmax,
+    # still on the device (``StepInputs.device_tokens``).  The host then does this step's work while
+    # the GPU computes the next one (TensorRT-LLM's overlap scheduler, vLLM's async scheduling).
+    # A sequence that this step's tokens end (a stop id or string, an abort) has computed one token
+    # too many: it is dropped from the queued step, whose writes land in blocks it no longer owns
+    # before any later step (same stream) can use them.  A sequence that ends by length now is not
+    # queued.  Only under ``guaranteed_no_evict`` (its blocks are reserved: growing never preempts),
+    # with nobody waiting (admission is not delayed) and an executor that takes device tokens.
+    def _look_ahead(self, plan: Any, rows: list[tuple[Sequence, int]], tokens: torch.Tensor) -> None:
+        sched = self.scheduler
+        if (sched.waiting or sched.policy != "guaranteed_no_evict" or len(plan.scheduled) != len(sched.running)
+                or len(rows) != len(plan.scheduled)
+                or any(s.num_tokens != 1 or not s.samples or s.seq.keep_logits or s.seq.forks or s.seq.finished
+                       for s in plan.scheduled)):
+            return
+        for seq, _ in rows:
+            if len(seq.output_ids) + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_seq_len:
+                return  # this token ends it by length: the step would carry a row for nothing
+        ahead = []
+        for seq, _ in rows:
+            sched.grow_ahead(seq)
+            s = ScheduledSeq(seq, 1)
+            s.samples = True  # its token (this step's sample) is not on the host yet
+            ahead.append(s)
+        ahead_plan = StepPlan(ahead)
+        inputs, ahead_rows = self._inputs(ahead_plan, device_tokens=tokens)
+        self.steps += 1
+        self.lookahead_steps += 1
+        self._ahead = (ahead_plan, ahead_rows, self.executor.execute(inputs))
+
+    def _take_ahead(self) -> tuple[Any, list[tuple[int, int]], torch.Tensor | None]:
+        """The step queued ahead, less the sequences that ended since (``(None, [], None)`` if none)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None, [], None
+        plan, rows, logits = ahead
+        live = [(s, r) for s, r in zip(plan.scheduled, rows)
+                if not s.seq.finished and self.requests.get(s.seq.request_id) is not None]
+        if not live:
+            return None, [], None
+        plan.scheduled = [s for s, _ in live]
+        return plan, [r for _, r in live], logits
+
+    def _read_back(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        """Queue the copy of ``tokens`` to the host now; the returned call waits for that copy only."""
+        if tokens.device.type != "cuda":
+            return tokens.tolist
+        n = tokens.shape[0]
+        if self._token_host is None or self._token_host.shape[0] < n:
+            self._token_host = torch.empty(max(n, self.max_batch_size), dtype=tokens.dtype, pin_memory=True)
+        host = self._token_host[:n]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> list[int]:
+            done.synchronize()
+            return host.tolist()
+        return wait
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         seq.output_ids.append(token)
@@ -514,4 +614,5 @@ class Engine:
     def close(self) -> None:
         for rid in list(self.requests):
             self.abort(rid)
+        self._ahead = None
         self.executor.shutdown()

@@ -39,6 +39,9 @@ class StepInputs:
     context_lens: list[int]
     block_tables: list[list[int]]
     logits_indices: list[int]
+    #: the step's tokens as a device tensor -- the previous step's samples, not yet read back to the
+    #: host (``Engine`` looking a decode step ahead); ``tokens`` then holds placeholders
+    device_tokens: torch.Tensor | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -82,6 +85,8 @@ def to_batch(inputs: StepInputs, device: torch.device) -> ForwardBatch:
     if device.type != "cpu":
         longs, ints = longs.to(device, non_blocking=True), ints.to(device, non_blocking=True)
     tokens, positions, slots, rows = (t[:n] for t, n in zip(longs.split(long_sizes), (N, N, N, M)))
+    if inputs.device_tokens is not None:
+        tokens = inputs.device_tokens
     table_t, context, starts_t = (t[:n] for t, n in zip(ints.split(int_sizes), (S * width, S, S + 1)))
     return ForwardBatch(tokens=tokens, positions=positions, slot_mapping=slots, block_tables=table_t.view(S, width),
                         context_lens=context, query_start_loc=starts_t, logits_indices=rows,
@@ -105,6 +110,9 @@ def _aligned(fields: list[list[int]], per: int) -> tuple[list[int], list[int]]:
 
 class LocalExecutor:
     """The whole model in this process."""
+
+    #: steps may carry their tokens as a device tensor (``StepInputs.device_tokens``)
+    accepts_device_tokens = True
 
     def __init__(self, model: torch.nn.Module, device: torch.device, use_cuda_graphs: bool | None = None):
         self.model = model

@@ -123,13 +123,19 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def argmax_only(rows: list[SampleRow]) -> bool:
+    """Whether every row takes the plain argmax (greedy, no log-probabilities, nothing masked): the
+    tokens are then one kernel's output and can stay on the device (``Engine`` looking ahead)."""
+    return all(r.params.greedy and r.params.logprobs is None and not r.masked_ids for r in rows)
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow], fallback: torch.Generator | None = None) -> Sampled:
     """Next token for each row of ``logits [M, V]``; log-probabilities where asked.
 
     Greedy rows take the argmax; the others sample from the temperature-scaled, top-k /
     top-p filtered distribution by an exponential race, with the row's own generator
     when it has one (seeded) and ``fallback`` otherwise."""
-    if all(r.params.greedy and r.params.logprobs is None and not r.masked_ids for r in rows):
+    if argmax_only(rows):
         return Sampled(logits.argmax(dim=-1).tolist(), [None] * len(rows))  # the common case: one kernel
     logits = logits.float()
     M, V = logits.shape

@@ -220,6 +220,13 @@ class Scheduler:
         seq.fork_blocks += self.allocator.allocate(forks)
         return True
 
+    def grow_ahead(self, seq: Sequence) -> None:
+        """Room for one more token of a decoding ``seq`` whose last token is not known yet (the
+        engine queues its next decode step ahead).  Under ``guaranteed_no_evict`` only: its blocks
+        were reserved at admission, so this never preempts."""
+        if self.policy != "guaranteed_no_evict" or not self._grow(seq, 1, StepPlan([])):
+            raise AssertionError("a decode step is queued ahead only under guaranteed_no_evict")
+
     def _fork_need(self, seq: Sequence, computed: int) -> int:
         """Blocks the ``n > 1`` siblings of ``seq`` take when its prompt is complete at ``computed``
         tokens (this step): a copy each of the prompt's partial last block (full blocks are shared).
