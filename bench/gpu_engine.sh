@@ -40,12 +40,12 @@ if has mixtral; then
       --input-len 128 --output-len 256
 fi
 if has quant; then  # every format against bf16, same shapes, same run (issue 15's targets)
-  for q in ${QUANTS:-none fp8 int4-awq int4-wo int8-wo int8-sq}; do
+  for q in ${QUANTS-none fp8 int4-awq int4-wo int8-wo int8-sq}; do
     extra=(); [[ $q != none ]] && extra=(--quant "$q")
     run "quant_mistral_7b_$q" 150 $B --family mistral --preset 7b "${extra[@]}" --mode latency --batch-size 1,64 \
         --input-len 128 --output-len 128 --reps 2
   done
-  for q in ${MIXTRAL_QUANTS:-none fp8}; do
+  for q in ${MIXTRAL_QUANTS-none fp8}; do
     extra=(); [[ $q != none ]] && extra=(--quant "$q")
     run "quant_mixtral_8x7b_$q" 200 $B --family mixtral --preset 8x7b "${extra[@]}" --mode latency --batch-size 1 \
         --input-len 128 --output-len 128 --reps 2

@@ -1,0 +1,122 @@
+"""Where a batch-1 decode step's time goes, per quantization format (docs/benchmarks.md, "step anatomy").
+
+    PYTHONPATH=core/src python bench/step_anatomy.py --quants none,fp8,int4-wo --out anatomy.json
+
+For each format (Mistral-7B shapes, random weights on the GPU, as ``trtlm bench --dummy-weights``):
+
+- ``step_ms``: the engine's wall time per decode step (128-token prompt, 128 greedy tokens);
+- ``replay_ms``: the GPU time of the step's CUDA graph alone (CUDA events around back-to-back
+  replays), so ``step_ms - replay_ms`` is what the step costs outside the model's forward: sampling,
+  the host's scheduling and input staging, and the wait for the sampled token;
+- ``kernels``: one eager forward under ``torch.profiler``, CUDA time summed per kernel name and per
+  class (linear, attention, norm, other), to tell the weight-streaming kernels from the fixed cost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+
+import torch
+
+from trtlm.bench import dummy_model, make_engine, time_latency, weight_bytes_per_step
+from trtlm.runtime.cuda_graphs import context_bucket
+from trtlm.runtime.loader import prepare_for_device
+
+CLASSES = [  # first match wins
+    ("attention", re.compile(r"paged_attn|attention|flash", re.I)),
+    ("norm", re.compile(r"rms|norm", re.I)),
+    ("linear", re.compile(r"gemm|gemv|int4pack|tinygemm|scaled_mm|dequant|mixed_mm|cutlass|sm90|cublas|nvjet|"
+                          r"splitK|gemvx|_mm_kernel|matmul", re.I)),
+]
+
+
+def classify(name: str) -> str:
+    return next((c for c, rx in CLASSES if rx.search(name)), "other")
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, n: int = 50) -> float:
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def kernel_profile(engine, bb: int, cb: int) -> dict:
+    graphs = engine.executor.graphs
+    batch = graphs._batch(bb, cb)
+    model = engine.executor.model
+    with torch.no_grad():
+        model(batch.tokens, batch, graphs.pool)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(batch.tokens, batch, graphs.pool)
+            torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[ev.name][0] += ev.device_time_total / 1000.0
+            per_name[ev.name][1] += 1
+    classes: dict[str, dict[str, float]] = defaultdict(lambda: {"ms": 0.0, "kernels": 0})
+    for name, (ms, count) in per_name.items():
+        c = classes[classify(name)]
+        c["ms"] += ms
+        c["kernels"] += count
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:20]
+    return {"total_ms": sum(v[0] for v in per_name.values()), "kernels": sum(v[1] for v in per_name.values()),
+            "classes": dict(classes), "top": [{"name": n[:120], "ms": round(v[0], 4), "count": v[1]} for n, v in top]}
+
+
+def anatomy(quant: str | None, input_len: int, output_len: int) -> dict:
+    device = torch.device("cuda")
+    bm = dummy_model("mistral", "7b", "bfloat16", device, quant=quant)
+    paths = prepare_for_device(bm.model)  # as `trtlm bench` does: repacking, fused fc/gate, FP8 fusions
+    engine = make_engine(bm, device, max_batch_size=1, max_seq_len=input_len + output_len + 16,
+                         max_num_tokens=max(2048, input_len), cuda_graphs=True)
+    times = time_latency(engine, device, 1, input_len, output_len, reps=2)
+    step = times["decode_s"] / (output_len - 1) * 1000
+    graphs = engine.executor.graphs
+    bb, cb = 1, context_bucket(input_len + output_len, graphs.max_context)
+    graph, _ = graphs.graphs[bb, cb]
+    replay = replay_ms(graph)
+    prof = kernel_profile(engine, bb, cb)
+    nbytes = weight_bytes_per_step(bm.model, 1)
+    out = {"quant": quant or "bf16", "step_ms": round(step, 4), "replay_ms": round(replay, 4),
+           "outside_forward_ms": round(step - replay, 4), "weight_GB": round(nbytes / 1e9, 3),
+           "kernel_paths": paths, "profile": prof}
+    engine.close()
+    del engine, bm
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quants", default="none,fp8,int4-wo,int8-wo")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    results = []
+    for q in args.quants.split(","):
+        r = anatomy(None if q in ("none", "bf16") else q, args.input_len, args.output_len)
+        p = r["profile"]
+        print(f"{r['quant']:9s} step {r['step_ms']:.3f} ms  replay {r['replay_ms']:.3f} ms  outside "
+              f"{r['outside_forward_ms']:.3f} ms  eager kernels {p['total_ms']:.3f} ms ({p['kernels']})  " +
+              "  ".join(f"{c} {v['ms']:.3f}/{v['kernels']}" for c, v in sorted(p["classes"].items())), flush=True)
+        for t in p["top"][:12]:
+            print(f"    {t['ms']:8.3f} ms {t['count']:4d}x  {t['name']}")
+        results.append(r)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
