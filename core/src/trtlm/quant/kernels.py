@@ -58,13 +58,6 @@ INT4PACK = "int4pack"
 
 #: ``torch._int_mm`` on CUDA requires more than 16 rows
 INT_MM_MIN_ROWS = 17
-#: rows up to which FP8 uses the Triton fp8-weight GEMV (activation fake-quantized with the same
-#: static scale) instead of ``_scaled_mm`` (0: never); set from measurement (docs/benchmarks.md)
-FP8_TRITON_MAX_ROWS = 0
-#: rows up to which plain linears use the one-row Triton GEMV (gathered MoE experts always do); 0:
-#: the tiled Triton GEMM with tuned split-K, which measured as fast or faster for int8 linears.
-#: Set from measurement (docs/benchmarks.md, "quantized kernels").
-GEMV_MAX_ROWS = 0
 #: weight-only linears from this many rows on: dequantize in one Triton pass, then cuBLAS (0: off).
 #: Off: measured slower than the tuned tiled kernel on 4 of 6 shape/format pairs at 64 rows.
 #: (MoE experts beyond decode sizes always take that pass, into the dense MoE path.)
@@ -125,8 +118,7 @@ def choose_path(weight: str, activation: str | None, device_type: str, capabilit
     if weight == "fp8":
         if cap < (8, 9) or not scaled_mm:
             return EMULATION, f"FP8 needs compute capability 8.9+ (this GPU: {cap[0]}.{cap[1]})"
-        small = f" (Triton fp8-weight GEMV up to {FP8_TRITON_MAX_ROWS} row(s))" if FP8_TRITON_MAX_ROWS and triton else ""
-        return SCALED_MM, "torch._scaled_mm" + small
+        return SCALED_MM, "torch._scaled_mm"
     if not triton:
         if activation == "int8":
             return INT_MM, "torch._int_mm above 16 rows, emulation below (Triton is not installed)"
@@ -135,7 +127,7 @@ def choose_path(weight: str, activation: str | None, device_type: str, capabilit
         return EMULATION, f"the Triton kernels need compute capability 8.0+ (this GPU: {cap[0]}.{cap[1]})"
     if activation == "int8":
         return INT_MM, "torch._int_mm above 16 rows, Triton on the int8 codes below"
-    how = "tiled Triton dequant-GEMM" + (f" (one-row GEMV up to {GEMV_MAX_ROWS} row(s))" if GEMV_MAX_ROWS else "")
+    how = "tiled Triton dequant-GEMM"
     if DENSE_MIN_ROWS:
         how += f", Triton dequantize + cuBLAS from {DENSE_MIN_ROWS} rows"
     return TRITON, f"{weight} weights: {how}"
@@ -446,7 +438,7 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
         bk_max = 128
     if K % bk_max:
         bk_max = 64 if K % 64 == 0 else 32 if K % 32 == 0 else 16
-    kernel = (config or {}).get("kernel", "gemv" if experts or rows <= GEMV_MAX_ROWS else "dot")
+    kernel = (config or {}).get("kernel", "gemv" if experts else "dot")  # (plain linears: trtlm.quant.gemv)
     if kernel == "gemv" and not (experts or rows == 1):
         raise ValueError("the GEMV kernel takes one row per program (1 row, or expert ids)")
     if kernel == "gemv":

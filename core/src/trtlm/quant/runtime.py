@@ -232,9 +232,6 @@ class QuantLinear(nn.Module):
                         input_scale=getattr(self, "activation_scaling_factor", None), out_dtype=self.dtype)
         if path == qk.SCALED_MM:  # FP8 W8A8
             a_s, w_s = self.activation_scaling_factor, self.weights_scaling_factor
-            if rows <= qk.FP8_TRITON_MAX_ROWS and qk.triton_available():
-                return qk.dequant_mm(qf.fake_quant_fp8(x, a_s), self.weight, w_s, weight_kind="fp8",
-                                     scale_kind="tensor" if w_s.numel() == 1 else "channel")
             return qk.fp8_scaled_mm(x, self.weight, w_s, a_s, out_dtype=self.dtype)
         if path == qk.INT_MM:  # SmoothQuant W8A8
             a_s, w_s = self.activation_scaling_factor, self.weights_scaling_factor
