@@ -909,3 +909,24 @@ def test_run_flag_turns_async_scheduling_on_and_off(bundled_engine):
         assert res.exit_code == 0, res.stderr
         outputs.append(json.loads(res.stdout)["outputs"])
     assert outputs[0] == outputs[1]
+
+
+def test_steps_queued_ahead_while_a_full_batch_keeps_requests_waiting(engine_dir, reference):
+    """With the batch full, waiting requests could not be admitted anyway: decode steps are queued
+    ahead then too (``Scheduler.may_admit``), a freed slot is filled one step later, and every
+    request still gets transformers' greedy tokens, as without looking ahead."""
+    want = reference("mistral")
+    requests = [(p, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS[:8], MAX_TOKENS[:8], strict=True)]
+    for ahead in (False, True):
+        eng = open_engine(engine_dir("mistral"), max_batch_size=2, async_scheduling=ahead)
+        ids = [eng.add_request(p, sp) for p, sp in requests]
+        got, queued_while_waiting = {}, 0
+        while eng.has_unfinished():
+            before = eng.lookahead_steps
+            for out in eng.step():
+                if out.finished:
+                    got[out.request_id] = out.outputs[0].token_ids
+            if eng.lookahead_steps > before and eng.scheduler.waiting:
+                queued_while_waiting += 1
+        assert [got[i] for i in ids] == want[:8]
+        assert (queued_while_waiting > 0) == ahead

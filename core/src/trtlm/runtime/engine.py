@@ -463,10 +463,12 @@ class Engine:
     # too many: it is dropped from the queued step, whose writes land in blocks it no longer owns
     # before any later step (same stream) can use them.  A sequence that ends by length now is not
     # queued.  Only under ``guaranteed_no_evict`` (its blocks are reserved: growing never preempts),
-    # with nobody waiting (admission is not delayed) and an executor that takes device tokens.
+    # when this step could admit nobody (nobody waits, the batch is full, or an admission group
+    # waits for free slots) and with an executor that takes device tokens.  A slot that this step's
+    # tokens free is then filled one step later than without looking ahead.
     def _look_ahead(self, plan: Any, rows: list[tuple[Sequence, int]], tokens: torch.Tensor) -> None:
         sched = self.scheduler
-        if (sched.waiting or sched.policy != "guaranteed_no_evict" or len(plan.scheduled) != len(sched.running)
+        if (sched.may_admit() or sched.policy != "guaranteed_no_evict" or len(plan.scheduled) != len(sched.running)
                 or len(rows) != len(plan.scheduled)
                 or any(s.num_tokens != 1 or not s.samples or s.seq.keep_logits or s.seq.forks or s.seq.finished
                        for s in plan.scheduled)):

@@ -187,8 +187,7 @@ class Scheduler:
                 plan.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         # 2. admit waiting sequences
-        if plan.scheduled and self.admission_group > 1 and len(self.waiting) >= self.admission_group and \
-                self.max_batch_size - self.batch_slots_taken() < self.admission_group:
+        if plan.scheduled and self._group_waits():
             return plan
         # a request with n > 1 brings its siblings into the batch when its prompt is done: count them now
         while self.waiting and budget > 0 and \
@@ -203,6 +202,17 @@ class Scheduler:
             plan.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return plan
+
+    def _group_waits(self) -> bool:
+        """While sequences decode: the queue waits until ``admission_group`` batch slots are free."""
+        return self.admission_group > 1 and len(self.waiting) >= self.admission_group and \
+            self.max_batch_size - self.batch_slots_taken() < self.admission_group
+
+    def may_admit(self) -> bool:
+        """Whether a step of the running decodes could admit a waiting sequence now (the engine
+        queues a decode step ahead only when it could not)."""
+        return bool(self.waiting) and not self._group_waits() and \
+            self.batch_slots_taken() + 1 + self.waiting[0].forks <= self.max_batch_size
 
     def _grow(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
         """Make room for ``n`` more tokens of a running sequence (preempting under max_utilization)."""
