@@ -881,7 +881,7 @@ def test_admission_group_waits_for_free_slots_and_changes_no_token(engine_dir):
 
 
 def test_run_flag_turns_async_scheduling_on_and_off(bundled_engine):
-    """``--async-scheduling``/``--no-async-scheduling`` (``run``, ``serve``, ``eval``) reach the
+    """``--async-scheduling``/``--no-async-scheduling`` (``run``, ``serve``) reach the
     engine's config (unset: None, the engine decides), and ``trtlm run`` prints the same tokens
     either way (on the CPU, where it is off by default: greedy, the same forwards in another order)."""
     import json

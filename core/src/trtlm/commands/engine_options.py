@@ -1,5 +1,5 @@
 """The engine's batching and KV-cache flags, shared by every command that runs the engine
-(``run``, ``serve``, ``eval``): one definition, one spelling, one help text."""
+(``run``, ``serve``): one definition, one spelling, one help text."""
 from __future__ import annotations
 
 from typing import Any, Callable
