@@ -134,7 +134,7 @@ def candidates(name: str, m: QuantLinear, rows: int):
             out["triton_fp8"] = (lambda mod, x: qk.dequant_mm(qf.fake_quant_fp8(x, mod.activation_scaling_factor),
                                                                mod.weight, mod.weights_scaling_factor,
                                                                weight_kind="fp8", scale_kind="tensor"),
-                                 "Triton fp8-weight GEMV")
+                                 "tiled Triton fp8-weight kernel")
     if name.startswith("int4") and rows <= qk.INT4PACK_MAX_ROWS:
         out["triton"] = (lambda mod, x: qk.dequant_mm(
             x, mod.weight, mod.weights_scaling_factor, weight_kind="int4", scale_kind="group", group_size=128,

@@ -31,10 +31,10 @@ import functools
 
 import torch
 
+from trtlm.quant.kernels import _SKIND, _WKIND  # (the codes every quantized kernel takes)
+
 __all__ = ["gemv", "gemv_supports", "gemv_applies", "GEMV_CONFIGS", "GEMV_WEIGHTS", "GEMV_MAX_OUT"]
 
-_WKIND = {"int8": 0, "int4": 1, "fp8": 2}
-_SKIND = {"tensor": 0, "channel": 1, "group": 2}
 
 #: (weight kind, N > 4096) -> tiles, the best of the sweep at Mistral-7B's shapes
 #: (``bench/quant_kernels_bench.py --gemv``, docs/benchmarks.md "one-row GEMV"): wide K steps and
