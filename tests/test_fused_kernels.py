@@ -83,6 +83,19 @@ def test_fused_kernels_on_gpu():
     namespace["run"]("cuda", (torch.float32, torch.bfloat16, torch.float16))
 
 
+@pytest.mark.skipif(not _triton_installed(), reason="Triton is not installed (the GPU path's optional kernels)")
+def test_programmatic_dependent_launch_only_where_asked_and_possible(monkeypatch):
+    """The launch keywords of the step's kernels: PDL off for CPU tensors (the interpreter) and
+    whenever TRTLM_PDL=0 -- decided before the device is queried, so no GPU is needed to check it.
+    (That PDL changes no output on the GPU: tests/test_gpu.py.)"""
+    from trtlm.runtime.kernels.pdl import pdl_available, pdl_options
+
+    assert pdl_options(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("TRTLM_PDL", "0")
+    assert not pdl_available(torch.device("cuda", 0))
+    assert pdl_options(torch.device("cuda", 0)) == {"PDL": False}
+
+
 def test_dispatch_keeps_cpu_on_the_references():
     """CPU tensors take the references (what transformers computes), bit for bit."""
     g = torch.Generator().manual_seed(1)

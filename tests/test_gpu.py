@@ -361,6 +361,40 @@ def test_quantized_engine_gpu_path_matches_cpu_path(mode, tmp_path):
     assert abs(ppl_gpu / ppl_cpu - 1) < 1e-2, (ppl_cpu, ppl_gpu)
 
 
+@CUDA
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "int8-wo", "int4-awq"])
+def test_programmatic_dependent_launch_changes_no_output(mode, tmp_path, monkeypatch):
+    """Kernels launched with programmatic dependent launch (on by default from sm_90: each may start
+    while the kernel before ends, the GEMV prefetching its weights meanwhile) decode exactly what the
+    same kernels launched one after the other decode: the same tokens and bit-identical logits, in
+    CUDA graphs and eagerly (prefill).  The arithmetic is the same program; only when each kernel
+    starts differs, so any difference would be a read of an input before the kernel before wrote it."""
+    from trtlm.api import LLM
+    from trtlm.build import BuildOptions, build
+    from trtlm.convert.options import ConvertOptions
+    from trtlm.convert.pipeline import convert
+    from trtlm.runtime.kernels.pdl import pdl_available
+
+    opts = {} if mode == "bf16" else {"quant": mode, "calib_size": 16, "calib_max_seq_len": 128}
+    convert(TINY, tmp_path / "ck", ConvertOptions(dtype="bfloat16", **opts))
+    build(tmp_path / "ck", tmp_path / "eng", BuildOptions())
+    prompts = ["def fibonacci(n):\n    ", "The quick brown fox"]
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TRTLM_PDL", flag)
+        assert pdl_available(torch.device("cuda")) == (flag == "1" and torch.cuda.get_device_capability() >= (9, 0))
+        llm = LLM(tmp_path / "eng", device="cuda")
+        assert llm.engine.executor.graphs is not None
+        first = llm.generate(prompts[:1], max_new_tokens=16, keep_logits=True)[0]["output_ids"]
+        gen = llm.last_generation
+        logits = [gen.prompt_logits[0]] + list(gen.step_logits)
+        both = [o["output_ids"] for o in llm.generate(prompts, max_new_tokens=16)]
+        runs.append(([first] + both, logits))
+    (tokens_off, logits_off), (tokens_on, logits_on) = runs
+    assert tokens_on == tokens_off
+    assert all(torch.equal(a, b) for a, b in zip(logits_off, logits_on))
+
+
 @pytest.mark.parametrize("quant", ["int8-wo", "int4-wo", "int4-awq"])
 def test_weight_only_swiglu_stacks_fc_and_gate(quant):
     """``GatedMLP.fuse`` stacks weight-only quantized ``fc`` and ``gate`` into one quantized linear

@@ -213,6 +213,22 @@ def test_reference_random_shapes_match_dense():
                                                  f"window={window} alibi={alibi} {cdt}: {m}")
 
 
+def test_decode_output_quantized_for_an_fp8_projection():
+    """``out_fp8_scale`` makes decode attention return the FP8 codes of its output (what an FP8
+    output projection would quantize its input to): on the CPU the reference output, then
+    ``quantize_fp8_ref`` (the GPU kernels write the same codes; tested below)."""
+    from trtlm.runtime.kernels.fused import quantize_fp8_ref
+
+    case = Case(seed=3, chunks=[(50, 1), (7, 1)], heads=8, kv_heads=2, head_d=64, block_size=16,
+                dtype=torch.bfloat16, cache_dtype=None, device="cpu").fill()
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, 0.1)
+    scale = torch.tensor([0.01])
+    codes = paged_decode_attention(*args, out_fp8_scale=scale)
+    assert codes.dtype == torch.float8_e4m3fn
+    want = quantize_fp8_ref(paged_decode_attention(*args), scale)
+    assert torch.equal(codes.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_write_kv_skips_minus_one_and_touches_only_its_slots():
     case = Case(seed=3, chunks=[(20, 20), (9, 9)], heads=2, kv_heads=2, head_d=8, block_size=16)
     n = case.slot_mapping.numel()
@@ -374,6 +390,34 @@ def test_triton_decode_split_and_unsplit_agree(batch, ctx):
         got = ops.paged_decode_attention(case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens,
                                          0.08, config=cfg)
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4, msg=lambda m: f"{cfg}: {m}")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_decode_writes_the_fp8_codes_of_its_output(dtype):
+    """With ``out_fp8_scale`` the decode kernels (unsplit, and flash-decoding's combine) store the
+    output projection's FP8 input: exactly ``quantize_fp8_ref`` of the output they store without
+    it (the same kernel computes the same values; only the store differs), saturating values
+    beyond the FP8 range.  The CPU reference path quantizes the same way."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs compute capability 8.9+ (FP8)")
+    from trtlm.runtime.kernels.fused import quantize_fp8_ref
+
+    ops = _triton_ops()
+    case = _gpu_case(23, 32, 8, 128, 32, [(900, 1), (40, 1), (2500, 1)], dtype, None).fill()
+    scale = torch.tensor([0.002], device="cuda")  # small: some outputs saturate at +-448
+    for cfg in ({"max_parts": 1}, {}):
+        plain = ops.paged_decode_attention(case.q, case.k_cache, case.v_cache, case.block_tables,
+                                           case.context_lens, 0.09, config=cfg)
+        codes = ops.paged_decode_attention(case.q, case.k_cache, case.v_cache, case.block_tables,
+                                           case.context_lens, 0.09, config=cfg, out_fp8_scale=scale)
+        want = quantize_fp8_ref(plain, scale)
+        assert codes.dtype == torch.float8_e4m3fn
+        assert torch.equal(codes.view(torch.uint8), want.view(torch.uint8)), cfg
+        assert (codes.float().abs() == 448).any()
+    cpu = paged_decode_attention(case.q.cpu(), case.k_cache.cpu(), case.v_cache.cpu(), case.block_tables.cpu(),
+                                 case.context_lens.cpu(), 0.09, out_fp8_scale=scale.cpu())
+    assert cpu.dtype == torch.float8_e4m3fn
 
 
 @GPU

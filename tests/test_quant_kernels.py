@@ -561,7 +561,8 @@ def test_gemv_in_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_matches_the_dequantized_product(dtype):
     """The compiled GEMV, every weight kind, FP8 input quantized in the kernel or handed over as
-    codes, the default tiles and the sweep's alternatives (same tolerance as the interpreter test)."""
+    codes, the default tiles and the sweep's alternatives, int8 codes converted by ``prmt`` (the
+    default on CUDA) or by masking (same tolerance as the interpreter test)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs compute capability 8.9+ (FP8)")
     exec(compile(GEMV_CHECK, "GEMV_CHECK", "exec"), ns := {})
@@ -571,7 +572,7 @@ def test_gemv_matches_the_dequantized_product(dtype):
             check(kind, N, K, dtype, "cuda")
             if kind.startswith("fp8"):
                 check(kind, N, K, dtype, "cuda", quant_x=False, out_dtype=torch.float32)
-    for cfg in ({"bn": 4, "bk": 512}, {"bn": 16, "bk": 1024, "num_warps": 8}, {"fp8_bits": 1}):
+    for cfg in ({"bn": 4, "bk": 512}, {"bn": 16, "bk": 1024, "num_warps": 8}, {"fp8_bits": 1}, {"no_prmt": 1}):
         check("fp8", 4096, 4096, dtype, "cuda", config=cfg)
         check("int8", 4096, 4096, dtype, "cuda", config={k: v for k, v in cfg.items() if k != "fp8_bits"})
 

@@ -15,7 +15,11 @@ for that (each choice measured on the H200, docs/benchmarks.md, "one-row GEMV"):
   FasterTransformer/Marlin): ``float(2^23 + u)`` is the bit pattern ``0x4B000000 | u``, so
   ``u = code + bias`` is masked into it and the bias plus 2^23 subtracted exactly.  The GPU's
   integer-to-float conversion runs at a quarter of the FMA rate on Hopper, which capped our first
-  GEMV at ~2.3 TB/s (int8) and ~1 TB/s (int4).
+  GEMV at ~2.3 TB/s (int8) and ~1 TB/s (int4).  On CUDA, int8 codes go four at a time through
+  ``prmt`` (one byte permute per weight instead of extract-mask-or): 3-8% faster on Mistral-7B's
+  int8 products than the masking, measured in the same call.
+- **Programmatic dependent launch** (:mod:`trtlm.runtime.kernels.pdl`): each GEMV starts while
+  the kernel before it ends.
 - Codes are read in the checkpoint's own layout (int8/fp8 ``[N, K]``; int4 ``[N/2, K]``, two
   output rows per byte), so nothing is repacked or kept twice.
 
@@ -60,12 +64,18 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    # module globals, not locals: Triton's interpreter re-executes a kernel's source with its
+    # module's globals only
+    global pdl_release, pdl_wait
+    from trtlm.runtime.kernels.pdl import pdl_release, pdl_wait
+
     @triton.jit
     def gemv_kernel(
         x_ptr, w_ptr, s_ptr, p_ptr, a_ptr, y_ptr,
         N, K, stride_wn, stride_sn, stride_sg,
         WKIND: tl.constexpr, SKIND: tl.constexpr, GROUP: tl.constexpr, HAS_P: tl.constexpr,
         X_FP8: tl.constexpr, QUANT_X: tl.constexpr, FP8_BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        PDL: tl.constexpr, PRMT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs_k = tl.arange(0, BK)
@@ -80,6 +90,8 @@ def _kernel():
             row_ok = rows < N
             acc = tl.zeros((BN, BK), dtype=tl.float32)
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        pdl_wait(PDL)  # (trtlm.runtime.kernels.pdl: the launch overlaps the kernel before)
+        pdl_release(PDL)
         for k0 in range(0, K, BK):
             kk = k0 + offs_k
             if X_FP8:  # FP8 codes from the op before (quantized with this linear's input scale)
@@ -91,9 +103,23 @@ def _kernel():
                 if QUANT_X:  # FP8 W8A8 on an unquantized input: quantize as fake_quant_fp8 does
                     a = tl.load(a_ptr)
                     x = tl.clamp(tl.math.div_rn(x, a), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
-            b = tl.load(w_ptrs, mask=row_ok[:, None], other=0).to(tl.int32)
+            raw = tl.load(w_ptrs, mask=row_ok[:, None], other=0)
+            b = raw.to(tl.int32)
             w_ptrs += BK
-            if WKIND == 0:  # int8 code c: bits of 2^23 + (c + 128), minus 2^23 + 128
+            if WKIND == 0 and PRMT:  # four int8 codes (one register) -> four exact float32 values: flip
+                # the sign bits (c + 128 as a byte), `prmt` each byte under the exponent byte 0x4B (the
+                # float 2^23 + c + 128), subtract 2^23 + 128.  Nine instructions for four weights
+                # against five per weight by byte extraction and masking (FasterTransformer's int8 ->
+                # fp16 conversion, in float32)
+                w = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; "
+                    "prmt.b32 $0, t, 0x4B000000, 0x7440; prmt.b32 $1, t, 0x4B000000, 0x7441; "
+                    "prmt.b32 $2, t, 0x4B000000, 0x7442; prmt.b32 $3, t, 0x4B000000, 0x7443; "
+                    "sub.f32 $0, $0, 0f4B000080; sub.f32 $1, $1, 0f4B000080; "
+                    "sub.f32 $2, $2, 0f4B000080; sub.f32 $3, $3, 0f4B000080; }",
+                    "=r,=r,=r,=r,r", [raw], dtype=tl.float32, is_pure=True, pack=4)
+                acc += w * x[None, :]
+            elif WKIND == 0:  # int8 code c: bits of 2^23 + (c + 128), minus 2^23 + 128
                 w = (((b & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
                 acc += w * x[None, :]
             elif WKIND == 2:
@@ -140,9 +166,11 @@ def _kernel():
 
 
 #: weight kinds whose linears take the GEMV at one row, and up to which output width: where it beat
-#: the alternative in the sweep (int8: the tiled split-K kernel; fp8: ``torch._scaled_mm``; int4:
-#: tinygemm stays -- this kernel's per-group reductions made it 1.2-4x slower).  Wider products
-#: (the fused SwiGLU input, 28672 rows) stream as fast through the other kernels.
+#: the alternative in the engine (int8: the tiled kernel; fp8: ``torch._scaled_mm``; int4: tinygemm
+#: stays -- this kernel's per-group reductions made it 1.2-4x slower).  The stacked SwiGLU input
+#: (28672 rows) streams faster through the other kernels: an int8 decode step took 3.06 ms with
+#: the GEMV there against 2.88 without (docs/benchmarks.md, run 14), although the GEMV won the
+#: isolated kernel bench (38 against 44 us).
 GEMV_WEIGHTS = frozenset({"int8", "fp8"})
 GEMV_MAX_OUT = 8192
 
@@ -180,7 +208,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, weight_k
     :param input_scale: FP8 W8A8's static activation scale ``[1]``: a float ``x`` is quantized with it
         in the kernel; FP8 ``x`` is taken as quantized with it.
     :param out_dtype: the output dtype (default: ``x``'s, or bfloat16 for FP8 ``x``).
-    :param config: tiles (``bn``, ``bk``, ``num_warps``, ``num_stages``) -- for measuring.
+    :param config: tiles (``bn``, ``bk``, ``num_warps``, ``num_stages``), ``fp8_bits`` or
+        ``no_prmt`` (the other code conversions) -- for measuring.
     """
     wk, sk = _WKIND[weight_kind], _SKIND[scale_kind]
     K = x.shape[-1]
@@ -207,11 +236,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, weight_k
     stride_sn = scale.stride(0) if sk >= 1 else 0
     stride_sg = scale.stride(1) if sk == 2 else 0
     grid = (-(-N // bn),)
+    from trtlm.runtime.kernels.pdl import pdl_options  # (imports Triton)
+    pdl = pdl_options(x.device)
     _kernel()[grid](
         x.view(torch.uint8) if x_fp8 else x, w, scale, prequant if prequant is not None else x,
         input_scale if input_scale is not None else scale, y,
         N, K, w.stride(0), stride_sn, stride_sg,
         WKIND=wk, SKIND=sk, GROUP=group_size if sk == 2 else 1, HAS_P=prequant is not None,
         X_FP8=x_fp8, QUANT_X=quant_x, FP8_BITS=bool(cfg.get("fp8_bits", 0)), BN=bn, BK=bk,
+        PRMT=x.device.type == "cuda" and not cfg.get("no_prmt"), **pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y

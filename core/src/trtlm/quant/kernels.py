@@ -140,6 +140,11 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    # module globals, not locals: Triton's interpreter re-executes a kernel's source with its
+    # module's globals only
+    global pdl_release, pdl_wait
+    from trtlm.runtime.kernels.pdl import pdl_release, pdl_wait
+
     @triton.jit
     def dequant_mm_kernel(
         x_ptr, w_ptr, s_ptr, p_ptr, ids_ptr, y_ptr,
@@ -147,11 +152,13 @@ def _kernel():
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_sg, stride_ym,
         XDIV: tl.constexpr, GROUP: tl.constexpr, WKIND: tl.constexpr, SKIND: tl.constexpr,
         HAS_P: tl.constexpr, HAS_IDS: tl.constexpr, ATOMIC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     ):
         # Output columns come in pairs (2j, 2j+1): int4 stores the two rows of a pair in one
         # byte; int8/fp8 rows are loaded the same way so one code path serves all three.
         HALF: tl.constexpr = BN // 2
+        pdl_wait(PDL)  # (trtlm.runtime.kernels.pdl: the launch overlaps the kernel before)
+        pdl_release(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -416,6 +423,8 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
         -- for measuring; the defaults come from :func:`_config`.
     :return: ``[M or S, N]`` in ``x.dtype``.
     """
+    from trtlm.runtime.kernels.pdl import pdl_options  # (imports Triton)
+
     kern = _kernel()
     wk, sk = _WKIND[weight_kind], _SKIND[scale_kind]
     x = x.contiguous()
@@ -469,7 +478,7 @@ def dequant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, we
         x.stride(0), stride_we, w.stride(-2), stride_se, stride_sn, stride_sg, y.stride(0),
         XDIV=rows_per_id if experts else 1, GROUP=group_size if sk == 2 else 1, WKIND=wk, SKIND=sk,
         HAS_P=prequant is not None, HAS_IDS=experts, ATOMIC=atomic, BM=bm, BN=bn, BK=bk,
-        num_warps=warps, num_stages=stages,
+        **pdl_options(x.device), num_warps=warps, num_stages=stages,
     )
     return y.to(x.dtype) if atomic else y
 

@@ -160,15 +160,20 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, scale=None) -> None:
 
 
 def paged_attention(q, k_cache, v_cache, batch: ForwardBatch, scale: float, window=None, slopes=None,
-                    kv_scale=None) -> torch.Tensor:
-    """Attention of the step's queries over the paged cache (kernels on CUDA, reference elsewhere)."""
+                    kv_scale=None, out_fp8_scale=None) -> torch.Tensor:
+    """Attention of the step's queries over the paged cache (kernels on CUDA, reference elsewhere).
+
+    ``out_fp8_scale``: the output projection's FP8 input scale, where it takes FP8 input.  A decode
+    step on the GPU then returns FP8 codes quantized with it by the attention kernel (one pass over
+    the output instead of a quantization in every program of the projection's GEMV); every other
+    path returns the activation dtype, and the projection quantizes its input itself."""
     kern = _kernels() if q.is_cuda else None
     if kern is None:
         return paged_attention_reference(q, k_cache, v_cache, batch, scale, window, slopes, kv_scale)
     if batch.decode_only:
         return kern.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
                                            window=window, alibi_slopes=slopes, k_scale=kv_scale, v_scale=kv_scale,
-                                           max_context_len=batch.max_context)
+                                           max_context_len=batch.max_context, out_fp8_scale=out_fp8_scale)
     return kern.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
                                         batch.context_lens, scale, window=window, alibi_slopes=slopes,
                                         k_scale=kv_scale, v_scale=kv_scale,

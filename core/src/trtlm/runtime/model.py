@@ -166,7 +166,8 @@ class Attention(nn.Module):
         scale = self.kv_cache_scaling_factor if self.kv_quant else None
         kc, vc = cache.k[layer], cache.v[layer]
         write_kv(k, v, kc, vc, batch.slot_mapping, scale)
-        out = paged_attention(q, kc, vc, batch, 1.0 / math.sqrt(d.head_size), self.window, slopes, scale)
+        out = paged_attention(q, kc, vc, batch, 1.0 / math.sqrt(d.head_size), self.window, slopes, scale,
+                              _fp8_input_scale(self.dense))
         return row_parallel(self.dense, out.reshape(N, d.heads * d.head_size), self.comm)
 
 

@@ -108,7 +108,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                            k_scale: torch.Tensor | float | None = None,
                            v_scale: torch.Tensor | float | None = None,
-                           max_context_len: int | None = None) -> torch.Tensor:
+                           max_context_len: int | None = None,
+                           out_fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: ``q [B, H, D]`` -> ``[B, H, D]``.
 
     The query of sequence ``b`` sits at position ``context_lens[b] - 1`` (its own K/V already
@@ -117,14 +118,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     covers ``block_tables.shape[1] * block_size`` tokens (programs past a sequence's length exit
     at once).  Either way the launch depends on shapes only, so the call can be captured in a
     CUDA graph.
+
+    With ``out_fp8_scale`` (an FP8 output projection's static input scale, ``[1]`` float32) the
+    output is that projection's input already quantized: ``float8_e4m3fn(clamp(out / scale))`` of
+    the output in ``q``'s dtype, written by the kernel that writes the output.
     """
     _check_attention(q, k_cache, v_cache, block_tables, context_lens, window, alibi_slopes, k_scale, v_scale)
     if block_tables.shape[0] != q.shape[0]:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows but q has {q.shape[0]} sequences")
     ops = _triton(q)
-    fn = ops.paged_decode_attention if ops is not None else paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, window=window,
-              alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale, max_context_len=max_context_len)
+    if ops is not None:
+        return ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window=window,
+                                          alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+                                          max_context_len=max_context_len, out_fp8_scale=out_fp8_scale)
+    out = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, window=window,
+                                     alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+                                     max_context_len=max_context_len)
+    if out_fp8_scale is None:
+        return out
+    from trtlm.quant.formats import quantize_fp8  # (what QuantLinear does to an FP8 linear's input)
+
+    return quantize_fp8(out, out_fp8_scale)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

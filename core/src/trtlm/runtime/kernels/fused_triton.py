@@ -6,7 +6,9 @@ follows the torch references step by step (see :mod:`.fused`), which is why ever
 rounded to bf16, then a rounded sum) into one bf16 FMA that rounds once -- 11% of RoPE's outputs
 then differed from torch's by one unit in the last place (seen on an H200).  These kernels are
 memory-bound; the FMA bought nothing.  The launches depend on shapes
-only, so they are captured in the engine's CUDA graphs like everything else.
+only, so they are captured in the engine's CUDA graphs like everything else.  Each launches with
+programmatic dependent launch where the GPU has it (:mod:`.pdl`), waiting for the kernel before
+in its first instruction.
 """
 from __future__ import annotations
 
@@ -14,10 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
+from trtlm.runtime.kernels.pdl import pdl_options, pdl_release, pdl_wait
+
 
 @triton.jit
 def _add_rms_norm_kernel(X, D, W, OUT, RES, A, stride_x, stride_d, stride_o, stride_r, n_cols, eps,
-                         HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -54,14 +60,16 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         _add_rms_norm_kernel[(n,)](
             x, delta if delta is not None else x, weight, out, res, fp8_scale if fp8_scale is not None else weight,
             x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0), res.stride(0), h, float(eps),
-            HAS_DELTA=delta is not None, QUANT=fp8_scale is not None, BLOCK=block,
+            HAS_DELTA=delta is not None, QUANT=fp8_scale is not None, BLOCK=block, **pdl_options(x.device),
             num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False)
     return res, out
 
 
 @triton.jit
 def _rope_kernel(X, COS, SIN, OUT, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh, n_heads,
-                 HALF: tl.constexpr, H_PAD: tl.constexpr):
+                 HALF: tl.constexpr, H_PAD: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, H_PAD)[:, None]
     j = tl.arange(0, HALF)[None, :]
@@ -88,12 +96,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if n:
         _rope_kernel[(n,)](x, cos2, sin2, out, x.stride(0), x.stride(1), cos2.stride(0), sin2.stride(0),
                            out.stride(0), out.stride(1), heads, HALF=d // 2,
-                           H_PAD=triton.next_power_of_2(heads), num_warps=4, enable_fp_fusion=False)
+                           H_PAD=triton.next_power_of_2(heads), **pdl_options(x.device), num_warps=4,
+                           enable_fp_fusion=False)
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(X, OUT, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -111,12 +122,15 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if n:
         block = 1024
         _silu_mul_kernel[(n, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
-                                                         num_warps=4, enable_fp_fusion=False)
+                                                         **pdl_options(x.device), num_warps=4, enable_fp_fusion=False)
     return out
 
 
 @triton.jit
-def _silu_mul_fp8_kernel(Y, S, A, OUT, stride_y, stride_o, inter, DT: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_fp8_kernel(Y, S, A, OUT, stride_y, stride_o, inter, DT: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -132,7 +146,8 @@ def _silu_mul_fp8_kernel(Y, S, A, OUT, stride_y, stride_o, inter, DT: tl.constex
              mask=mask)
 
 
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+#: torch -> Triton dtypes, for kernels that take the activation dtype as a constexpr
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def silu_mul_fp8(y: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype, fp8_scale: torch.Tensor) -> torch.Tensor:
@@ -142,6 +157,6 @@ def silu_mul_fp8(y: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype, f
     if n:
         block = 1024
         _silu_mul_fp8_kernel[(n, triton.cdiv(inter, block))](
-            y, col_scale, fp8_scale, out, y.stride(0), out.stride(0), inter, DT=_TL_DTYPES[dtype], BLOCK=block,
-            num_warps=4, enable_fp_fusion=False)
+            y, col_scale, fp8_scale, out, y.stride(0), out.stride(0), inter, DT=TL_DTYPES[dtype], BLOCK=block,
+            **pdl_options(y.device), num_warps=4, enable_fp_fusion=False)
     return out

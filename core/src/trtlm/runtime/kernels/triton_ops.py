@@ -31,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from trtlm.runtime.kernels.fused_triton import TL_DTYPES
+from trtlm.runtime.kernels.pdl import pdl_options, pdl_release, pdl_wait
+
 __all__ = ["write_kv", "paged_decode_attention", "paged_prefill_attention", "decode_partitions"]
 
 _LOG2E = 1.4426950408889634
@@ -77,7 +80,9 @@ def _write_kv_kernel(K, V, KC, VC, SLOTS, KS, VS,
                      stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                      block_size,
                      KV_HEADS: tl.constexpr, HEAD_D: tl.constexpr, H_PAD: tl.constexpr,
-                     D_PAD: tl.constexpr, QUANT: tl.constexpr):
+                     D_PAD: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     t = tl.program_id(0)
     slot = tl.load(SLOTS + t)
     if slot >= 0:
@@ -129,7 +134,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_cache.shape[1],
         KV_HEADS=kv_heads, HEAD_D=head_d, H_PAD=triton.next_power_of_2(kv_heads),
-        D_PAD=triton.next_power_of_2(head_d), QUANT=quant, num_warps=4)
+        D_PAD=triton.next_power_of_2(head_d), QUANT=quant, **pdl_options(k.device), num_warps=4)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -138,7 +143,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 # for widths of 1 and multiples of 16 as steps of such widths come, stalling a server mid-load).
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attn_kernel(
-    Q, K, V, Out, BT, CTX, QSL, SLOPES, KS, VS, TMP_O, TMP_ML,
+    Q, K, V, Out, BT, CTX, QSL, SLOPES, KS, VS, TMP_O, TMP_ML, OUT_SCALE,
     qk_scale, window, part_tokens, num_parts,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -146,8 +151,11 @@ def _paged_attn_kernel(
     G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     IS_DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
-    KV_QUANT: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    KV_QUANT: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, QUANT_OUT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     seq = tl.program_id(0)
     qtile = tl.program_id(1)
     pid2 = tl.program_id(2)
@@ -230,14 +238,28 @@ def _paged_attn_kernel(
             else:
                 out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
                 tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                         out.to(Out.dtype.element_ty), mask=qmask)
+                         _output(out, Q.dtype.element_ty, Out.dtype.element_ty, OUT_SCALE, QUANT_OUT), mask=qmask)
 
 
 @triton.jit
-def _combine_kernel(Out, TMP_O, TMP_ML, CTX, window, part_tokens, num_parts, stride_ot, stride_oh,
+def _output(out, DT: tl.constexpr, OUT_DT: tl.constexpr, OUT_SCALE, QUANT_OUT: tl.constexpr):
+    """Attention's output as stored: in the activation dtype, or (``QUANT_OUT``) the FP8 codes the
+    next linear takes -- rounded to the activation dtype first, then ``clamp(x / scale)``, exactly
+    as that linear would quantize the unfused output."""
+    if QUANT_OUT:
+        y = tl.math.div_rn(out.to(DT).to(tl.float32), tl.load(OUT_SCALE))
+        return tl.minimum(tl.maximum(y, -448.0), 448.0).to(OUT_DT)
+    return out.to(OUT_DT)
+
+
+@triton.jit
+def _combine_kernel(Out, TMP_O, TMP_ML, CTX, OUT_SCALE, window, part_tokens, num_parts, stride_ot, stride_oh,
                     NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
-                    P_PAD: tl.constexpr, USE_WINDOW: tl.constexpr):
+                    P_PAD: tl.constexpr, USE_WINDOW: tl.constexpr, DT: tl.constexpr, QUANT_OUT: tl.constexpr,
+                    PDL: tl.constexpr):
     """Merge the decode partitions of one (sequence, head): the same ranges the main kernel used."""
+    pdl_wait(PDL)
+    pdl_release(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(CTX + b)
@@ -257,7 +279,8 @@ def _combine_kernel(Out, TMP_O, TMP_ML, CTX, window, part_tokens, num_parts, str
     dmask = d < HEAD_D
     acc = tl.load(TMP_O + base[:, None] * D_PAD + d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
     out = tl.sum(w[:, None] * acc, 0) / total
-    tl.store(Out + b.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=dmask)
+    tl.store(Out + b.to(tl.int64) * stride_ot + h * stride_oh + d,
+             _output(out, DT, Out.dtype.element_ty, OUT_SCALE, QUANT_OUT), mask=dmask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,7 +327,7 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
 def _launch(q, k_cache, v_cache, block_tables, context_lens, qsl, scale, window, alibi_slopes,
             k_scale, v_scale, *, is_decode: bool, grid_q: int, num_parts: int, part_tokens: int,
             block_m: int, block_q: int, tile_n: int, num_warps: int, num_stages: int,
-            out: torch.Tensor, tmp_o, tmp_ml) -> None:
+            out: torch.Tensor, tmp_o, tmp_ml, out_scale: torch.Tensor | None = None) -> None:
     kv_heads, head_d = k_cache.shape[2], k_cache.shape[3]
     heads = q.shape[1]
     quant = _quant_code(k_cache)
@@ -315,7 +338,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, qsl, scale, window,
         _scale_tensor(k_scale, q.device, dummy) if quant else dummy,
         _scale_tensor(v_scale, q.device, dummy) if quant else dummy,
         tmp_o if tmp_o is not None else dummy, tmp_ml if tmp_ml is not None else dummy,
-        float(scale) * _LOG2E, int(window or 0), part_tokens, num_parts,
+        out_scale if out_scale is not None else dummy, float(scale) * _LOG2E, int(window or 0), part_tokens, num_parts,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -324,6 +347,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, qsl, scale, window,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, BLOCK_SIZE=k_cache.shape[1],
         IS_DECODE=is_decode, USE_WINDOW=window is not None, USE_ALIBI=alibi_slopes is not None,
         KV_QUANT=quant != 0, SPLIT=num_parts > 1, DOT_PREC=_dot_precision(q.dtype),
+        QUANT_OUT=out_scale is not None, **pdl_options(q.device),
         num_warps=num_warps, num_stages=num_stages)
 
 
@@ -339,7 +363,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
                            window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                            k_scale=None, v_scale=None, max_context_len: int | None = None,
-                           config: dict | None = None) -> torch.Tensor:
+                           out_fp8_scale: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Triton decode attention; see :func:`trtlm.runtime.kernels.paged_decode_attention`."""
     cfg = {**DECODE_CONFIG, **(DECODE_CONFIG_1BYTE if k_cache.element_size() == 1 else {}), **(config or {})}
     q, alibi_slopes = _prep(q, alibi_slopes)
@@ -351,7 +375,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_tokens = min(max_tokens, int(max_context_len))
     parts, part_tokens = decode_partitions(batch, kv_heads, max_tokens, _sm_count(q.device), cfg["TILE_N"],
                                            cfg["max_parts"], cfg["programs_per_sm"])
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, dtype=torch.float8_e4m3fn if out_fp8_scale is not None else q.dtype)
     if batch == 0:
         return out
     d_pad = max(16, triton.next_power_of_2(head_d))
@@ -364,13 +388,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _launch(q, k_cache, v_cache, block_tables, context_lens, context_lens, scale, window, alibi_slopes,
             k_scale, v_scale, is_decode=True, grid_q=1, num_parts=parts, part_tokens=part_tokens,
             block_m=max(16, triton.next_power_of_2(group)), block_q=1, tile_n=cfg["TILE_N"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], out=out, tmp_o=tmp_o, tmp_ml=tmp_ml)
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], out=out, tmp_o=tmp_o, tmp_ml=tmp_ml,
+            out_scale=out_fp8_scale)
     if parts > 1:
         _combine_kernel[(batch, heads)](
-            out, tmp_o, tmp_ml, context_lens, int(window or 0), part_tokens, parts,
-            out.stride(0), out.stride(1),
+            out, tmp_o, tmp_ml, context_lens, out_fp8_scale if out_fp8_scale is not None else context_lens,
+            int(window or 0), part_tokens, parts, out.stride(0), out.stride(1),
             NUM_HEADS=heads, HEAD_D=head_d, D_PAD=d_pad, P_PAD=max(2, triton.next_power_of_2(parts)),
-            USE_WINDOW=window is not None, num_warps=4)
+            USE_WINDOW=window is not None, DT=TL_DTYPES[q.dtype], QUANT_OUT=out_fp8_scale is not None,
+            **pdl_options(q.device), num_warps=4)
     return out
 
 
