@@ -390,9 +390,10 @@ GEMV_SWEEP = {
         (16, 4, 4), (32, 8, 4), (64, 8, 4))],
 }
 GEMV_SWEEP["fp8"] = GEMV_SWEEP["int8"] + [dict(c, fp8_bits=1) for c in GEMV_SWEEP["int8"][:3]]
+GEMV_FORMATS = ("int8-wo", "int4-wo", "int4-awq", "fp8")
 
 
-def bench_gemv(results: dict, log, budget_s: float) -> None:
+def bench_gemv(results: dict, log, budget_s: float, formats=GEMV_FORMATS, shapes=None) -> None:
     """The one-row GEMV (:func:`trtlm.quant.gemv.gemv`) over a tile sweep, against bf16 ``F.linear``
     and the module's current path at one row, for int8-wo, int4-wo, int4-awq and fp8 (FP8 input
     quantized in the kernel, FP8 codes handed over as the fused RMSNorm/SwiGLU do, and a separate
@@ -404,7 +405,7 @@ def bench_gemv(results: dict, log, budget_s: float) -> None:
     t0 = time.monotonic()
     gen = torch.Generator("cuda").manual_seed(5)
     out = results["gemv"]
-    for out_f, in_f in GEMV_SHAPES:
+    for out_f, in_f in shapes or GEMV_SHAPES:
         key = f"{out_f}x{in_f}"
         w16 = torch.randn(out_f, in_f, device="cuda", generator=gen, dtype=DT) * 0.02
         ws = [w16] + [w16.clone() for _ in range(max(1, ROTATE_BYTES // w16.nbytes) - 1)]
@@ -413,7 +414,7 @@ def bench_gemv(results: dict, log, budget_s: float) -> None:
         out[key] = {"bf16_us": t16, "bf16_TBps": w16.nbytes / t16 / 1e6}
         log(f"{key}: bf16 F.linear {t16:.1f} us ({w16.nbytes / t16 / 1e6:.2f} TB/s)")
         del ws
-        for name in ("int8-wo", "int4-wo", "int4-awq", "fp8"):
+        for name in formats:
             m = quant_module(name, out_f, in_f, gen)
             copies = [m] + [copy.deepcopy(m) for _ in range(max(1, ROTATE_BYTES // nbytes(m)) - 1)]
             wk, sk = {"int8-wo": ("int8", "channel"), "fp8": ("fp8", "tensor")}.get(name, ("int4", "group"))
@@ -453,7 +454,8 @@ def bench_gemv(results: dict, log, budget_s: float) -> None:
                                    qk.quantize_activation(x, m.activation_scaling_factor, "fp8"), None), {})
             default = GEMV_CONFIGS[wk, out_f > 4096]
             for what, xin in inputs:  # FP8: the whole sweep on codes, the default on quantize-in-kernel
-                cfgs = [default] + [c for c in GEMV_SWEEP[wk] if c != default]
+                no_prmt = [dict(default, no_prmt=1)] if wk == "int8" else []  # the byte-masking conversion
+                cfgs = [default] + no_prmt + [c for c in GEMV_SWEEP[wk] if c != default]
                 for cfg in (cfgs if what == inputs[-1][0] else cfgs[:1] + [dict(default, fp8_bits=1)]):
                     r = record(f"gemv[{what}] " + " ".join(f"{k}{v}" for k, v in cfg.items()),
                                lambda i, cfg=cfg, xin=xin: call(copies[i % len(copies)], xin, cfg),
@@ -483,6 +485,8 @@ def main() -> None:
                          "F.linear and today's dequant_mm path")
     ap.add_argument("--gemv", action="store_true",
                     help="only the one-row GEMV (trtlm.quant.gemv) tile sweep against bf16 F.linear and today's path")
+    ap.add_argument("--gemv-formats", default=",".join(GEMV_FORMATS), help="--gemv: the formats (comma-separated)")
+    ap.add_argument("--gemv-shapes", help="--gemv: OUTxIN products (comma-separated; default: Mistral-7B's)")
     ap.add_argument("--budget-s", type=float, default=80.0,
                     help="--mixed-mm: start no new measurement after this many seconds (default 80)")
     args = ap.parse_args()
@@ -513,7 +517,8 @@ def main() -> None:
             bench_mixed_mm(results, log, args.budget_s)
             return
         if args.gemv:
-            bench_gemv(results, log, args.budget_s)
+            shapes = [tuple(int(v) for v in s.split("x")) for s in (args.gemv_shapes or "").split(",") if s]
+            bench_gemv(results, log, args.budget_s, args.gemv_formats.split(","), shapes)
             return
         bench_linears(results, log)
         save()

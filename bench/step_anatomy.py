@@ -10,11 +10,18 @@ For each format (Mistral-7B shapes, random weights on the GPU, as ``trtlm bench 
   the host's scheduling and input staging, and the wait for the sampled token;
 - ``kernels``: one eager forward under ``torch.profiler``, CUDA time summed per kernel name and per
   class (linear, attention, norm, other), to tell the weight-streaming kernels from the fixed cost.
+
+``--pdl off,on`` measures each format twice over the same weights, without and with programmatic
+dependent launch (a fresh engine each, graphs captured anew); ``--gemv-variants`` adds engines with
+GEMV tiles patched (e.g. ``'{"bk2048": {"fp8,1": {"bk": 2048}}}'``), to choose tiles by the step
+they give rather than by the isolated kernel.  With PDL on, the eager profile's kernel times
+include each kernel's wait for the one before; the step and replay times are what counts.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections import defaultdict
 
@@ -73,25 +80,49 @@ def kernel_profile(engine, bb: int, cb: int) -> dict:
             "classes": dict(classes), "top": [{"name": n[:120], "ms": round(v[0], 4), "count": v[1]} for n, v in top]}
 
 
-def anatomy(quant: str | None, input_len: int, output_len: int) -> dict:
+def _patch_gemv(patch: dict[str, dict]) -> dict:
+    """Update ``GEMV_CONFIGS`` entries named ``"kind,wide"`` (``"fp8,1"``: FP8, N > 4096); returns
+    the old table to restore."""
+    from trtlm.quant import gemv
+
+    old = {k: dict(v) for k, v in gemv.GEMV_CONFIGS.items()}
+    for key, upd in patch.items():
+        kind, wide = key.split(",")
+        gemv.GEMV_CONFIGS[kind, wide == "1"].update(upd)
+    return old
+
+
+def anatomy(quant: str | None, input_len: int, output_len: int, pdl_settings: list[str],
+            variants: dict[str, dict] | None = None) -> list[dict]:
+    from trtlm.quant import gemv
+
     device = torch.device("cuda")
     bm = dummy_model("mistral", "7b", "bfloat16", device, quant=quant)
     paths = prepare_for_device(bm.model)  # as `trtlm bench` does: repacking, fused fc/gate, FP8 fusions
-    engine = make_engine(bm, device, max_batch_size=1, max_seq_len=input_len + output_len + 16,
-                         max_num_tokens=max(2048, input_len), cuda_graphs=True)
-    times = time_latency(engine, device, 1, input_len, output_len, reps=2)
-    step = times["decode_s"] / (output_len - 1) * 1000
-    graphs = engine.executor.graphs
-    bb, cb = 1, context_bucket(input_len + output_len, graphs.max_context)
-    graph, _ = graphs.graphs[bb, cb]
-    replay = replay_ms(graph)
-    prof = kernel_profile(engine, bb, cb)
     nbytes = weight_bytes_per_step(bm.model, 1)
-    out = {"quant": quant or "bf16", "step_ms": round(step, 4), "replay_ms": round(replay, 4),
-           "outside_forward_ms": round(step - replay, 4), "weight_GB": round(nbytes / 1e9, 3),
-           "kernel_paths": paths, "profile": prof}
-    engine.close()
-    del engine, bm
+    out = []
+    runs = [(pdl, "default", {}) for pdl in pdl_settings]
+    runs += [(pdl_settings[-1], name, patch) for name, patch in (variants or {}).items()]
+    for pdl, variant, patch in runs:  # the same weights, a fresh engine (and graphs captured) per setting
+        os.environ["TRTLM_PDL"] = "1" if pdl == "on" else "0"
+        old = _patch_gemv(patch)
+        engine = make_engine(bm, device, max_batch_size=1, max_seq_len=input_len + output_len + 16,
+                             max_num_tokens=max(2048, input_len), cuda_graphs=True)
+        times = time_latency(engine, device, 1, input_len, output_len, reps=2)
+        step = times["decode_s"] / (output_len - 1) * 1000
+        graphs = engine.executor.graphs
+        bb, cb = 1, context_bucket(input_len + output_len, graphs.max_context)
+        graph, _ = graphs.graphs[bb, cb]
+        replay = replay_ms(graph)
+        prof = kernel_profile(engine, bb, cb)
+        gemv.GEMV_CONFIGS.update(old)
+        out.append({"quant": quant or "bf16", "pdl": pdl, "variant": variant, "gemv_patch": patch,
+                    "step_ms": round(step, 4), "replay_ms": round(replay, 4),
+                    "outside_forward_ms": round(step - replay, 4), "weight_GB": round(nbytes / 1e9, 3),
+                    "kernel_paths": paths, "profile": prof})
+        engine.close()
+        del engine
+    del bm
     torch.cuda.empty_cache()
     return out
 
@@ -101,18 +132,26 @@ def main() -> None:
     ap.add_argument("--quants", default="none,fp8,int4-wo,int8-wo")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--pdl", default="on", help="programmatic dependent launch: on, off, or on,off (both, "
+                    "each with its own engine over the same weights)")
+    ap.add_argument("--gemv-variants", type=json.loads, default={},
+                    help='more engines per quantized format, GEMV tiles patched, as JSON: '
+                         '{"name": {"fp8,1": {"bk": 2048}}} ("fp8,1": FP8 products of more than 4096 rows)')
     ap.add_argument("--out")
     args = ap.parse_args()
     results = []
     for q in args.quants.split(","):
-        r = anatomy(None if q in ("none", "bf16") else q, args.input_len, args.output_len)
-        p = r["profile"]
-        print(f"{r['quant']:9s} step {r['step_ms']:.3f} ms  replay {r['replay_ms']:.3f} ms  outside "
-              f"{r['outside_forward_ms']:.3f} ms  eager kernels {p['total_ms']:.3f} ms ({p['kernels']})  " +
-              "  ".join(f"{c} {v['ms']:.3f}/{v['kernels']}" for c, v in sorted(p["classes"].items())), flush=True)
-        for t in p["top"][:12]:
-            print(f"    {t['ms']:8.3f} ms {t['count']:4d}x  {t['name']}")
-        results.append(r)
+        runs = anatomy(None if q in ("none", "bf16") else q, args.input_len, args.output_len, args.pdl.split(","),
+                       args.gemv_variants if q not in ("none", "bf16") else None)
+        results += runs
+        for r in runs:
+            p = r["profile"]
+            print(f"{r['quant']:9s} pdl {r['pdl']:3s} {r['variant']:10s} step {r['step_ms']:.3f} ms  "
+                  f"replay {r['replay_ms']:.3f} ms  "
+                  f"outside {r['outside_forward_ms']:.3f} ms  eager kernels {p['total_ms']:.3f} ms ({p['kernels']})  "
+                  + "  ".join(f"{c} {v['ms']:.3f}/{v['kernels']}" for c, v in sorted(p["classes"].items())), flush=True)
+            for t in p["top"][:12]:
+                print(f"    {t['ms']:8.3f} ms {t['count']:4d}x  {t['name']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
