@@ -474,7 +474,6 @@ def test_outputs_collected_during_the_next_step_equal_steps_own(bundled_engine):
              ("class A:", SamplingParams(max_tokens=12, n=2, temperature=0.9, seed=4, ignore_eos=True)),
              ("x = 1", SamplingParams(max_tokens=9, logprobs=2, ignore_eos=True)),
              ("for i in", SamplingParams(max_tokens=30, ignore_eos=True)),  # aborted after 3 outputs
-             # once r2 and r3 are done every row is greedy, and decode steps can be queued ahead:
              ("def fibonacci(n):", SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=[free.token_ids[16]])),
              ("import os", SamplingParams(max_tokens=40, ignore_eos=True)),  # aborted after 20 outputs
              ("x = 1", SamplingParams(max_tokens=36, ignore_eos=True))]
@@ -485,6 +484,7 @@ def test_outputs_collected_during_the_next_step_equal_steps_own(bundled_engine):
             eng.add_request(p, sp, request_id=f"r{i}")
         streamed, last = defaultdict(list), {}
         pending: list = []
+        ahead_while_sampling = 0  # steps queued ahead of a step with sampled or logprobs rows in it
 
         def take(outputs):
             for out in outputs:
@@ -502,18 +502,22 @@ def test_outputs_collected_during_the_next_step_equal_steps_own(bundled_engine):
                 eng.abort("r4")
             if len(streamed["r6", 0]) == 20:
                 eng.abort("r6")
+            sampling = "r2" in eng.requests or "r3" in eng.requests
+            before = eng.lookahead_steps
             if overlapped:
                 pending = eng.advance(overlap=ship)
             else:
                 take(eng.step())
+            ahead_while_sampling += sampling and eng.lookahead_steps > before
         assert eng.allocator.all_free() and not eng.requests
         assert (eng.lookahead_steps > 0) == ahead
+        assert (ahead_while_sampling > 0) == ahead
         return dict(streamed), last
 
     (step_streams, step_last), (lap_streams, lap_last) = run(False), run(True)
     assert lap_streams == step_streams
-    # decode steps queued ahead (once the sampled and logprobs requests are done, every row is
-    # greedy): the same streams, whichever way the outputs are collected
+    # decode steps queued ahead, also while the seeded sampled (n=2) and logprobs requests run: the
+    # same streams, whichever way the outputs are collected
     for overlapped in (False, True):
         ahead_streams, ahead_last = run(overlapped, ahead=True)
         assert ahead_streams == step_streams
@@ -878,6 +882,28 @@ def test_admission_group_waits_for_free_slots_and_changes_no_token(engine_dir):
     roomy = open_engine(mistral)
     for i, (p, sp) in enumerate(requests):
         assert done[f"req-{i}"] == roomy.generate([p], sp)[0].outputs[0].token_ids, i
+
+
+def test_sampled_steps_queued_ahead_sample_what_they_sample_otherwise(bundled_engine):
+    """Decode steps are queued ahead of sampled rows too (``sample_on_device``): seeded requests
+    with temperature, top-k, top-p, log-probabilities, ``min_tokens`` (EOS masked at first) and a
+    bad word give the same tokens and log-probabilities with and without looking ahead (each
+    request's generator draws in the same order), and steps were queued ahead."""
+    eos = open_engine(bundled_engine).eos_ids
+    params = [SamplingParams(max_tokens=14, temperature=0.8, top_k=20, seed=1, logprobs=2),
+              SamplingParams(max_tokens=11, temperature=1.2, top_p=0.9, seed=2, min_tokens=6),
+              SamplingParams(max_tokens=12, temperature=0.7, seed=3, bad_words_ids=[[sorted(eos)[0]], [7, 8]]),
+              SamplingParams(max_tokens=9, logprobs=0)]
+    prompts = ["def fibonacci(n):", "class A:", "import os", "x = 1"]
+    runs = []
+    for ahead in (False, True):
+        eng = open_engine(bundled_engine, async_scheduling=ahead)
+        outs = eng.generate(prompts, params)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs])
+        assert (eng.lookahead_steps > 0) == ahead
+    assert runs[0] == runs[1]
+    assert all(len(ids) >= 6 for ids, _ in runs[0])  # (min_tokens and max_tokens held)
+    assert runs[0][0][1] and all(len(lp) >= 1 for lp in runs[0][0][1])
 
 
 def test_run_flag_turns_async_scheduling_on_and_off(bundled_engine):

@@ -149,10 +149,12 @@ def _engine_on(model, device, graphs: bool, async_scheduling: bool | None = None
 @CUDA
 def test_decode_steps_queued_ahead_on_cuda_graphs_give_the_same_tokens():
     """With CUDA graphs a decode step is queued before the previous step's tokens are read back (on
-    by default): its input tokens are copied on the device from the previous argmax into the
-    graph's buffer, its host staging alternates between two pinned sets.  Same greedy tokens as
+    by default): its input tokens are copied on the device from the previous samples into the
+    graph's buffer, its host staging alternates between two pinned sets.  Same tokens as
     reading every step back first, with requests ending by stop id, by length at different steps,
-    and one aborted while a step is queued; float32 (no TF32): the same kernels on the same inputs."""
+    one aborted while a step is queued, and one sampled (seeded, top-k, log-probabilities: its
+    host values reach the GPU through pinned memory); float32 (no TF32): the same kernels on the
+    same inputs."""
     from trtlm.runtime.sampling import SamplingParams
 
     model = _model("mistral", "float32", "cuda")
@@ -164,7 +166,7 @@ def test_decode_steps_queued_ahead_on_cuda_graphs_give_the_same_tokens():
         free = engine.generate([prompts[0]], SamplingParams(max_tokens=30, ignore_eos=True))[0].outputs[0]
         params = [SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=[free.token_ids[12]]),
                   SamplingParams(max_tokens=9, ignore_eos=True), SamplingParams(max_tokens=40, ignore_eos=True),
-                  SamplingParams(max_tokens=25, ignore_eos=True)]
+                  SamplingParams(max_tokens=25, ignore_eos=True, temperature=0.9, top_k=50, seed=11, logprobs=2)]
         ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         outs, steps = {}, 0
         while engine.has_unfinished():

@@ -37,8 +37,8 @@ def engine_options(fn: Callable) -> Callable:
                      help="Reuse the KV blocks of prompt prefixes seen before."),
         click.option("--async-scheduling/--no-async-scheduling", default=None,
                      help="Queue the next decode step before the host has read this step's tokens back, so "
-                          "the host's per-step work overlaps the GPU (greedy decode steps; default: on where "
-                          "decode steps replay CUDA graphs)."),
+                          "the host's per-step work overlaps the GPU (default: on where decode steps replay "
+                          "CUDA graphs)."),
     ]
     for option in reversed(options):
         fn = option(fn)

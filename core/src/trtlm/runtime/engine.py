@@ -16,7 +16,7 @@ wants the GPU busy while it does host work splits them: ``advance(overlap=f)``
 calls ``f`` while the step's forward runs, which is where a server collects and
 ships the previous step's outputs (the async output processing of vLLM).
 
-Where decode steps replay CUDA graphs, a step of greedy decodes also queues the
+Where decode steps replay CUDA graphs, a step of decodes also queues the
 next decode step before its own tokens reach the host (``async_scheduling``,
 see ``_look_ahead``), so the host's per-step work runs while the GPU computes.
 
@@ -43,10 +43,10 @@ from trtlm.runtime.sampling import (
     IncrementalDetokenizer,
     SampleRow,
     SamplingParams,
-    argmax_only,
     banned_ids,
     request_generator,
     sample,
+    sample_on_device,
 )
 from trtlm.runtime.scheduler import CAPACITY_POLICIES, ScheduledSeq, Scheduler, Sequence, Status, StepPlan
 
@@ -69,7 +69,7 @@ class EngineConfig:
         slots are free (or fewer are queued); default ``max_batch_size // 8`` when decode steps
         replay CUDA graphs (each admission step also runs an eager forward), else 1.
     :param async_scheduling: queue the next decode step before the host has read this step's
-        tokens back, when every row is greedy (``Engine._look_ahead``); default: where decode
+        tokens back (``Engine._look_ahead``); default: where decode
         steps replay CUDA graphs.
     """
 
@@ -424,7 +424,8 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]], plan: Any,
                 overlap: Callable[[], None] | None) -> None:
         """Sample every row, append the tokens; ``overlap`` runs before the host waits for them.
-        When every row takes the argmax, the next decode step may be queued first (:meth:`_look_ahead`)."""
+        With async scheduling the samples stay on the device until the next decode step may have
+        been queued (:meth:`_look_ahead`), greedy or sampled rows alike."""
         sample_rows = []
         for seq, _ in rows:
             params = seq.params
@@ -434,31 +435,30 @@ class Engine:
         index = [r for _, r in rows]
         if index != list(range(logits.shape[0])):  # (a decode step samples every row, in order)
             logits = logits.index_select(0, torch.tensor(index).to(logits.device, non_blocking=True))
-        if self.async_scheduling and argmax_only(sample_rows):
-            tokens = logits.argmax(dim=-1)
-            readback = self._read_back(tokens)  # queued before the next step: it need not wait for it
-            self._look_ahead(plan, rows, tokens)
+        if self.async_scheduling:
+            drawn = sample_on_device(logits, sample_rows, self._fallback)
+            readback = self._read_back(drawn.tensors())  # queued before the next step: it need not wait for it
+            self._look_ahead(plan, rows, drawn.tokens)
             if overlap is not None:
                 overlap()
-            token_ids, logprobs = readback(), [None] * len(rows)
+            result = drawn.finish(readback())
         else:
             if overlap is not None:
                 overlap()
             result = sample(logits, sample_rows, self._fallback)
-            token_ids, logprobs = result.token_ids, result.logprobs
         now = time.monotonic()
-        for (seq, _), token, lp in zip(rows, token_ids, logprobs):
+        for (seq, _), token, lp in zip(rows, result.token_ids, result.logprobs):
             self._append(seq, token, lp, now)
 
     # -- looking one decode step ahead ------------------------------------------------------------------
     # At batch 1 the host's share of a step -- reading the sampled tokens back, appending them,
     # checking stops, scheduling and staging the next step -- leaves the GPU idle between steps
     # (0.17-0.39 ms of a 3-5 ms Mistral-7B step on an H200: docs/benchmarks.md, quantized engines,
-    # run 13).  When
-    # a step is all decodes and every row takes the argmax, the next decode step of the same sequences
-    # is queued *before* this step's tokens reach the host: its input tokens are this step's argmax,
-    # still on the device (``StepInputs.device_tokens``).  The host then does this step's work while
-    # the GPU computes the next one (TensorRT-LLM's overlap scheduler, vLLM's async scheduling).
+    # run 13).  When a step is all decodes, the next decode step of the same sequences is queued
+    # *before* this step's tokens reach the host: its input tokens are this step's samples, still on
+    # the device (``StepInputs.device_tokens``; the sampler waits for nothing, ``sample_on_device``).
+    # The host then does this step's work while the GPU computes the next one (TensorRT-LLM's
+    # overlap scheduler, vLLM's async scheduling).
     # A sequence that this step's tokens end (a stop id or string, an abort) has computed one token
     # too many: it is dropped from the queued step, whose writes land in blocks it no longer owns
     # before any later step (same stream) can use them.  A sequence that ends by length now is not
@@ -501,21 +501,23 @@ class Engine:
         plan.scheduled = [s for s, _ in live]
         return plan, [r for _, r in live], logits
 
-    def _read_back(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
-        """Queue the copy of ``tokens`` to the host now; the returned call waits for that copy only."""
-        if tokens.device.type != "cuda":
-            return tokens.tolist
-        n = tokens.shape[0]
+    def _read_back(self, tensors: list[torch.Tensor]) -> Callable[[], list[list]]:
+        """Queue the copies of ``tensors`` (the tokens first) to the host now; the returned call
+        waits for those copies only, and returns them as lists."""
+        if tensors[0].device.type != "cuda":
+            return lambda: [t.tolist() for t in tensors]
+        tokens, n = tensors[0], tensors[0].shape[0]
         if self._token_host is None or self._token_host.shape[0] < n:
             self._token_host = torch.empty(max(n, self.max_batch_size), dtype=tokens.dtype, pin_memory=True)
-        host = self._token_host[:n]
-        host.copy_(tokens, non_blocking=True)
+        hosts = [self._token_host[:n]]
+        hosts[0].copy_(tokens, non_blocking=True)
+        hosts += [t.to("cpu", non_blocking=True) for t in tensors[1:]]  # (pinned: a D2H non_blocking copy)
         done = torch.cuda.Event()
         done.record()
 
-        def wait() -> list[int]:
+        def wait() -> list[list]:
             done.synchronize()
-            return host.tolist()
+            return [h.tolist() for h in hosts]
         return wait
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, now: float) -> None:

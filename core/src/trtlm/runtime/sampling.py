@@ -125,61 +125,104 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 
 def argmax_only(rows: list[SampleRow]) -> bool:
     """Whether every row takes the plain argmax (greedy, no log-probabilities, nothing masked): the
-    tokens are then one kernel's output and can stay on the device (``Engine`` looking ahead)."""
+    tokens are then one kernel's output."""
     return all(r.params.greedy and r.params.logprobs is None and not r.masked_ids for r in rows)
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow], fallback: torch.Generator | None = None) -> Sampled:
-    """Next token for each row of ``logits [M, V]``; log-probabilities where asked.
+def _on(device: torch.device, values, dtype: torch.dtype) -> torch.Tensor:
+    """Host values as a tensor on ``device`` without waiting for the GPU: a copy from pageable
+    memory would first wait for every kernel queued on the stream (the step's forward)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class DeviceSampled:
+    """A step's samples before they reach the host: ``tokens [M]`` on the logits' device and, for
+    the rows in ``want`` (those that asked for log-probabilities), the sampled token's
+    log-probability and the top-``k`` alternatives.  :meth:`tensors` lists what to copy back
+    (``Engine`` queues the copy, then possibly the next step, then waits); :meth:`finish` turns
+    those copies into :class:`Sampled`."""
+
+    tokens: torch.Tensor
+    rows: list[SampleRow]
+    want: list[int] = field(default_factory=list)
+    chosen_lp: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_indices: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.tokens, self.chosen_lp, self.top_values, self.top_indices) if t is not None]
+
+    def finish(self, host: list[list]) -> Sampled:
+        """:class:`Sampled` from the host copies of :meth:`tensors`, in order."""
+        token_ids = host[0]
+        out = Sampled(token_ids, [None] * len(self.rows))
+        if self.want:
+            chosen_lp, rest = host[1], host[2:]
+            for j, i in enumerate(self.want):
+                entry = {token_ids[i]: chosen_lp[j]}
+                if rest:
+                    values, indices = rest
+                    n = self.rows[i].params.logprobs
+                    for t, v in zip(indices[j][:n], values[j][:n]):
+                        entry.setdefault(t, v)
+                out.logprobs[i] = entry
+        return out
+
+
+def sample_on_device(logits: torch.Tensor, rows: list[SampleRow],
+                     fallback: torch.Generator | None = None) -> DeviceSampled:
+    """Next token for each row of ``logits [M, V]``, left on the device, with no wait for the GPU
+    (host values travel through pinned memory); log-probabilities where asked.
 
     Greedy rows take the argmax; the others sample from the temperature-scaled, top-k /
     top-p filtered distribution by an exponential race, with the row's own generator
     when it has one (seeded) and ``fallback`` otherwise."""
     if argmax_only(rows):
-        return Sampled(logits.argmax(dim=-1).tolist(), [None] * len(rows))  # the common case: one kernel
+        return DeviceSampled(logits.argmax(dim=-1), rows)  # the common case: one kernel
+    dev = logits.device
     logits = logits.float()
     M, V = logits.shape
-    if any(r.masked_ids for r in rows):
+    masked = [(i, t) for i, r in enumerate(rows) for t in r.masked_ids if 0 <= t < V]
+    if masked:
         logits = logits.clone()
-        for i, r in enumerate(rows):
-            if r.masked_ids:
-                logits[i, [t for t in r.masked_ids if 0 <= t < V]] = float("-inf")
+        logits[_on(dev, [i for i, _ in masked], torch.long), _on(dev, [t for _, t in masked], torch.long)] = \
+            float("-inf")
     chosen = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
-        idx = torch.tensor(random_rows, device=logits.device)
-        sub = logits[idx]
-        temp = torch.tensor([rows[i].params.temperature for i in random_rows], device=logits.device)
-        sub = sub / temp[:, None]
-        top_k = torch.tensor([rows[i].params.top_k for i in random_rows], device=logits.device)
-        top_p = torch.tensor([rows[i].params.top_p for i in random_rows], device=logits.device,
-                             dtype=torch.float32)
-        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-            sub = _filter_top_k_top_p(sub, top_k, top_p)
+        idx = _on(dev, random_rows, torch.long)
+        sub = logits[idx] / _on(dev, [rows[i].params.temperature for i in random_rows], torch.float32)[:, None]
+        top_k = [rows[i].params.top_k for i in random_rows]
+        top_p = [rows[i].params.top_p for i in random_rows]
+        if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+            sub = _filter_top_k_top_p(sub, _on(dev, top_k, torch.long), _on(dev, top_p, torch.float32))
         probs = sub.softmax(-1)
-        noise = torch.empty_like(probs)
+        # Exp(1) noise from each row's generator (CPU generators: the same draws on every device)
+        noise = torch.empty((len(random_rows), V), pin_memory=dev.type == "cuda")
         for j, i in enumerate(random_rows):
-            gen = rows[i].generator or fallback
-            if gen is not None and gen.device != probs.device:  # a CPU generator: same draws on every device
-                noise[j] = torch.empty(V).exponential_(generator=gen).to(probs.device)
-            else:
-                noise[j].exponential_(generator=gen)
-        chosen[idx] = (probs / noise).argmax(dim=-1)
-    token_ids = chosen.tolist()
-    out = Sampled(token_ids, [None] * M)
+            noise[j].exponential_(generator=rows[i].generator or fallback)
+        chosen[idx] = (probs / noise.to(dev, non_blocking=True)).argmax(dim=-1)
+    out = DeviceSampled(chosen, rows)
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if want:
-        lp = torch.log_softmax(logits[want], dim=-1)
+        sel = _on(dev, want, torch.long)
+        lp = torch.log_softmax(logits[sel], dim=-1)
+        out.want = want
+        out.chosen_lp = lp.gather(1, chosen[sel][:, None])[:, 0]
         k = max(rows[i].params.logprobs for i in want)
-        top = lp.topk(k, dim=-1) if k > 0 else None
-        for j, i in enumerate(want):
-            entry = {token_ids[i]: float(lp[j, token_ids[i]])}
-            if top is not None:
-                n = rows[i].params.logprobs
-                for t, v in zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist()):
-                    entry.setdefault(t, v)
-            out.logprobs[i] = entry
+        if k > 0:
+            out.top_values, out.top_indices = lp.topk(k, dim=-1)
     return out
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow], fallback: torch.Generator | None = None) -> Sampled:
+    """:func:`sample_on_device`, read back (the host waits for the GPU here)."""
+    drawn = sample_on_device(logits, rows, fallback)
+    return drawn.finish([t.tolist() for t in drawn.tensors()])
 
 
 def request_generator(seed: int | None, index: int = 0) -> torch.Generator | None:
