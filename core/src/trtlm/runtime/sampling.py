@@ -180,7 +180,8 @@ def sample_on_device(logits: torch.Tensor, rows: list[SampleRow],
 
     Greedy rows take the argmax; the others sample from the temperature-scaled, top-k /
     top-p filtered distribution by an exponential race, with the row's own generator
-    when it has one (seeded) and ``fallback`` otherwise."""
+    when it has one (seeded) and ``fallback`` otherwise -- CPU generators (``request_generator``),
+    whose draws are then the same on every device."""
     if argmax_only(rows):
         return DeviceSampled(logits.argmax(dim=-1), rows)  # the common case: one kernel
     dev = logits.device
@@ -201,7 +202,7 @@ def sample_on_device(logits: torch.Tensor, rows: list[SampleRow],
         if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
             sub = _filter_top_k_top_p(sub, _on(dev, top_k, torch.long), _on(dev, top_p, torch.float32))
         probs = sub.softmax(-1)
-        # Exp(1) noise from each row's generator (CPU generators: the same draws on every device)
+        # Exp(1) noise from each row's generator, drawn on the host
         noise = torch.empty((len(random_rows), V), pin_memory=dev.type == "cuda")
         for j, i in enumerate(random_rows):
             noise[j].exponential_(generator=rows[i].generator or fallback)
