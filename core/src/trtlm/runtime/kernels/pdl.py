@@ -7,7 +7,7 @@ GEMV streams its weights in only ~4 us.  With PDL (sm_90+) a kernel launched wit
 ``launch_pdl=True`` may start as soon as every program of the kernel before it has called
 ``griddepcontrol.launch_dependents``: its launch, program set-up and first instructions overlap the
 kernel before, and it blocks in ``griddepcontrol.wait`` until that kernel has completed and its
-writes are visible.  Measured on the H200 (docs/benchmarks.md, "programmatic dependent launch"):
+writes are visible.  Measured on the H200 (docs/benchmarks.md, quantized engines, run 14):
 a batch-1 decode step of Mistral-7B 1.4% faster in bf16, whose linears are cuBLAS kernels
 launched the ordinary way, and 6-7% faster with FP8 or int8 weights, whose GEMVs are ours.
 (Prefetching the GEMV's weights into L2 before the wait made FP8 and int8 steps 3% slower
@@ -23,7 +23,7 @@ The rules every kernel here follows (what makes it safe):
 A kernel launched without the attribute (cuBLAS, a torch op) waits for the one before as usual,
 and ``griddepcontrol`` is a no-op in a kernel launched without it, so kernels with and without PDL
 mix freely, in CUDA graphs too (captured as programmatic edges).  ``TRTLM_PDL=0`` turns it off
-(for measuring; docs/benchmarks.md, "programmatic dependent launch").
+(for measuring; docs/benchmarks.md, quantized engines, run 14).
 """
 from __future__ import annotations
 
