@@ -11,7 +11,7 @@ writes are visible.  Measured on the H200 (docs/benchmarks.md, quantized engines
 a batch-1 decode step of Mistral-7B 1.4% faster in bf16, whose linears are cuBLAS kernels
 launched the ordinary way, and 6-7% faster with FP8 or int8 weights, whose GEMVs are ours.
 (Prefetching the GEMV's weights into L2 before the wait made FP8 and int8 steps 3% slower
-again: the prefetches compete with the kernel before for bandwidth.)
+again, probably by competing with the kernel before for bandwidth.)
 
 The rules every kernel here follows (what makes it safe):
 
