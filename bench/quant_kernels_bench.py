@@ -292,16 +292,26 @@ MIXED_CONFIGS = [
     {"bm": 32, "bn": 64, "bk": 128, "num_warps": 4, "num_stages": 3},
     {"bm": 64, "bn": 128, "bk": 128, "num_warps": 4, "num_stages": 4, "split": 1},
 ]
+#: the same for up to 16 rows (decode at small batches, where tinygemm is the module's path)
+MIXED_CONFIGS_FEW_ROWS = [
+    {},
+    {"bm": 16, "bn": 128, "bk": 128, "num_warps": 4, "num_stages": 4},
+    {"bm": 16, "bn": 64, "bk": 128, "num_warps": 4, "num_stages": 6},
+    {"bm": 16, "bn": 64, "bk": 128, "num_warps": 4, "num_stages": 4, "split": 4},
+    {"bm": 16, "bn": 64, "bk": 256, "num_warps": 4, "num_stages": 3},
+    {"bm": 16, "bn": 32, "bk": 128, "num_warps": 2, "num_stages": 4},
+]
 
 
 def _cfg_name(c: dict) -> str:
     return f"bm{c['bm']} bn{c['bn']} bk{c['bk']} w{c['num_warps']} s{c['num_stages']} split{c['split']}"
 
 
-def bench_mixed_mm(results: dict, log, budget_s: float) -> None:
+def bench_mixed_mm(results: dict, log, budget_s: float, row_counts=None) -> None:
     """``qk.mixed_mm`` (K-major repacked weight, one dot per K step) against bf16 ``F.linear`` and
-    today's path for 17+ rows (the module's forward: the tiled ``dequant_mm``), int4-wo / int8-wo
-    over MIXED_CONFIGS, int4-wo with bf16 scales and int4-awq at the default config.  Stops
+    the module's forward (what the engine runs at that many rows: tinygemm up to 16 rows for int4),
+    int4-wo / int8-wo over MIXED_CONFIGS (MIXED_CONFIGS_FEW_ROWS up to 16 rows), int4-wo with bf16
+    scales and int4-awq at the default config, at ``row_counts`` (default MIXED_ROWS).  Stops
     starting new measurements after ``budget_s`` seconds (Triton compiles dominate a cold run)."""
     import time
 
@@ -322,7 +332,7 @@ def bench_mixed_mm(results: dict, log, budget_s: float) -> None:
                 packed["bf16"] = [qk.repack_for_mm(c.weight, c.weights_scaling_factor, wk, 128, scale_dtype=DT)
                                   for c in copies]
             mods[name] = (copies, packed)
-        for rows in MIXED_ROWS:
+        for rows in row_counts or MIXED_ROWS:
             key = f"{out_f}x{in_f} rows={rows}"
             x = torch.randn(rows, in_f, device="cuda", generator=gen, dtype=DT)
             t16 = time_op(lambda i: (lambda: F.linear(x, ws[i % len(ws)])), w16.nbytes, reps=3)
@@ -354,7 +364,7 @@ def bench_mixed_mm(results: dict, log, budget_s: float) -> None:
                 record(f"current ({m.kernel_path}: the module's forward)", lambda i: copies[i % len(copies)](x), nbytes(m),
                        {"what": "module forward (tiled dequant_mm beyond 16 rows)"})
                 seen = []
-                sweep_cfgs = MIXED_CONFIGS if name != "int4-awq" else [{}]
+                sweep_cfgs = (MIXED_CONFIGS if rows > 16 else MIXED_CONFIGS_FEW_ROWS) if name != "int4-awq" else [{}]
                 for sd, mws in packed.items():
                     per_copy = mws[0].weight.nbytes + mws[0].scales.nbytes
                     for over in (sweep_cfgs if sd == "f32" else [{}]):
@@ -485,6 +495,7 @@ def main() -> None:
                          "F.linear and today's dequant_mm path")
     ap.add_argument("--gemv", action="store_true",
                     help="only the one-row GEMV (trtlm.quant.gemv) tile sweep against bf16 F.linear and today's path")
+    ap.add_argument("--mixed-rows", help="--mixed-mm: row counts (comma-separated; default 32,64,128)")
     ap.add_argument("--gemv-formats", default=",".join(GEMV_FORMATS), help="--gemv: the formats (comma-separated)")
     ap.add_argument("--gemv-shapes", help="--gemv: OUTxIN products (comma-separated; default: Mistral-7B's)")
     ap.add_argument("--budget-s", type=float, default=80.0,
@@ -514,7 +525,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     try:
         if args.mixed_mm:
-            bench_mixed_mm(results, log, args.budget_s)
+            bench_mixed_mm(results, log, args.budget_s,
+                           [int(r) for r in args.mixed_rows.split(",")] if args.mixed_rows else None)
             return
         if args.gemv:
             shapes = [tuple(int(v) for v in s.split("x")) for s in (args.gemv_shapes or "").split(",") if s]

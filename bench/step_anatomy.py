@@ -13,8 +13,9 @@ For each format (Mistral-7B shapes, random weights on the GPU, as ``trtlm bench 
 
 ``--pdl off,on`` measures each format twice over the same weights, without and with programmatic
 dependent launch (a fresh engine each, graphs captured anew); ``--gemv-variants`` adds engines with
-GEMV tiles patched (e.g. ``'{"bk2048": {"fp8,1": {"bk": 2048}}}'``), to choose tiles by the step
-they give rather than by the isolated kernel.  With PDL on, the eager profile's kernel times
+GEMV tiles patched (e.g. ``'{"bk2048": {"fp8,1": {"bk": 2048}}}'``) or kernel choices changed
+(``'{"mm1": {"kernels": {"INT4PACK_MAX_ROWS": 0, "MIXED_MM_MIN_ROWS": 1}}}'``), to choose by the
+step they give rather than by the isolated kernel.  With PDL on, the eager profile's kernel times
 include each kernel's wait for the one before; the step and replay times are what counts.
 """
 from __future__ import annotations
@@ -80,22 +81,34 @@ def kernel_profile(engine, bb: int, cb: int) -> dict:
             "classes": dict(classes), "top": [{"name": n[:120], "ms": round(v[0], 4), "count": v[1]} for n, v in top]}
 
 
-def _patch_gemv(patch: dict[str, dict]) -> dict:
-    """Update ``GEMV_CONFIGS`` entries named ``"kind,wide"`` (``"fp8,1"``: FP8, N > 4096); returns
-    the old table to restore."""
-    from trtlm.quant import gemv
+def _patch(patch: dict[str, dict]) -> tuple[dict, dict]:
+    """Apply a variant: ``"kind,wide"`` entries update ``GEMV_CONFIGS`` (``"fp8,1"``: FP8, N > 4096);
+    a ``"kernels"`` entry sets constants of :mod:`trtlm.quant.kernels` (e.g. ``INT4PACK_MAX_ROWS``,
+    ``MIXED_MM_MIN_ROWS``: which kernel takes how many rows).  Returns what :func:`_restore` needs."""
+    from trtlm.quant import gemv, kernels
 
-    old = {k: dict(v) for k, v in gemv.GEMV_CONFIGS.items()}
+    old = ({k: dict(v) for k, v in gemv.GEMV_CONFIGS.items()},
+           {name: getattr(kernels, name) for name in patch.get("kernels", {})})
     for key, upd in patch.items():
-        kind, wide = key.split(",")
-        gemv.GEMV_CONFIGS[kind, wide == "1"].update(upd)
+        if key == "kernels":
+            for name, value in upd.items():
+                setattr(kernels, name, value)
+        else:
+            kind, wide = key.split(",")
+            gemv.GEMV_CONFIGS[kind, wide == "1"].update(upd)
     return old
+
+
+def _restore(old: tuple[dict, dict]) -> None:
+    from trtlm.quant import gemv, kernels
+
+    gemv.GEMV_CONFIGS.update(old[0])
+    for name, value in old[1].items():
+        setattr(kernels, name, value)
 
 
 def anatomy(quant: str | None, input_len: int, output_len: int, pdl_settings: list[str],
             variants: dict[str, dict] | None = None) -> list[dict]:
-    from trtlm.quant import gemv
-
     device = torch.device("cuda")
     bm = dummy_model("mistral", "7b", "bfloat16", device, quant=quant)
     paths = prepare_for_device(bm.model)  # as `trtlm bench` does: repacking, fused fc/gate, FP8 fusions
@@ -105,7 +118,7 @@ def anatomy(quant: str | None, input_len: int, output_len: int, pdl_settings: li
     runs += [(pdl_settings[-1], name, patch) for name, patch in (variants or {}).items()]
     for pdl, variant, patch in runs:  # the same weights, a fresh engine (and graphs captured) per setting
         os.environ["TRTLM_PDL"] = "1" if pdl == "on" else "0"
-        old = _patch_gemv(patch)
+        old = _patch(patch)
         engine = make_engine(bm, device, max_batch_size=1, max_seq_len=input_len + output_len + 16,
                              max_num_tokens=max(2048, input_len), cuda_graphs=True)
         times = time_latency(engine, device, 1, input_len, output_len, reps=2)
@@ -115,7 +128,7 @@ def anatomy(quant: str | None, input_len: int, output_len: int, pdl_settings: li
         graph, _ = graphs.graphs[bb, cb]
         replay = replay_ms(graph)
         prof = kernel_profile(engine, bb, cb)
-        gemv.GEMV_CONFIGS.update(old)
+        _restore(old)
         out.append({"quant": quant or "bf16", "pdl": pdl, "variant": variant, "gemv_patch": patch,
                     "step_ms": round(step, 4), "replay_ms": round(replay, 4),
                     "outside_forward_ms": round(step - replay, 4), "weight_GB": round(nbytes / 1e9, 3),
