@@ -362,7 +362,7 @@ def bench_mixed_mm(results: dict, log, budget_s: float, row_counts=None) -> None
                         row[label.split()[0]] = r
 
                 record(f"current ({m.kernel_path}: the module's forward)", lambda i: copies[i % len(copies)](x), nbytes(m),
-                       {"what": "module forward (tiled dequant_mm beyond 16 rows)"})
+                       {"what": "module forward (the engine's kernel at this row count)"})
                 seen = []
                 sweep_cfgs = (MIXED_CONFIGS if rows > 16 else MIXED_CONFIGS_FEW_ROWS) if name != "int4-awq" else [{}]
                 for sd, mws in packed.items():

@@ -148,8 +148,9 @@ def main() -> None:
     ap.add_argument("--pdl", default="on", help="programmatic dependent launch: on, off, or on,off (both, "
                     "each with its own engine over the same weights)")
     ap.add_argument("--gemv-variants", type=json.loads, default={},
-                    help='more engines per quantized format, GEMV tiles patched, as JSON: '
-                         '{"name": {"fp8,1": {"bk": 2048}}} ("fp8,1": FP8 products of more than 4096 rows)')
+                    help='more engines per quantized format, GEMV tiles patched or trtlm.quant.kernels constants '
+                         'set, as JSON: {"name": {"fp8,1": {"bk": 2048}}} ("fp8,1": FP8 products of more than '
+                         '4096 rows), {"name": {"kernels": {"INT4PACK_MAX_ROWS": 0}}}')
     ap.add_argument("--out")
     args = ap.parse_args()
     results = []
