@@ -462,8 +462,22 @@ def bench_gemv(results: dict, log, budget_s: float, formats=GEMV_FORMATS, shapes
                     "quantize kernel, then gemv[fp8 codes]",
                     lambda i: call(copies[i % len(copies)],
                                    qk.quantize_activation(x, m.activation_scaling_factor, "fp8"), None), {})
+            if wk == "int4":  # the CUDA C GEMV (trtlm.quant.w4_gemv) on the mixed_mm words, over its configs
+                from trtlm.quant.w4_gemv import w4_gemv, w4_gemv_config, w4_configs
+                row["tinygemm"] = record("torch._weight_int4pack_mm", lambda i: qk.int4pack_mm(
+                    x, *copies[i % len(copies)]._packed, 128, getattr(m, "prequant_scaling_factor", None)), {})
+                for cfg in [w4_gemv_config(out_f, in_f)] + [c for c in w4_configs(out_f, in_f)
+                                                            if c != w4_gemv_config(out_f, in_f)]:
+                    r = record(f"w4_gemv {tuple(cfg)}",
+                               lambda i, cfg=cfg: w4_gemv(x, copies[i % len(copies)]._w4, prequant=getattr(
+                                   copies[i % len(copies)], "prequant_scaling_factor", None), config=cfg),
+                               {"config": cfg._asdict(), "input": "w4_gemv"})
+                    if r is not None:
+                        row["configs"].append(r)
             default = GEMV_CONFIGS[wk, out_f > 4096]
-            for what, xin in inputs:  # FP8: the whole sweep on codes, the default on quantize-in-kernel
+            # FP8: the whole sweep on codes, the default on quantize-in-kernel; int4: none (the Triton
+            # GEMV lost to tinygemm, run 15)
+            for what, xin in inputs if wk != "int4" else ():
                 no_prmt = [dict(default, no_prmt=1)] if wk == "int8" else []  # the byte-masking conversion
                 cfgs = [default] + no_prmt + [c for c in GEMV_SWEEP[wk] if c != default]
                 for cfg in (cfgs if what == inputs[-1][0] else cfgs[:1] + [dict(default, fp8_bits=1)]):

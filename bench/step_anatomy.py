@@ -107,6 +107,16 @@ def _restore(old: tuple[dict, dict]) -> None:
         setattr(kernels, name, value)
 
 
+def _reprepare(model: torch.nn.Module, patch: dict) -> None:
+    """Kernel choices are made in ``QuantLinear.prepare()``: make them again under a patch (and after it)."""
+    from trtlm.quant.runtime import QuantLinear
+
+    if "kernels" in patch:
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and m._prepared_on is not None:
+                m.prepare()
+
+
 def anatomy(quant: str | None, input_len: int, output_len: int, pdl_settings: list[str],
             variants: dict[str, dict] | None = None) -> list[dict]:
     device = torch.device("cuda")
@@ -119,6 +129,7 @@ def anatomy(quant: str | None, input_len: int, output_len: int, pdl_settings: li
     for pdl, variant, patch in runs:  # the same weights, a fresh engine (and graphs captured) per setting
         os.environ["TRTLM_PDL"] = "1" if pdl == "on" else "0"
         old = _patch(patch)
+        _reprepare(bm.model, patch)
         engine = make_engine(bm, device, max_batch_size=1, max_seq_len=input_len + output_len + 16,
                              max_num_tokens=max(2048, input_len), cuda_graphs=True)
         times = time_latency(engine, device, 1, input_len, output_len, reps=2)
@@ -129,6 +140,7 @@ def anatomy(quant: str | None, input_len: int, output_len: int, pdl_settings: li
         replay = replay_ms(graph)
         prof = kernel_profile(engine, bb, cb)
         _restore(old)
+        _reprepare(bm.model, patch)
         out.append({"quant": quant or "bf16", "pdl": pdl, "variant": variant, "gemv_patch": patch,
                     "step_ms": round(step, 4), "replay_ms": round(replay, 4),
                     "outside_forward_ms": round(step - replay, 4), "weight_GB": round(nbytes / 1e9, 3),

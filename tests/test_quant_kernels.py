@@ -581,16 +581,117 @@ def test_gemv_matches_the_dequantized_product(dtype):
 @pytest.mark.gpu
 def test_one_row_takes_the_gemv_where_measured_faster():
     """int8-wo and FP8 linears up to GEMV_MAX_OUT outputs take the GEMV at one row (and say so);
-    int4 keeps tinygemm; two rows take the other kernels, which agree with it."""
+    int4 takes the tensor-core int4 GEMV up to 8 rows, tinygemm beyond; the kernels agree."""
     from trtlm.quant.gemv import GEMV_MAX_OUT
+    from trtlm.quant.w4_gemv import w4_gemv_available
 
     for name, want in (("int8-wo", True), ("fp8", True), ("int4-wo", False), ("int8-sq", False)):
         m = _linear(name, 512, 1024, torch.bfloat16, "cuda")
         m.prepare()
-        assert m._gemv is want and ("GEMV" in m.kernel_reason) is want, (name, m.kernel_reason)
-        x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
-        one, two = m(x[:1]), m(x)
-        assert _rel(one, two[:1]) <= TOL
+        assert m._gemv is want and ("Triton GEMV" in m.kernel_reason) is want, (name, m.kernel_reason)
+        w4 = name == "int4-wo" and w4_gemv_available(torch.device("cuda"))
+        assert (m._w4 is not None) is w4 and ("tensor-core int4 GEMV" in m.kernel_reason) is w4
+        x = torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16)
+        one, two, many = m(x[:1]), m(x[:2]), m(x)  # (int4: w4_gemv, w4_gemv, tinygemm)
+        assert _rel(one, many[:1]) <= TOL and _rel(two, many[:2]) <= TOL
     wide = _linear("int8-wo", GEMV_MAX_OUT + 512, 1024, torch.bfloat16, "cuda")
     wide.prepare()
     assert not wide._gemv
+
+
+# ----------------------------------------------------------------------------- tensor-core int4 GEMV (few rows)
+
+def test_w4_tiles_hold_each_lanes_mma_fragment():
+    """Lane L's word j of 16-row tile r and 64-slice c holds the eight codes of its A fragment of
+    ``mma.m16n8k16`` (PTX ISA, "Matrix Fragments for mma.m16n8k16", .bf16/.f16): register i is
+    ``((word >> 4i) & 0x000F000F)`` as ``u = q + 8``, its low half the element at row
+    ``16r + L//4 (+8 for odd i)``, column ``64c + 16j + 2(L%4) (+8 for i >= 2)``, its high half the
+    next column.  ``unpack_w4_tiles`` inverts the repack."""
+    from trtlm.quant.w4_gemv import repack_w4_tiles, unpack_w4_tiles
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (32, 128), generator=gen, dtype=torch.int8)
+    tiles = repack_w4_tiles(qf.pack_int4(q), torch.ones(1, 32), 128)
+    assert tiles.weight.shape == (2, 2, 32, 4) and (tiles.out_features, tiles.in_features) == (32, 128)
+    assert torch.equal(unpack_w4_tiles(tiles), q)
+    words = tiles.weight.to(torch.int64) & 0xFFFFFFFF
+    for r in range(2):
+        for c in range(2):
+            for lane in range(32):
+                for j in range(4):
+                    word = int(words[r, c, lane, j])
+                    for i in range(4):
+                        row = 16 * r + lane // 4 + 8 * (i % 2)
+                        col = 64 * c + 16 * j + 2 * (lane % 4) + 8 * (i // 2)
+                        assert ((word >> 4 * i) & 0xF) - 8 == q[row, col]
+                        assert ((word >> (16 + 4 * i)) & 0xF) - 8 == q[row, col + 1]
+
+
+def test_w4_gemv_configs_tile_their_shapes():
+    from trtlm.quant.w4_gemv import W4_DEFAULT, w4_configs, w4_gemv_config, w4_gemv_supports
+
+    for N, K in ((512, 1024), (6144, 4096), (28672, 4096), (4096, 14336)):
+        default = w4_gemv_config(N, K)
+        assert default is not None and default in w4_configs(N, K)
+        assert default.warps == W4_DEFAULT["warps"] and default.tiles == W4_DEFAULT["tiles"]
+        for cfg in w4_configs(N, K):
+            assert cfg.splits * cfg.segs * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+    assert w4_gemv_supports(64, 512, 1024) and w4_gemv_supports(128, 4096, 14336)
+    assert not w4_gemv_supports(32, 512, 1024)  # a scale per 64-slice at most
+    assert not w4_gemv_supports(128, 200, 1024) and not w4_gemv_supports(128, 512, 1000)
+
+
+def test_w4_gemv_needs_cuda():
+    from trtlm.quant.w4_gemv import w4_gemv_available
+
+    assert not w4_gemv_available(torch.device("cpu"))
+    m = _linear("int4-awq", 512, 1024, torch.bfloat16, "cpu")
+    m.prepare()
+    assert m._w4 is None and m.kernel_path == qk.EMULATION
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4_gemv_matches_the_dequantized_product(dtype):
+    """1-8 rows, group 64 and 128, with and without AWQ's pre-quant scale, the default and other
+    configurations, against the float32 product of the dequantized weight and x (times the
+    pre-quant scale, rounded to x's dtype as the kernel rounds it).  Same tolerance as every fast
+    path: the output is rounded to x's dtype once; a wrong fragment, scale or offset is off by O(1).
+    The split-K sum has a fixed order, so repeated calls, and CUDA-graph replays (the counters
+    reset themselves), give the same bits."""
+    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_configs, w4_gemv, w4_gemv_available, w4_gemv_config
+
+    if not w4_gemv_available(torch.device("cuda")):
+        pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
+    gen = torch.Generator("cuda").manual_seed(0)
+    for N, K, group in ((512, 1024, 64), (6144, 4096, 128), (4096, 14336, 128)):
+        w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
+        s = qf.int4_group_scales(w, group)
+        q = qf.quantize_int4(w, s, group)
+        tiles = repack_w4_tiles(qf.pack_int4(q), s.t().contiguous(), group)
+        deq = (q.float().reshape(N, K // group, group) * s[..., None]).reshape(N, K)
+        p = (torch.rand(K, device="cuda", generator=gen) + 0.5).to(dtype)
+        configs = [w4_gemv_config(N, K)] + w4_configs(N, K)[::7]
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
+            for pre in (None, p):
+                xs = (x.float() * pre.float()).to(dtype) if pre is not None else x
+                ref = xs.float() @ deq.t()
+                for cfg in configs:
+                    y = w4_gemv(x, tiles, pre, config=cfg)
+                    assert y.dtype == dtype and y.shape == (rows, N)
+                    assert _rel(y, ref) <= TOL, (N, K, rows, pre is not None, cfg, _rel(y, ref))
+                assert torch.equal(w4_gemv(x, tiles, pre), w4_gemv(x, tiles, pre))
+    x = torch.randn(2, K, device="cuda", generator=gen).to(dtype)
+    want = w4_gemv(x, tiles)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4_gemv(x, tiles)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    x.copy_(torch.randn(2, K, device="cuda", generator=gen).to(dtype))
+    graph.replay()
+    assert torch.equal(out, w4_gemv(x, tiles))

@@ -65,6 +65,9 @@ DENSE_MIN_ROWS = 0
 #: rows up to which the int4 path takes ``torch._weight_int4pack_mm`` when INT4_KERNEL is INT4PACK
 INT4PACK_MAX_ROWS = 16
 
+#: int4 linears take the CUDA C GEMV of :mod:`trtlm.quant.w4_gemv` at one row (where NVRTC is there)
+W4_GEMV = True
+
 #: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")
 INT4_KERNEL = INT4PACK
 

@@ -36,6 +36,8 @@ from trtlm.quant import formats as qf
 from trtlm.quant import kernels as qk
 from trtlm.quant import schemes
 from trtlm.quant.gemv import gemv, gemv_applies
+from trtlm.quant.w4_gemv import (W4_GEMV_MAX_ROWS, W4Tiles, prepare_w4_gemv, repack_w4_tiles, w4_gemv,
+                                 w4_gemv_available, w4_gemv_supports)
 
 #: quant_algo values the runtime executes (every registered format's).
 SUPPORTED = schemes.runtime_algos()
@@ -109,6 +111,7 @@ class QuantLinear(nn.Module):
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._mm: qk.MixedWeight | None = None  #: the codes repacked for mixed_mm (weight-only, many rows)
         self._gemv = False  #: one row takes :func:`trtlm.quant.gemv.gemv`
+        self._w4: W4Tiles | None = None  #: the codes repacked for :func:`trtlm.quant.w4_gemv.w4_gemv` (int4, few rows)
 
     # -- load time ---------------------------------------------------------------------
     @torch.no_grad()
@@ -136,7 +139,13 @@ class QuantLinear(nn.Module):
         if many_rows:
             self.kernel_reason += f"; mixed-input Triton GEMM from {qk.MIXED_MM_MIN_ROWS} rows"
         fmt = self.fmt
-        self._gemv = self.kernel_path != qk.EMULATION and qk.triton_available() and gemv_applies(
+        self._w4 = None
+        if (self._mm is not None and qk.W4_GEMV and fmt.weight == "int4" and w4_gemv_available(dev)
+                and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
+            self._w4 = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
+            prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"))
+            self.kernel_reason = f"tensor-core int4 GEMV (CUDA C) up to {W4_GEMV_MAX_ROWS} rows; {self.kernel_reason}"
+        self._gemv = self._w4 is None and self.kernel_path != qk.EMULATION and qk.triton_available() and gemv_applies(
             fmt.weight, fmt.activation, fmt.weight_scale, self.in_features, self.out_features, self.group_size)
         if self._gemv:
             self.kernel_reason = f"one-row Triton GEMV at 1 row; {self.kernel_reason}"
@@ -187,7 +196,7 @@ class QuantLinear(nn.Module):
                     start += n
             for p in parts:
                 p._prepared_on = None  # their repacked copies (if any) are dropped; re-made if ever called
-                p._packed = p._mm = None
+                p._packed = p._mm = p._w4 = None
         stacked.prepare()
         return stacked
 
@@ -226,6 +235,8 @@ class QuantLinear(nn.Module):
     def _fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
         fmt, rows = self.fmt, x.shape[0]
         p = getattr(self, "prequant_scaling_factor", None)
+        if self._w4 is not None and rows <= W4_GEMV_MAX_ROWS:  # int4 decode at small batches
+            return w4_gemv(x, self._w4, p)
         if rows == 1 and self._gemv:  # decode at batch 1: the bandwidth-bound GEMV
             return gemv(x, self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
                         scale_kind=fmt.weight_scale, group_size=self.group_size, prequant=p,

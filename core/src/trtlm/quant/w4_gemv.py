@@ -1,0 +1,384 @@
+"""The one-row int4 product of a decode step (W4A16: int4 weight-only and AWQ), in CUDA C.
+
+At batch 1 every linear is a matrix-vector product bound by the bytes it reads, so int4 can only
+be up to 4x faster than bf16 if its kernel keeps the memory system as busy as cuBLAS does for bf16.
+Our Triton GEMVs reached 0.6-2.0 TB/s on the H200 (docs/benchmarks.md, run 15): Triton did not
+issue a program's loads ahead of the arithmetic that used them, so each SM had too few bytes in
+flight to hide DRAM latency.  This kernel is written for exactly that:
+
+- **Every thread issues all the loads of a 128-deep slice of K first** (16 ``[K/8, N]`` words of 2
+  or 4 adjacent outputs, 128 or 256 bytes, in registers), **before** ``griddepcontrol.wait``: the
+  weights are never written by the kernel before, so with programmatic dependent launch
+  (:mod:`trtlm.runtime.kernels.pdl`) they stream while that kernel finishes.  Only then is the
+  input read.  The grid splits K across blocks so that every SM holds tens of kilobytes in flight.
+- **Nibbles become floats with one byte permute each**: a word's even and odd nibbles are masked
+  (and their sign bits flipped, ``u = q + 8``) with one ``lop3`` each; ``prmt`` puts each byte under
+  float32's exponent byte 0x3F, the float ``0.5 + u/256``; one FMA accumulates it against x.  The
+  offset is removed once per 128-wide slice with the slice's sum of x (computed once per block):
+  ``sum x q = 256 sum x f - 136 sum x``.  About 2.4 instructions per weight.
+- The input slice is converted to float32 once per block into shared memory (AWQ's pre-quant
+  scale applied there), and read back as broadcasts.
+- Split K is reduced without atomics on the output: each block writes its partial sums, the last
+  block of a column (a counter, reset by that block, so CUDA-graph replays find it zero) adds them
+  in a fixed order and writes the output.  Results do not depend on which block finishes last.
+
+Weights are the ``[K/8, N]`` words of :class:`trtlm.quant.kernels.MixedWeight` (the layout the
+many-row ``mixed_mm`` reads too), scales ``[K/group, N]`` float32 (per-channel scales: one group of
+K).  Compiled with NVRTC (:mod:`trtlm.runtime.kernels.nvrtc`) once per shape configuration.
+
+Numerics: codes, scales and x are exact in float32 and the products accumulate in float32; the
+offset removal loses at most a few of float32's 24 bits (the result is rounded to 8 or 11 bits).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["W4Tiles", "repack_w4_tiles", "unpack_w4_tiles", "W4GemvConfig", "W4_GEMV_MAX_ROWS", "w4_configs",
+           "w4_gemv_config", "w4_gemv_supports", "w4_gemv_available", "prepare_w4_gemv", "w4_gemv"]
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+#define KB (SEGS * 128)  /* the k of one block */
+#define XPAD 8                   /* bf16 of padding per x row: the 8 rows' B fragments hit 32 banks */
+#if X_BF16
+#define MAGIC 0x43004300u        /* bfloat16 128.0 twice: 0x4300 | u is 128 + u */
+#define OFFSET 136.f             /* 128 + 8: the code q is u - 8 */
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#else
+#define MAGIC 0x64006400u        /* float16 1024.0 twice */
+#define OFFSET 1032.f
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#endif
+
+__device__ __forceinline__ float to_f32(u16 v) {
+#if X_BF16
+  return __uint_as_float(((u32)v) << 16);
+#else
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+#endif
+}
+
+__device__ __forceinline__ u16 from_f32(float f) {
+  u16 r;
+#if X_BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#endif
+  return r;
+}
+
+/* (a & 0x000F000F) | MAGIC in one lop3: two codes as the 16-bit floats MAGIC + u */
+__device__ __forceinline__ u32 pair(u32 a) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(0x000F000F), "r"(MAGIC));
+  return r;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scales,
+        const u16* __restrict__ pre, float* __restrict__ partial, u32* __restrict__ counters,
+        u16* __restrict__ y, int N, int K, int rows)
+{
+  __shared__ __align__(16) u16 xs[8][KB + XPAD];
+  __shared__ float xsum[8][2 * SEGS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;  /* mma fragment coordinates */
+  const int tile0 = (blockIdx.x * WARPS + warp) * TILES;  /* the warp's first 16-row tile */
+  const int kb0 = blockIdx.y * KB;
+
+  /* the warp's codes and scales first: the kernel before never writes them */
+  uint4 wv[TILES][2 * SEGS];
+  float sc[TILES][2 * SEGS][2];  /* the scales of rows gid and gid + 8, per 64-slice */
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) {
+    const uint4* wp = w + ((size_t)(tile0 + t) * (K / 64) + kb0 / 64) * 32 + lane;
+#pragma unroll
+    for (int c = 0; c < 2 * SEGS; ++c) wv[t][c] = __ldg(wp + c * 32);
+  }
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+    for (int c = 0; c < 2 * SEGS; ++c) {
+      const float* sp = scales + (size_t)((kb0 + c * 64) / GROUP) * N + (tile0 + t) * 16 + gid;
+      sc[t][c][0] = __ldg(sp);
+      sc[t][c][1] = __ldg(sp + 8);
+    }
+  }
+
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  for (int i = threadIdx.x; i < rows * KB / 2; i += WARPS * 32) {  /* the block's slice of x */
+    const int r = i / (KB / 2), k = 2 * (i % (KB / 2));
+    const u32 raw = *reinterpret_cast<const u32*>(x + (size_t)r * K + kb0 + k);
+#if HAS_PRE
+    const u32 p = *reinterpret_cast<const u32*>(pre + kb0 + k);
+    const u32 v = (u32)from_f32(to_f32(raw & 0xFFFF) * to_f32(p & 0xFFFF))
+                  | ((u32)from_f32(to_f32(raw >> 16) * to_f32(p >> 16)) << 16);
+#else
+    const u32 v = raw;
+#endif
+    *reinterpret_cast<u32*>(&xs[r][k]) = v;
+  }
+  __syncthreads();
+  for (int i = warp; i < rows * 2 * SEGS; i += WARPS) {  /* each row's sum per 64-slice (the offset) */
+    const int r = i / (2 * SEGS), c = i % (2 * SEGS);
+    const u16* q = &xs[r][c * 64];
+    float v = to_f32(q[lane]) + to_f32(q[lane + 32]);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) xsum[r][c] = v;
+  }
+  __syncthreads();
+  asm volatile("griddepcontrol.launch_dependents;");
+
+  const bool has_row = gid < rows;  /* B column gid is x row gid; the others are zero */
+  float acc[TILES][4];
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+#pragma unroll
+  for (int s = 0; s < SEGS; ++s) {
+    float d[TILES][2][4];  /* two mma chains per tile, one per 64-slice */
+#pragma unroll
+    for (int t = 0; t < TILES; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) d[t][h][0] = d[t][h][1] = d[t][h][2] = d[t][h][3] = 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = s * 128 + h * 64 + j * 16 + 2 * tig;
+        const u32 b0 = has_row ? *reinterpret_cast<const u32*>(&xs[gid][k]) : 0u;
+        const u32 b1 = has_row ? *reinterpret_cast<const u32*>(&xs[gid][k + 8]) : 0u;
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+          const uint4 v4 = wv[t][2 * s + h];
+          const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
+          asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                       : "+f"(d[t][h][0]), "+f"(d[t][h][1]), "+f"(d[t][h][2]), "+f"(d[t][h][3])
+                       : "r"(pair(q)), "r"(pair(q >> 4)), "r"(pair(q >> 8)), "r"(pair(q >> 12)), "r"(b0), "r"(b1));
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  /* each 64-slice's scales (a group is a multiple of 64) */
+      const int c = 2 * s + h;
+      const float o0 = 2 * tig < rows ? OFFSET * xsum[2 * tig][c] : 0.f;
+      const float o1 = 2 * tig + 1 < rows ? OFFSET * xsum[2 * tig + 1][c] : 0.f;
+#pragma unroll
+      for (int t = 0; t < TILES; ++t) {
+        acc[t][0] = fmaf(sc[t][c][0], d[t][h][0] - o0, acc[t][0]);
+        acc[t][1] = fmaf(sc[t][c][0], d[t][h][1] - o1, acc[t][1]);
+        acc[t][2] = fmaf(sc[t][c][1], d[t][h][2] - o0, acc[t][2]);
+        acc[t][3] = fmaf(sc[t][c][1], d[t][h][3] - o1, acc[t][3]);
+      }
+    }
+  }
+
+  /* C fragment: rows gid / gid + 8 of the tile, columns (= x rows) 2 tig and 2 tig + 1 */
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = 2 * tig + (e & 1), n = (tile0 + t) * 16 + gid + 8 * (e >> 1);
+      if (r < rows) {
+#if SPLITS == 1
+        y[(size_t)r * N + n] = from_f32(acc[t][e]);
+#else
+        partial[((size_t)blockIdx.y * rows + r) * N + n] = acc[t][e];
+#endif
+      }
+    }
+  }
+#if SPLITS > 1
+  /* the last block of this column of blocks adds the splits' partial sums in a fixed order */
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == SPLITS - 1;
+  __syncthreads();
+  if (last) {
+    const int n0 = blockIdx.x * WARPS * TILES * 16, width = WARPS * TILES * 16;
+    for (int i = threadIdx.x; i < rows * width; i += WARPS * 32) {
+      const int r = i / width, n = n0 + i % width;
+      float v = 0.f;
+      for (int sp = 0; sp < SPLITS; ++sp) v += __ldcg(partial + ((size_t)sp * rows + r) * N + n);
+      y[(size_t)r * N + n] = from_f32(v);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+  }
+#endif
+}
+"""
+
+
+class W4Tiles(NamedTuple):
+    """An int4 weight repacked once (:func:`repack_w4_tiles`) for :func:`w4_gemv`.
+
+    ``weight``: int32 ``[N/16, K/64, 32, 4]``: for each 16-row tile and 64-wide slice of K, lane
+    ``L``'s four words, word ``j`` holding the eight codes of the lane's tensor-core A fragment
+    (``mma.m16n8k16``) of k-step ``j``, as ``u = q + 8`` in bits ``4i`` (first of pair ``i``) and
+    ``16 + 4i`` (second), so that ``((word >> 4i) & 0x000F000F) | MAGIC`` is fragment register
+    ``i``.  ``scales``: float32 ``[K/group, N]`` (shared with :class:`~trtlm.quant.kernels.MixedWeight`).
+    """
+    weight: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1] * 64
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] * 16
+
+
+@torch.no_grad()
+def repack_w4_tiles(packed: torch.Tensor, scales_kn: torch.Tensor, group_size: int) -> W4Tiles:
+    """The checkpoint's packed int4 ``[N/2, K]`` -> :class:`W4Tiles` (``scales_kn``: float32
+    ``[K/group, N]``, kept as is).  Load time, once; a copy of the codes of the same size."""
+    from trtlm.quant.formats import unpack_int4
+
+    u = unpack_int4(packed).to(torch.int64) + 8  # [N, K] in [0, 15]
+    N, K = u.shape
+    if N % 16 or K % 64:
+        raise ValueError(f"w4 tiles need N % 16 == 0 and K % 64 == 0, not [{N}, {K}]")
+    # n = 16 r + 8 rowhalf + gid, k = 64 c + 16 j + 8 colhalf + 2 tig + h
+    u = u.reshape(N // 16, 2, 8, K // 64, 4, 2, 4, 2)  # r, rowhalf, gid, c, j, colhalf, tig, h
+    u = u.permute(0, 3, 2, 6, 4, 5, 1, 7)  # r, c, gid, tig, j, colhalf, rowhalf, h
+    # fragment register i = 2 colhalf + rowhalf; the pair's first code at bit 4i, its second at 16 + 4i
+    shifts = (4 * torch.arange(4).reshape(2, 2, 1) + 16 * torch.arange(2)).to(u.device)  # [colhalf, rowhalf, h]
+    words = (u << shifts).sum(dim=(-3, -2, -1))  # r, c, gid, tig, j
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return W4Tiles(words.reshape(N // 16, K // 64, 32, 4).contiguous(), scales_kn, group_size)
+
+
+def unpack_w4_tiles(tiles: W4Tiles) -> torch.Tensor:
+    """Inverse of :func:`repack_w4_tiles` (the signed codes ``[N, K]``), for tests."""
+    w = tiles.weight.to(torch.int64) & 0xFFFFFFFF
+    R, C = w.shape[:2]
+    w = w.reshape(R, C, 8, 4, 4)  # r, c, gid, tig, j
+    shifts = (4 * torch.arange(4).reshape(2, 2, 1) + 16 * torch.arange(2)).to(w.device)
+    u = (w[..., None, None, None] >> shifts) & 0xF  # r, c, gid, tig, j, colhalf, rowhalf, h
+    u = u.permute(0, 6, 2, 1, 4, 5, 3, 7)  # r, rowhalf, gid, c, j, colhalf, tig, h
+    return (u.reshape(R * 16, C * 64) - 8).to(torch.int8)
+
+
+class W4GemvConfig(NamedTuple):
+    """How :func:`w4_gemv` splits ``[N, K]``: blocks of ``warps`` warps, each warp ``tiles``
+    16-row tiles over the block's ``segs`` 128-deep slices of K, ``splits`` blocks along K
+    (``K = splits * segs * 128``)."""
+    warps: int
+    tiles: int
+    segs: int
+    splits: int
+
+
+#: the most rows one launch computes (the mma's 8 columns)
+W4_GEMV_MAX_ROWS = 8
+
+
+def _tiles(cfg: W4GemvConfig, N: int, K: int) -> bool:
+    return cfg.splits * cfg.segs * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+
+
+def w4_configs(N: int, K: int) -> list[W4GemvConfig]:
+    """Every configuration that tiles ``[N, K]`` within sensible limits (the benchmark's sweep)."""
+    out = []
+    for warps in (2, 4, 8):
+        for tiles in (1, 2, 4):
+            for segs in (2, 4, 8):
+                splits = K // (segs * 128)
+                cfg = W4GemvConfig(warps, tiles, segs, splits)
+                if _tiles(cfg, N, K) and splits <= 64 and tiles * segs <= 16:  # (registers: 8 words per slice)
+                    out.append(cfg)
+    return out
+
+
+#: the default, the best or within 0.5 us of it at Mistral-7B's shapes with K = 4096 (run 16): four
+#: warps of two 16-row tiles, 256-deep K slices (each lane holds 2 x 4 x 16 B = 128 B of codes)
+W4_DEFAULT = {"warps": 4, "tiles": 2, "segs": 2}
+
+
+def w4_gemv_config(N: int, K: int) -> W4GemvConfig | None:
+    """The configuration for ``[N, K]`` (None where the kernel does not apply): :data:`W4_DEFAULT`,
+    else the sweep's configuration nearest to it."""
+    cands = w4_configs(N, K)
+    if not cands:
+        return None
+    return min(cands, key=lambda c: sum(abs(getattr(c, k) - v) for k, v in W4_DEFAULT.items()))
+
+
+def w4_gemv_supports(group_size: int, N: int, K: int) -> bool:
+    """Whether the kernel takes an int4 linear of this group (a multiple of 64) and shape."""
+    return group_size % 64 == 0 and K % group_size == 0 and w4_gemv_config(N, K) is not None
+
+
+def w4_gemv_available(device: torch.device) -> bool:
+    """CUDA C kernels compile here (NVRTC) and the device has bf16 tensor-core mma (sm_80+)."""
+    from trtlm.runtime.kernels.nvrtc import nvrtc_available
+    return (device.type == "cuda" and nvrtc_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _source(cfg: W4GemvConfig, group: int, x_bf16: bool, has_pre: bool) -> str:
+    head = "".join(f"#define {k.upper()} {v}\n" for k, v in cfg._asdict().items())
+    head += f"#define GROUP {group}\n#define X_BF16 {int(x_bf16)}\n#define HAS_PRE {int(has_pre)}\n"
+    return head + _SOURCE
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """The split-K counters (all zero between launches: the last block of a column resets its own).
+    One buffer per device, shared by every linear: a launch waits for the one before to complete
+    before it touches them (``griddepcontrol.wait``), and linears run in stream order."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _counters[device] = buf
+    return buf
+
+
+def _kernel(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, config: W4GemvConfig | None = None):
+    from trtlm.runtime.kernels.nvrtc import compile_kernel
+
+    cfg = config or w4_gemv_config(tiles.out_features, tiles.in_features)
+    src = _source(cfg, tiles.group_size, dtype == torch.bfloat16, has_pre)
+    return cfg, compile_kernel(src, "w4_gemv", tiles.weight.device)
+
+
+def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool) -> None:
+    """Compile the kernel and allocate the counters now (load time, not inside a CUDA-graph capture)."""
+    _kernel(tiles, dtype, has_pre)
+    _counter_buffer(tiles.weight.device, tiles.out_features // 16)
+
+
+def w4_gemv(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = None,
+            config: W4GemvConfig | None = None) -> torch.Tensor:
+    """``[rows, K] @ dequant(W)^T -> [rows, N]`` for up to :data:`W4_GEMV_MAX_ROWS` rows, in x's dtype
+    (float16 or bfloat16); ``prequant``: AWQ's pre-quant scale ``[K]`` (x * prequant is rounded to
+    x's dtype, as the other int4 paths round it)."""
+    from trtlm.runtime.kernels.pdl import pdl_available
+
+    K, N = tiles.in_features, tiles.out_features
+    rows = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != K or not 1 <= rows <= W4_GEMV_MAX_ROWS:
+        raise ValueError(f"w4_gemv takes [1..{W4_GEMV_MAX_ROWS}, {K}] inputs, not {tuple(x.shape)}")
+    cfg, kernel = _kernel(tiles, x.dtype, prequant is not None, config)
+    if not _tiles(cfg, N, K):
+        raise ValueError(f"w4_gemv: config {cfg} does not tile [{N}, {K}]")
+    x = x.contiguous()
+    pre = prequant.reshape(-1).to(x.dtype).contiguous() if prequant is not None else None
+    y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    partial = torch.empty(cfg.splits, rows, N, dtype=torch.float32, device=x.device) if cfg.splits > 1 else None
+    counters = _counter_buffer(x.device, N // 16)
+    kernel((N // (16 * cfg.tiles * cfg.warps), cfg.splits, 1), (32 * cfg.warps, 1, 1),
+           [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=pdl_available(x.device))
+    return y
