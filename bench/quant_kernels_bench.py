@@ -464,8 +464,9 @@ def bench_gemv(results: dict, log, budget_s: float, formats=GEMV_FORMATS, shapes
                                    qk.quantize_activation(x, m.activation_scaling_factor, "fp8"), None), {})
             if wk == "int4":  # the CUDA C GEMV (trtlm.quant.w4_gemv) on the mixed_mm words, over its configs
                 from trtlm.quant.w4_gemv import w4_gemv, w4_gemv_config, w4_configs
+                tg = [qk.repack_int4pack(c.weight, c.weights_scaling_factor) for c in copies]
                 row["tinygemm"] = record("torch._weight_int4pack_mm", lambda i: qk.int4pack_mm(
-                    x, *copies[i % len(copies)]._packed, 128, getattr(m, "prequant_scaling_factor", None)), {})
+                    x, *tg[i % len(tg)], 128, getattr(m, "prequant_scaling_factor", None)), {})
                 for cfg in [w4_gemv_config(out_f, in_f)] + [c for c in w4_configs(out_f, in_f)
                                                             if c != w4_gemv_config(out_f, in_f)]:
                     r = record(f"w4_gemv {tuple(cfg)}",

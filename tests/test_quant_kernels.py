@@ -581,7 +581,7 @@ def test_gemv_matches_the_dequantized_product(dtype):
 @pytest.mark.gpu
 def test_one_row_takes_the_gemv_where_measured_faster():
     """int8-wo and FP8 linears up to GEMV_MAX_OUT outputs take the GEMV at one row (and say so);
-    int4 takes the tensor-core int4 GEMV up to 8 rows, tinygemm beyond; the kernels agree."""
+    int4 takes the tensor-core int4 GEMV up to 8 rows, its GEMM beyond; the kernels agree."""
     from trtlm.quant.gemv import GEMV_MAX_OUT
     from trtlm.quant.w4_gemv import w4_gemv_available
 
@@ -592,7 +592,7 @@ def test_one_row_takes_the_gemv_where_measured_faster():
         w4 = name == "int4-wo" and w4_gemv_available(torch.device("cuda"))
         assert (m._w4 is not None) is w4 and ("tensor-core int4 GEMV" in m.kernel_reason) is w4
         x = torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16)
-        one, two, many = m(x[:1]), m(x[:2]), m(x)  # (int4: w4_gemv, w4_gemv, tinygemm)
+        one, two, many = m(x[:1]), m(x[:2]), m(x)  # (int4: w4_gemv, w4_gemv, w4_gemm)
         assert _rel(one, many[:1]) <= TOL and _rel(two, many[:2]) <= TOL
     wide = _linear("int8-wo", GEMV_MAX_OUT + 512, 1024, torch.bfloat16, "cuda")
     wide.prepare()
@@ -628,7 +628,8 @@ def test_w4_tiles_hold_each_lanes_mma_fragment():
 
 
 def test_w4_gemv_configs_tile_their_shapes():
-    from trtlm.quant.w4_gemv import W4_DEFAULT, w4_configs, w4_gemv_config, w4_gemv_supports
+    from trtlm.quant.w4_gemv import (W4_DEFAULT, w4_configs, w4_gemm_config, w4_gemm_configs, w4_gemv_config,
+                                     w4_gemv_supports)
 
     for N, K in ((512, 1024), (6144, 4096), (28672, 4096), (4096, 14336)):
         default = w4_gemv_config(N, K)
@@ -636,6 +637,9 @@ def test_w4_gemv_configs_tile_their_shapes():
         assert default.warps == W4_DEFAULT["warps"] and default.tiles == W4_DEFAULT["tiles"]
         for cfg in w4_configs(N, K):
             assert cfg.splits * cfg.segs * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+        assert w4_gemm_config(N, K) in w4_gemm_configs(N, K)
+        for cfg in w4_gemm_configs(N, K):
+            assert cfg.splits * cfg.iters * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
     assert w4_gemv_supports(64, 512, 1024) and w4_gemv_supports(128, 4096, 14336)
     assert not w4_gemv_supports(32, 512, 1024)  # a scale per 64-slice at most
     assert not w4_gemv_supports(128, 200, 1024) and not w4_gemv_supports(128, 512, 1000)
@@ -672,26 +676,64 @@ def test_w4_gemv_matches_the_dequantized_product(dtype):
         tiles = repack_w4_tiles(qf.pack_int4(q), s.t().contiguous(), group)
         deq = (q.float().reshape(N, K // group, group) * s[..., None]).reshape(N, K)
         p = (torch.rand(K, device="cuda", generator=gen) + 0.5).to(dtype)
-        configs = [w4_gemv_config(N, K)] + w4_configs(N, K)[::7]
         for rows in (1, 3, 8):
             x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
             for pre in (None, p):
                 xs = (x.float() * pre.float()).to(dtype) if pre is not None else x
                 ref = xs.float() @ deq.t()
-                for cfg in configs:
+                # (every configuration compiles a kernel: the alternatives on the smallest shape only)
+                others = w4_configs(N, K)[::4] if N == 512 and pre is None else []
+                for cfg in [w4_gemv_config(N, K)] + others:
                     y = w4_gemv(x, tiles, pre, config=cfg)
                     assert y.dtype == dtype and y.shape == (rows, N)
                     assert _rel(y, ref) <= TOL, (N, K, rows, pre is not None, cfg, _rel(y, ref))
                 assert torch.equal(w4_gemv(x, tiles, pre), w4_gemv(x, tiles, pre))
-    x = torch.randn(2, K, device="cuda", generator=gen).to(dtype)
-    want = w4_gemv(x, tiles)
+    _check_w4_graph(w4_gemv, tiles, K, 2, dtype, gen)
+
+
+def _check_w4_graph(product, tiles, K, rows, dtype, gen):
+    x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
+    want = product(x, tiles)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = w4_gemv(x, tiles)
+        out = product(x, tiles)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
-    x.copy_(torch.randn(2, K, device="cuda", generator=gen).to(dtype))
+    x.copy_(torch.randn(rows, K, device="cuda", generator=gen).to(dtype))
     graph.replay()
-    assert torch.equal(out, w4_gemv(x, tiles))
+    assert torch.equal(out, product(x, tiles))
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4_gemm_matches_the_dequantized_product(dtype):
+    """9-64 rows through the GEMM, which rounds each dequantized weight ``q * scale`` to x's dtype
+    as the emulation does (scales rounded to x's dtype first: within the same tolerance), with and
+    without the pre-quant scale, the default and other configurations; repeatable, graph-safe."""
+    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_gemm, w4_gemm_config, w4_gemm_configs, w4_gemv_available
+
+    if not w4_gemv_available(torch.device("cuda")):
+        pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
+    gen = torch.Generator("cuda").manual_seed(1)
+    for N, K, group in ((512, 1024, 64), (6144, 4096, 128), (4096, 14336, 128)):
+        w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
+        s = qf.int4_group_scales(w, group)
+        q = qf.quantize_int4(w, s, group)
+        tiles = repack_w4_tiles(qf.pack_int4(q), s.t().contiguous(), group)
+        deq = (q.float().reshape(N, K // group, group) * s[..., None]).reshape(N, K).to(dtype).float()
+        p = (torch.rand(K, device="cuda", generator=gen) + 0.5).to(dtype)
+        for rows in (9, 17, 64):
+            x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
+            for pre in (None, p):
+                xs = (x.float() * pre.float()).to(dtype) if pre is not None else x
+                ref = xs.float() @ deq.t()
+                others = w4_gemm_configs(N, K)[::3] if N == 512 and pre is None else []
+                for cfg in [w4_gemm_config(N, K)] + others:
+                    y = w4_gemm(x, tiles, pre, config=cfg)
+                    assert y.dtype == dtype and y.shape == (rows, N)
+                    assert _rel(y, ref) <= TOL, (N, K, rows, pre is not None, cfg, _rel(y, ref))
+                assert torch.equal(w4_gemm(x, tiles, pre), w4_gemm(x, tiles, pre))
+    _check_w4_graph(w4_gemm, tiles, K, 33, dtype, gen)

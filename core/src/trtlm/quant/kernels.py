@@ -67,6 +67,10 @@ INT4PACK_MAX_ROWS = 16
 
 #: int4 linears take the CUDA C GEMV of :mod:`trtlm.quant.w4_gemv` at one row (where NVRTC is there)
 W4_GEMV = True
+#: ... and from 9 rows up to this many its GEMM (:func:`trtlm.quant.w4_gemv.w4_gemm`; 8: off, at most
+#: 64).  16: it beats bf16 and tinygemm there, and is 0.4-0.6x bf16 at 64 rows, below ``mixed_mm``
+#: (docs/benchmarks.md, run 16); tinygemm's repacked copy is then not made
+W4_GEMM_MAX_ROWS = 16
 
 #: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")
 INT4_KERNEL = INT4PACK

@@ -36,8 +36,8 @@ from trtlm.quant import formats as qf
 from trtlm.quant import kernels as qk
 from trtlm.quant import schemes
 from trtlm.quant.gemv import gemv, gemv_applies
-from trtlm.quant.w4_gemv import (W4_GEMV_MAX_ROWS, W4Tiles, prepare_w4_gemv, repack_w4_tiles, w4_gemv,
-                                 w4_gemv_available, w4_gemv_supports)
+from trtlm.quant.w4_gemv import (W4_GEMM_MAX_ROWS, W4_GEMV_MAX_ROWS, W4Tiles, prepare_w4_gemv, repack_w4_tiles, w4_gemm,
+                                 w4_gemm_config, w4_gemv, w4_gemv_available, w4_gemv_supports)
 
 #: quant_algo values the runtime executes (every registered format's).
 SUPPORTED = schemes.runtime_algos()
@@ -112,6 +112,7 @@ class QuantLinear(nn.Module):
         self._mm: qk.MixedWeight | None = None  #: the codes repacked for mixed_mm (weight-only, many rows)
         self._gemv = False  #: one row takes :func:`trtlm.quant.gemv.gemv`
         self._w4: W4Tiles | None = None  #: the codes repacked for :func:`trtlm.quant.w4_gemv.w4_gemv` (int4, few rows)
+        self._w4_gemm_rows = 0  #: rows up to which :func:`trtlm.quant.w4_gemv.w4_gemm` takes the product
 
     # -- load time ---------------------------------------------------------------------
     @torch.no_grad()
@@ -130,21 +131,29 @@ class QuantLinear(nn.Module):
             self.kernel_path, self.kernel_reason = qk.INT4PACK, (
                 f"torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows (weights repacked at load), "
                 f"tiled Triton GEMM beyond")
-        self._packed = (qk.repack_int4pack(self.weight, self.weights_scaling_factor)
-                        if self.kernel_path == qk.INT4PACK else None)
         many_rows = self.kernel_path in (qk.TRITON, qk.INT4PACK) and self.fmt.activation is None and \
             qk.mixed_mm_supports(self.fmt.weight, self.fmt.weight_scale, self.in_features, self.group_size)
         self._mm = (qk.repack_for_mm(self.weight, self.weights_scaling_factor, self.fmt.weight, self.group_size)
                     if many_rows else None)
-        if many_rows:
-            self.kernel_reason += f"; mixed-input Triton GEMM from {qk.MIXED_MM_MIN_ROWS} rows"
         fmt = self.fmt
-        self._w4 = None
+        self._w4, self._w4_gemm_rows = None, 0
         if (self._mm is not None and qk.W4_GEMV and fmt.weight == "int4" and w4_gemv_available(dev)
                 and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
             self._w4 = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
-            prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"))
-            self.kernel_reason = f"tensor-core int4 GEMV (CUDA C) up to {W4_GEMV_MAX_ROWS} rows; {self.kernel_reason}"
+            if w4_gemm_config(self.out_features, self.in_features) is not None:
+                self._w4_gemm_rows = min(qk.W4_GEMM_MAX_ROWS, W4_GEMM_MAX_ROWS)
+            prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"),
+                            gemm=self._w4_gemm_rows > W4_GEMV_MAX_ROWS)
+        w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
+        # tinygemm (a third copy of the codes) only for the rows the tensor-core kernels leave it
+        tiny = self.kernel_path == qk.INT4PACK and w4_rows < qk.INT4PACK_MAX_ROWS
+        self._packed = qk.repack_int4pack(self.weight, self.weights_scaling_factor) if tiny else None
+        if self._w4 is not None:
+            self.kernel_reason = f"tensor-core int4 GEMV (CUDA C) up to {W4_GEMV_MAX_ROWS} rows" + (
+                f", its GEMM up to {w4_rows}" if w4_rows > W4_GEMV_MAX_ROWS else "") + (
+                f"; torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows" if tiny else "")
+        if many_rows:
+            self.kernel_reason += f"; mixed-input Triton GEMM from {qk.MIXED_MM_MIN_ROWS} rows"
         self._gemv = self._w4 is None and self.kernel_path != qk.EMULATION and qk.triton_available() and gemv_applies(
             fmt.weight, fmt.activation, fmt.weight_scale, self.in_features, self.out_features, self.group_size)
         if self._gemv:
@@ -237,6 +246,8 @@ class QuantLinear(nn.Module):
         p = getattr(self, "prequant_scaling_factor", None)
         if self._w4 is not None and rows <= W4_GEMV_MAX_ROWS:  # int4 decode at small batches
             return w4_gemv(x, self._w4, p)
+        if self._w4 is not None and rows <= self._w4_gemm_rows:
+            return w4_gemm(x, self._w4, p)
         if rows == 1 and self._gemv:  # decode at batch 1: the bandwidth-bound GEMV
             return gemv(x, self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,
                         scale_kind=fmt.weight_scale, group_size=self.group_size, prequant=p,
@@ -252,7 +263,7 @@ class QuantLinear(nn.Module):
             if qk.triton_available():
                 return qk.dequant_mm(xq, self.weight, w_s, weight_kind="int8", scale_kind="channel")
             return F.linear(xq, qf.dequantize_int8(self.weight, w_s, x.dtype))
-        if path == qk.INT4PACK and rows <= qk.INT4PACK_MAX_ROWS:
+        if path == qk.INT4PACK and rows <= qk.INT4PACK_MAX_ROWS and self._packed is not None:
             return qk.int4pack_mm(x, *self._packed, self.group_size, p)
         if qk.DENSE_MIN_ROWS and rows >= qk.DENSE_MIN_ROWS:  # compute-bound: one dequantizing pass, then cuBLAS
             w = qk.dequantize_fast(self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,

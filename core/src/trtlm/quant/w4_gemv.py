@@ -37,12 +37,12 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["W4Tiles", "repack_w4_tiles", "unpack_w4_tiles", "W4GemvConfig", "W4_GEMV_MAX_ROWS", "w4_configs",
-           "w4_gemv_config", "w4_gemv_supports", "w4_gemv_available", "prepare_w4_gemv", "w4_gemv"]
+           "w4_gemv_config", "w4_gemv_supports", "w4_gemv_available", "prepare_w4_gemv", "w4_gemv",
+           "W4GemmConfig", "W4_GEMM_MAX_ROWS", "w4_gemm_configs", "w4_gemm_config", "w4_gemm"]
 
 _SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
-#define KB (SEGS * 128)  /* the k of one block */
 #define XPAD 8                   /* bf16 of padding per x row: the 8 rows' B fragments hit 32 banks */
 #if X_BF16
 #define MAGIC 0x43004300u        /* bfloat16 128.0 twice: 0x4300 | u is 128 + u */
@@ -78,6 +78,203 @@ __device__ __forceinline__ u32 pair(u32 a) {
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(0x000F000F), "r"(MAGIC));
   return r;
 }
+
+
+/* Split K: each block has written its partial sums ([SPLITS, rows, N] float32); the last block of
+   this column of blocks (counted in `counters`, which it resets for the next launch and for CUDA
+   graph replays) adds them in a fixed order and writes the output. */
+__device__ __forceinline__ void finish_splits(const float* partial, u32* counters, u16* y, int N, int rows,
+                                              int width) {
+#if SPLITS > 1
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == SPLITS - 1;
+  __syncthreads();
+  if (last) {
+    const int n0 = blockIdx.x * width;
+    for (int i = threadIdx.x; i < rows * width; i += blockDim.x) {
+      const int r = i / width, n = n0 + i % width;
+      float v = 0.f;
+      for (int sp = 0; sp < SPLITS; ++sp) v += __ldcg(partial + ((size_t)sp * rows + r) * N + n);
+      y[(size_t)r * N + n] = from_f32(v);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+  }
+#endif
+}
+
+/* One output of a block: to y directly, or to this split's partial sums */
+__device__ __forceinline__ void put(float* partial, u16* y, int N, int rows, int r, int n, float v) {
+#if SPLITS == 1
+  y[(size_t)r * N + n] = from_f32(v);
+#else
+  partial[((size_t)blockIdx.y * rows + r) * N + n] = v;
+#endif
+}
+
+#define MMA_ASM(d, a, b0, b1) \
+  asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" \
+               : "+f"((d)[0]), "+f"((d)[1]), "+f"((d)[2]), "+f"((d)[3]) \
+               : "r"((a)[0]), "r"((a)[1]), "r"((a)[2]), "r"((a)[3]), "r"(b0), "r"(b1))
+
+#if MANY
+/* ---- many rows (9..64): a GEMM.  Each weight is dequantized once in registers (q * scale, rounded
+   to x's dtype as the emulation rounds it) and used by up to 8 mma's, one per 8 rows of x; the
+   block walks its K range in 128-deep steps, x's slice double-buffered in shared memory and the
+   next step's codes loaded while this step computes. */
+#define KS 128
+#define XROW (KS + XPAD)
+#define XPT (64 * KS / 8 / (WARPS * 32))  /* 16-byte pieces of the x slice per thread */
+#if X_BF16
+#define ONE2 0x3F803F80u
+#define NEG_OFF2 0xC308C308u             /* -136 twice */
+#define FMA2 "fma.rn.bf16x2"
+#else
+#define ONE2 0x3C003C00u
+#define NEG_OFF2 0xE408E408u             /* -1032 twice */
+#define FMA2 "fma.rn.f16x2"
+#endif
+#define NEG_ZERO2 0x80008000u
+
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm(FMA2 " %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+__device__ __forceinline__ u32 splat(float f) {
+  const u32 h = from_f32(f);
+  return h | (h << 16);
+}
+
+__device__ __forceinline__ uint4 scale_x(uint4 v, uint4 p) {
+  u32* a = reinterpret_cast<u32*>(&v);
+  const u32* b = reinterpret_cast<const u32*>(&p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    a[i] = (u32)from_f32(to_f32(a[i] & 0xFFFF) * to_f32(b[i] & 0xFFFF))
+           | ((u32)from_f32(to_f32(a[i] >> 16) * to_f32(b[i] >> 16)) << 16);
+  return v;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+w4_gemm(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scales,
+        const u16* __restrict__ pre, float* __restrict__ partial, u32* __restrict__ counters,
+        u16* __restrict__ y, int N, int K, int rows)
+{
+  __shared__ __align__(16) u16 xs[2][64][XROW];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tile0 = (blockIdx.x * WARPS + warp) * TILES;
+  const int kb0 = blockIdx.y * (ITERS * KS);
+  const int ntiles = (rows + 7) / 8;
+
+  uint4 wc[TILES][2], wn[TILES][2];
+  float sc[TILES][2][2], sn[TILES][2][2];
+  uint4 xr[XPT];
+#define LOAD_W(dst, sdst, it) \
+  _Pragma("unroll") for (int t = 0; t < TILES; ++t) { \
+    const uint4* wp = w + ((size_t)(tile0 + t) * (K / 64) + (kb0 + (it) * KS) / 64) * 32 + lane; \
+    _Pragma("unroll") for (int h = 0; h < 2; ++h) { \
+      dst[t][h] = __ldg(wp + h * 32); \
+      const float* sp = scales + (size_t)((kb0 + (it) * KS + h * 64) / GROUP) * N + (tile0 + t) * 16 + gid; \
+      sdst[t][h][0] = __ldg(sp); sdst[t][h][1] = __ldg(sp + 8); } }
+#define LOAD_X(it) \
+  _Pragma("unroll") for (int e = 0; e < XPT; ++e) { \
+    const int i = threadIdx.x + e * WARPS * 32, r = i / (KS / 8), c = (i % (KS / 8)) * 8; \
+    if (r < rows) xr[e] = *reinterpret_cast<const uint4*>(x + (size_t)r * K + kb0 + (it) * KS + c); }
+#if HAS_PRE
+#define PRE(v, it, c) scale_x(v, *reinterpret_cast<const uint4*>(pre + kb0 + (it) * KS + (c)))
+#else
+#define PRE(v, it, c) (v)
+#endif
+#define STORE_X(buf, it) \
+  _Pragma("unroll") for (int e = 0; e < XPT; ++e) { \
+    const int i = threadIdx.x + e * WARPS * 32, r = i / (KS / 8), c = (i % (KS / 8)) * 8; \
+    if (r < rows) *reinterpret_cast<uint4*>(&xs[buf][r][c]) = PRE(xr[e], it, c); }
+
+  LOAD_W(wc, sc, 0)  /* the codes first: the kernel before never writes them */
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  LOAD_X(0)
+  STORE_X(0, 0)
+  __syncthreads();
+  asm volatile("griddepcontrol.launch_dependents;");
+
+  float acc[TILES][8][4];
+#pragma unroll
+  for (int t = 0; t < TILES; ++t)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) acc[t][nt][0] = acc[t][nt][1] = acc[t][nt][2] = acc[t][nt][3] = 0.f;
+
+  /* ldmatrix: lanes 8m..8m+7 address the rows of matrix m = (n-tile 2np + m/2, k half m%2).  Rows of
+     x from `rows` on are never written (nor loaded, nor scaled): they only reach mma columns whose
+     outputs are not stored. */
+  const int lrow = 8 * (lane >> 4) + (lane & 7), lcol = 8 * ((lane >> 3) & 1);
+#pragma unroll 1
+  for (int it = 0; it < ITERS; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < ITERS) {
+      LOAD_W(wn, sn, it + 1)
+      LOAD_X(it + 1)
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      u32 S[TILES][2];
+#pragma unroll
+      for (int t = 0; t < TILES; ++t) { S[t][0] = splat(sc[t][h][0]); S[t][1] = splat(sc[t][h][1]); }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        u32 a[TILES][4];
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+          const uint4 v4 = wc[t][h];
+          const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[t][i] = fma2(fma2(pair(q >> (4 * i)), ONE2, NEG_OFF2), S[t][i & 1], NEG_ZERO2);
+        }
+        const int k = h * 64 + j * 16;
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          if (2 * np < ntiles) {
+            u32 b0, b1, b2, b3;
+            const u32 addr = (u32)__cvta_generic_to_shared(&xs[buf][16 * np + lrow][k + lcol]);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
+#pragma unroll
+            for (int t = 0; t < TILES; ++t) {
+              MMA_ASM(acc[t][2 * np], a[t], b0, b1);
+              if (2 * np + 1 < ntiles) MMA_ASM(acc[t][2 * np + 1], a[t], b2, b3);
+            }
+          }
+        }
+      }
+    }
+    if (it + 1 < ITERS) {
+      STORE_X(buf ^ 1, it + 1)
+#pragma unroll
+      for (int t = 0; t < TILES; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wc[t][h] = wn[t][h]; sc[t][h][0] = sn[t][h][0]; sc[t][h][1] = sn[t][h][1];
+        }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int t = 0; t < TILES; ++t)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = nt * 8 + 2 * tig + (e & 1);
+        if (r < rows) put(partial, y, N, rows, r, (tile0 + t) * 16 + gid + 8 * (e >> 1), acc[t][nt][e]);
+      }
+  finish_splits(partial, counters, y, N, rows, WARPS * TILES * 16);
+}
+#else
+/* ---- few rows (1..8): the GEMV */
+#define KB (SEGS * 128)  /* the k of one block */
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scales,
@@ -157,9 +354,8 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
         for (int t = 0; t < TILES; ++t) {
           const uint4 v4 = wv[t][2 * s + h];
           const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
-          asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                       : "+f"(d[t][h][0]), "+f"(d[t][h][1]), "+f"(d[t][h][2]), "+f"(d[t][h][3])
-                       : "r"(pair(q)), "r"(pair(q >> 4)), "r"(pair(q >> 8)), "r"(pair(q >> 12)), "r"(b0), "r"(b1));
+          const u32 a[4] = {pair(q), pair(q >> 4), pair(q >> 8), pair(q >> 12)};
+          MMA_ASM(d[t][h], a, b0, b1);
         }
       }
     }
@@ -184,34 +380,12 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = 2 * tig + (e & 1), n = (tile0 + t) * 16 + gid + 8 * (e >> 1);
-      if (r < rows) {
-#if SPLITS == 1
-        y[(size_t)r * N + n] = from_f32(acc[t][e]);
-#else
-        partial[((size_t)blockIdx.y * rows + r) * N + n] = acc[t][e];
-#endif
-      }
+      if (r < rows) put(partial, y, N, rows, r, n, acc[t][e]);
     }
   }
-#if SPLITS > 1
-  /* the last block of this column of blocks adds the splits' partial sums in a fixed order */
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == SPLITS - 1;
-  __syncthreads();
-  if (last) {
-    const int n0 = blockIdx.x * WARPS * TILES * 16, width = WARPS * TILES * 16;
-    for (int i = threadIdx.x; i < rows * width; i += WARPS * 32) {
-      const int r = i / width, n = n0 + i % width;
-      float v = 0.f;
-      for (int sp = 0; sp < SPLITS; ++sp) v += __ldcg(partial + ((size_t)sp * rows + r) * N + n);
-      y[(size_t)r * N + n] = from_f32(v);
-    }
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
-  }
-#endif
+  finish_splits(partial, counters, y, N, rows, WARPS * TILES * 16);
 }
+#endif
 """
 
 
@@ -291,7 +465,7 @@ def w4_configs(N: int, K: int) -> list[W4GemvConfig]:
     out = []
     for warps in (2, 4, 8):
         for tiles in (1, 2, 4):
-            for segs in (2, 4, 8):
+            for segs in (1, 2, 4, 8):
                 splits = K // (segs * 128)
                 cfg = W4GemvConfig(warps, tiles, segs, splits)
                 if _tiles(cfg, N, K) and splits <= 64 and tiles * segs <= 16:  # (registers: 8 words per slice)
@@ -304,6 +478,7 @@ def w4_configs(N: int, K: int) -> list[W4GemvConfig]:
 W4_DEFAULT = {"warps": 4, "tiles": 2, "segs": 2}
 
 
+@functools.lru_cache(maxsize=None)
 def w4_gemv_config(N: int, K: int) -> W4GemvConfig | None:
     """The configuration for ``[N, K]`` (None where the kernel does not apply): :data:`W4_DEFAULT`,
     else the sweep's configuration nearest to it."""
@@ -325,10 +500,53 @@ def w4_gemv_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
+class W4GemmConfig(NamedTuple):
+    """How :func:`w4_gemm` splits ``[N, K]``: blocks of ``warps`` warps of ``tiles`` 16-row tiles,
+    each block walking ``iters`` 128-deep steps of K; ``splits`` blocks along K
+    (``K = splits * iters * 128``)."""
+    warps: int
+    tiles: int
+    iters: int
+    splits: int
+
+
+#: the most rows :func:`w4_gemm` computes (8 mma columns of 8 rows)
+W4_GEMM_MAX_ROWS = 64
+def _gemm_tiles(cfg: W4GemmConfig, N: int, K: int) -> bool:
+    return cfg.splits * cfg.iters * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+
+
+def w4_gemm_configs(N: int, K: int) -> list[W4GemmConfig]:
+    """Every configuration that tiles ``[N, K]`` (the benchmark's sweep)."""
+    out = []
+    for warps in (4, 8):
+        for tiles in (1, 2):
+            for iters in (1, 2, 4, 8, 16, 28, 32):
+                cfg = W4GemmConfig(warps, tiles, iters, K // (iters * 128))
+                if _gemm_tiles(cfg, N, K) and cfg.splits <= 16:
+                    out.append(cfg)
+    return out
+
+
 @functools.lru_cache(maxsize=None)
-def _source(cfg: W4GemvConfig, group: int, x_bf16: bool, has_pre: bool) -> str:
-    head = "".join(f"#define {k.upper()} {v}\n" for k, v in cfg._asdict().items())
-    head += f"#define GROUP {group}\n#define X_BF16 {int(x_bf16)}\n#define HAS_PRE {int(has_pre)}\n"
+def w4_gemm_config(N: int, K: int, sms: int = 132) -> W4GemmConfig | None:
+    """The configuration for ``[N, K]`` on ``sms`` SMs: eight warps, and the grid nearest one block
+    per SM (fewer K splits on a tie).  At 16 rows this picked the sweep's best or one within 10% at
+    each of Mistral-7B's shapes (run 16; the best configuration differs by shape 1.5-2x)."""
+    cands = [c for c in w4_gemm_configs(N, K) if c.warps == 8]
+    if not cands:
+        return None
+    return min(cands, key=lambda c: (abs(N // (16 * c.tiles * c.warps) * c.splits - sms), c.splits))
+
+
+@functools.lru_cache(maxsize=None)
+def _source(kind: str, cfg: tuple, group: int, x_bf16: bool, has_pre: bool) -> str:
+    """The kernel's source for one variant (``kind``: "gemv" or "gemm"; configurations of the two
+    kinds can be equal tuples, so the kind is part of the cache key)."""
+    fields = W4GemmConfig._fields if kind == "gemm" else W4GemvConfig._fields
+    head = "".join(f"#define {k.upper()} {v}\n" for k, v in zip(fields, cfg))
+    head += (f"#define MANY {int(kind == 'gemm')}\n#define GROUP {group}\n"
+             f"#define X_BF16 {int(x_bf16)}\n#define HAS_PRE {int(has_pre)}\n")
     return head + _SOURCE
 
 
@@ -346,34 +564,35 @@ def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _kernel(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, config: W4GemvConfig | None = None):
+def _kernel(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, cfg: "W4GemvConfig | W4GemmConfig"):
     from trtlm.runtime.kernels.nvrtc import compile_kernel
 
-    cfg = config or w4_gemv_config(tiles.out_features, tiles.in_features)
-    src = _source(cfg, tiles.group_size, dtype == torch.bfloat16, has_pre)
-    return cfg, compile_kernel(src, "w4_gemv", tiles.weight.device)
+    kind = "gemm" if isinstance(cfg, W4GemmConfig) else "gemv"
+    src = _source(kind, tuple(cfg), tiles.group_size, dtype == torch.bfloat16, has_pre)
+    return compile_kernel(src, f"w4_{kind}", tiles.weight.device)
 
 
-def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool) -> None:
-    """Compile the kernel and allocate the counters now (load time, not inside a CUDA-graph capture)."""
-    _kernel(tiles, dtype, has_pre)
-    _counter_buffer(tiles.weight.device, tiles.out_features // 16)
+def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, gemm: bool = False) -> None:
+    """Compile the kernels (the GEMV, and the GEMM with ``gemm``) and allocate the counters now
+    (load time, not inside a CUDA-graph capture)."""
+    N, K = tiles.out_features, tiles.in_features
+    _kernel(tiles, dtype, has_pre, w4_gemv_config(N, K))
+    if gemm:
+        _kernel(tiles, dtype, has_pre, w4_gemm_config(N, K, _sms(tiles.weight.device)))
+    _counter_buffer(tiles.weight.device, N // 16)
 
 
-def w4_gemv(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = None,
-            config: W4GemvConfig | None = None) -> torch.Tensor:
-    """``[rows, K] @ dequant(W)^T -> [rows, N]`` for up to :data:`W4_GEMV_MAX_ROWS` rows, in x's dtype
-    (float16 or bfloat16); ``prequant``: AWQ's pre-quant scale ``[K]`` (x * prequant is rounded to
-    x's dtype, as the other int4 paths round it)."""
+def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg, max_rows: int) -> torch.Tensor:
     from trtlm.runtime.kernels.pdl import pdl_available
 
     K, N = tiles.in_features, tiles.out_features
     rows = x.shape[0]
-    if x.dim() != 2 or x.shape[1] != K or not 1 <= rows <= W4_GEMV_MAX_ROWS:
-        raise ValueError(f"w4_gemv takes [1..{W4_GEMV_MAX_ROWS}, {K}] inputs, not {tuple(x.shape)}")
-    cfg, kernel = _kernel(tiles, x.dtype, prequant is not None, config)
-    if not _tiles(cfg, N, K):
-        raise ValueError(f"w4_gemv: config {cfg} does not tile [{N}, {K}]")
+    if x.dim() != 2 or x.shape[1] != K or not 1 <= rows <= max_rows:
+        raise ValueError(f"int4 product of [1..{max_rows}, {K}] inputs, not {tuple(x.shape)}")
+    fits = _gemm_tiles(cfg, N, K) if isinstance(cfg, W4GemmConfig) else _tiles(cfg, N, K)
+    if not fits:
+        raise ValueError(f"config {cfg} does not tile [{N}, {K}]")
+    kernel = _kernel(tiles, x.dtype, prequant is not None, cfg)
     x = x.contiguous()
     pre = prequant.reshape(-1).to(x.dtype).contiguous() if prequant is not None else None
     y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
@@ -382,3 +601,25 @@ def w4_gemv(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = Non
     kernel((N // (16 * cfg.tiles * cfg.warps), cfg.splits, 1), (32 * cfg.warps, 1, 1),
            [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=pdl_available(x.device))
     return y
+
+
+def w4_gemv(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = None,
+            config: W4GemvConfig | None = None) -> torch.Tensor:
+    """``[rows, K] @ dequant(W)^T -> [rows, N]`` for up to :data:`W4_GEMV_MAX_ROWS` rows, in x's dtype
+    (float16 or bfloat16); ``prequant``: AWQ's pre-quant scale ``[K]`` (x * prequant is rounded to
+    x's dtype, as the other int4 paths round it)."""
+    cfg = config or w4_gemv_config(tiles.out_features, tiles.in_features)
+    return _launch(x, tiles, prequant, cfg, W4_GEMV_MAX_ROWS)
+
+
+def w4_gemm(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = None,
+            config: W4GemmConfig | None = None) -> torch.Tensor:
+    """The same product for up to :data:`W4_GEMM_MAX_ROWS` rows: each weight dequantized once in
+    registers (``q * scale`` rounded to x's dtype, as the emulation rounds it) for every row."""
+    cfg = config or w4_gemm_config(tiles.out_features, tiles.in_features, _sms(x.device))
+    return _launch(x, tiles, prequant, cfg, W4_GEMM_MAX_ROWS)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
