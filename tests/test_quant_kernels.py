@@ -27,6 +27,7 @@ from trtlm.quant import formats as qf
 from trtlm.quant import kernels as qk
 from trtlm.quant import schemes
 from trtlm.quant.runtime import QuantExpertWeights, QuantLinear, kernel_paths, prepare_model, quant_moe_forward
+from trtlm.quant.w4_gemv import w4_gemv_available
 
 TOL = 2.0 ** -6
 FORMATS = {
@@ -278,8 +279,8 @@ def test_fast_kernel_matches_emulation(name, rows):
     path = m.prepare()
     f = schemes.get(name)
     want, _ = qk.linear_plan(f.weight, f.activation, "cuda", torch.bfloat16, 1024, 512)
-    if want == qk.TRITON and f.weight == "int4" and qk.INT4_KERNEL == qk.INT4PACK:
-        want = qk.INT4PACK  # bfloat16 activations, group 64, shapes tinygemm takes
+    if want == qk.TRITON and f.weight == "int4":  # bfloat16 activations, group 64: tinygemm's shapes
+        want = qk.W4 if w4_gemv_available(torch.device("cuda")) else qk.INT4PACK  # (and the tensor-core kernels')
     assert path == want
     x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
     y, ref = m(x), m.emulate(x)
@@ -583,7 +584,6 @@ def test_one_row_takes_the_gemv_where_measured_faster():
     """int8-wo and FP8 linears up to GEMV_MAX_OUT outputs take the GEMV at one row (and say so);
     int4 takes the tensor-core int4 GEMV up to 8 rows, its GEMM beyond; the kernels agree."""
     from trtlm.quant.gemv import GEMV_MAX_OUT
-    from trtlm.quant.w4_gemv import w4_gemv_available
 
     for name, want in (("int8-wo", True), ("fp8", True), ("int4-wo", False), ("int8-sq", False)):
         m = _linear(name, 512, 1024, torch.bfloat16, "cuda")
@@ -646,8 +646,6 @@ def test_w4_gemv_configs_tile_their_shapes():
 
 
 def test_w4_gemv_needs_cuda():
-    from trtlm.quant.w4_gemv import w4_gemv_available
-
     assert not w4_gemv_available(torch.device("cpu"))
     m = _linear("int4-awq", 512, 1024, torch.bfloat16, "cpu")
     m.prepare()
@@ -664,7 +662,7 @@ def test_w4_gemv_matches_the_dequantized_product(dtype):
     path: the output is rounded to x's dtype once; a wrong fragment, scale or offset is off by O(1).
     The split-K sum has a fixed order, so repeated calls, and CUDA-graph replays (the counters
     reset themselves), give the same bits."""
-    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_configs, w4_gemv, w4_gemv_available, w4_gemv_config
+    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_configs, w4_gemv, w4_gemv_config
 
     if not w4_gemv_available(torch.device("cuda")):
         pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
@@ -713,7 +711,7 @@ def test_w4_gemm_matches_the_dequantized_product(dtype):
     """9-64 rows through the GEMM, which rounds each dequantized weight ``q * scale`` to x's dtype
     as the emulation does (scales rounded to x's dtype first: within the same tolerance), with and
     without the pre-quant scale, the default and other configurations; repeatable, graph-safe."""
-    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_gemm, w4_gemm_config, w4_gemm_configs, w4_gemv_available
+    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_gemm, w4_gemm_config, w4_gemm_configs
 
     if not w4_gemv_available(torch.device("cuda")):
         pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")

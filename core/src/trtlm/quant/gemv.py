@@ -166,9 +166,9 @@ def _kernel():
 
 
 #: weight kinds whose linears take the GEMV at one row, and up to which output width: where it beat
-#: the alternative in the engine (int8: the tiled kernel; fp8: ``torch._scaled_mm``; int4: tinygemm
-#: stays -- this kernel's per-group reductions made it 1.2-4x slower, and a dedicated int4 GEMV with
-#: PTX code conversion streamed at 0.6-2.0 TB/s, no faster than tinygemm: docs/benchmarks.md, run 15).  The stacked SwiGLU input
+#: the alternative in the engine (int8: the tiled kernel; fp8: ``torch._scaled_mm``; int4 has its own
+#: tensor-core GEMV, :mod:`trtlm.quant.w4_gemv` -- this kernel's per-group reductions made it 1.2-4x
+#: slower than tinygemm: docs/benchmarks.md, runs 15 and 16).  The stacked SwiGLU input
 #: (28672 rows) streams faster through the other kernels: an int8 decode step took 3.06 ms with
 #: the GEMV there against 2.88 without (docs/benchmarks.md, run 14), although the GEMV won the
 #: isolated kernel bench (38 against 44 us).

@@ -21,6 +21,9 @@ constants below switch them):
     (tinygemm) up to :data:`INT4PACK_MAX_ROWS` rows, weights repacked once in ``prepare()`` (a
     second copy of the int4 weight, the checkpoint's tensors are kept for ``state_dict``); its
     scales are bfloat16.  The tiled Triton kernel beyond.
+``"w4"`` -- int4 (wo and AWQ, group a multiple of 64) where NVRTC compiles CUDA C: the tensor-core
+    kernels of :mod:`trtlm.quant.w4_gemv` up to :data:`W4_GEMM_MAX_ROWS` rows (weights repacked
+    once in ``prepare()``), ``mixed_mm`` beyond.  Chosen over ``"int4pack"`` where both apply.
 ``"scaled_mm"`` -- FP8 W8A8: ``torch._scaled_mm`` (cuBLASLt, sm_89+), the activation quantized
     with the checkpoint's static scale; per-channel weight scales are applied to the float32
     output.
@@ -32,6 +35,8 @@ constants below switch them):
 Whatever the path, at one row (decode at batch 1) int8 and FP8 linears up to
 :data:`trtlm.quant.gemv.GEMV_MAX_OUT` outputs take the bandwidth-bound GEMV of
 :mod:`trtlm.quant.gemv` instead (faster than each of the above there, docs/benchmarks.md "one-row GEMV").
+The ``"w4"`` path's GEMV takes 1-8 rows and its GEMM the rows up to :data:`W4_GEMM_MAX_ROWS`
+(docs/benchmarks.md, run 16).
 
 Numerics: every fast path computes what the emulation computes up to accumulation order and the
 rounding of partial products (codes are exact in fp16/bf16; scales are applied in float32).
@@ -45,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["EMULATION", "TRITON", "SCALED_MM", "INT_MM", "INT4PACK", "triton_available", "cuda_capability",
+__all__ = ["EMULATION", "TRITON", "SCALED_MM", "INT_MM", "INT4PACK", "W4", "triton_available", "cuda_capability",
            "linear_plan", "choose_path", "dequant_mm", "quantize_activation", "dequantize_fast", "fp8_scaled_mm", "int8_int_mm", "repack_int4pack", "int4pack_mm",
            "INT_MM_MIN_ROWS", "MixedWeight", "repack_for_mm", "mixed_mm", "mixed_mm_supports", "mixed_mm_applies",
            "MIXED_MM_MIN_ROWS"]
@@ -55,6 +60,7 @@ TRITON = "triton"
 SCALED_MM = "scaled_mm"
 INT_MM = "int_mm"
 INT4PACK = "int4pack"
+W4 = "w4"
 
 #: ``torch._int_mm`` on CUDA requires more than 16 rows
 INT_MM_MIN_ROWS = 17
@@ -68,8 +74,8 @@ INT4PACK_MAX_ROWS = 16
 #: int4 linears take the CUDA C GEMV of :mod:`trtlm.quant.w4_gemv` at one row (where NVRTC is there)
 W4_GEMV = True
 #: ... and from 9 rows up to this many its GEMM (:func:`trtlm.quant.w4_gemv.w4_gemm`; 8: off, at most
-#: 64).  16: it beats bf16 and tinygemm there, and is 0.4-0.6x bf16 at 64 rows, below ``mixed_mm``
-#: (docs/benchmarks.md, run 16); tinygemm's repacked copy is then not made
+#: 64).  16: there it is 1.6-2.7x faster than tinygemm, whose repacked copy is then not made; at 64
+#: rows it is 0.4-0.6x bf16, below ``mixed_mm`` (docs/benchmarks.md, run 16)
 W4_GEMM_MAX_ROWS = 16
 
 #: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")

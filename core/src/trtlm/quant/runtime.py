@@ -136,22 +136,7 @@ class QuantLinear(nn.Module):
         self._mm = (qk.repack_for_mm(self.weight, self.weights_scaling_factor, self.fmt.weight, self.group_size)
                     if many_rows else None)
         fmt = self.fmt
-        self._w4, self._w4_gemm_rows = None, 0
-        if (self._mm is not None and qk.W4_GEMV and fmt.weight == "int4" and w4_gemv_available(dev)
-                and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
-            self._w4 = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
-            if w4_gemm_config(self.out_features, self.in_features) is not None:
-                self._w4_gemm_rows = min(qk.W4_GEMM_MAX_ROWS, W4_GEMM_MAX_ROWS)
-            prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"),
-                            gemm=self._w4_gemm_rows > W4_GEMV_MAX_ROWS)
-        w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
-        # tinygemm (a third copy of the codes) only for the rows the tensor-core kernels leave it
-        tiny = self.kernel_path == qk.INT4PACK and w4_rows < qk.INT4PACK_MAX_ROWS
-        self._packed = qk.repack_int4pack(self.weight, self.weights_scaling_factor) if tiny else None
-        if self._w4 is not None:
-            self.kernel_reason = f"tensor-core int4 GEMV (CUDA C) up to {W4_GEMV_MAX_ROWS} rows" + (
-                f", its GEMM up to {w4_rows}" if w4_rows > W4_GEMV_MAX_ROWS else "") + (
-                f"; torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows" if tiny else "")
+        self._prepare_int4(dev)
         if many_rows:
             self.kernel_reason += f"; mixed-input Triton GEMM from {qk.MIXED_MM_MIN_ROWS} rows"
         self._gemv = self._w4 is None and self.kernel_path != qk.EMULATION and qk.triton_available() and gemv_applies(
@@ -160,6 +145,26 @@ class QuantLinear(nn.Module):
             self.kernel_reason = f"one-row Triton GEMV at 1 row; {self.kernel_reason}"
         self._prepared_on = dev
         return self.kernel_path
+
+    def _prepare_int4(self, dev: torch.device) -> None:
+        """int4 at decode sizes: the tensor-core kernels of :mod:`trtlm.quant.w4_gemv` where they
+        compile (a repacked copy of the codes), tinygemm (another copy) only for the rows they leave."""
+        self._w4, self._w4_gemm_rows = None, 0
+        if (self._mm is not None and qk.W4_GEMV and self.fmt.weight == "int4" and w4_gemv_available(dev)
+                and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
+            self._w4 = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
+            if w4_gemm_config(self.out_features, self.in_features) is not None:
+                self._w4_gemm_rows = min(qk.W4_GEMM_MAX_ROWS, W4_GEMM_MAX_ROWS)
+            prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"),
+                            gemm=self._w4_gemm_rows > W4_GEMV_MAX_ROWS)
+        w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
+        tiny = self.kernel_path == qk.INT4PACK and w4_rows < qk.INT4PACK_MAX_ROWS
+        self._packed = qk.repack_int4pack(self.weight, self.weights_scaling_factor) if tiny else None
+        if self._w4 is not None:
+            self.kernel_path = qk.W4
+            self.kernel_reason = f"tensor-core int4 GEMV (CUDA C) up to {W4_GEMV_MAX_ROWS} rows" + (
+                f", its GEMM up to {w4_rows}" if w4_rows > W4_GEMV_MAX_ROWS else "") + (
+                f"; torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows" if tiny else "")
 
     @classmethod
     def stacked(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
@@ -263,7 +268,7 @@ class QuantLinear(nn.Module):
             if qk.triton_available():
                 return qk.dequant_mm(xq, self.weight, w_s, weight_kind="int8", scale_kind="channel")
             return F.linear(xq, qf.dequantize_int8(self.weight, w_s, x.dtype))
-        if path == qk.INT4PACK and rows <= qk.INT4PACK_MAX_ROWS and self._packed is not None:
+        if self._packed is not None and rows <= qk.INT4PACK_MAX_ROWS:  # tinygemm
             return qk.int4pack_mm(x, *self._packed, self.group_size, p)
         if qk.DENSE_MIN_ROWS and rows >= qk.DENSE_MIN_ROWS:  # compute-bound: one dequantizing pass, then cuBLAS
             w = qk.dequantize_fast(self.weight, self.weights_scaling_factor, weight_kind=fmt.weight,

@@ -1,37 +1,45 @@
-"""The one-row int4 product of a decode step (W4A16: int4 weight-only and AWQ), in CUDA C.
+"""int4 weight-only products (W4A16: int4-wo and AWQ) at decode sizes, on tensor cores, in CUDA C.
 
-At batch 1 every linear is a matrix-vector product bound by the bytes it reads, so int4 can only
-be up to 4x faster than bf16 if its kernel keeps the memory system as busy as cuBLAS does for bf16.
-Our Triton GEMVs reached 0.6-2.0 TB/s on the H200 (docs/benchmarks.md, run 15): Triton did not
-issue a program's loads ahead of the arithmetic that used them, so each SM had too few bytes in
-flight to hide DRAM latency.  This kernel is written for exactly that:
+At batch 1 every linear is a matrix-vector product bound by the bytes it reads, so int4 can only be
+up to 4x faster than bf16 if its kernel keeps the memory system as busy as cuBLAS does for bf16.
+tinygemm (``torch._weight_int4pack_mm``) streamed 1.1-1.8 TB/s on the H200 and our Triton GEMVs
+0.6-2.0 TB/s (docs/benchmarks.md, run 15: Triton issued no load of a program ahead of the
+arithmetic that used it).  Two kernels here, compiled with NVRTC
+(:mod:`trtlm.runtime.kernels.nvrtc`) once per shape configuration:
 
-- **Every thread issues all the loads of a 128-deep slice of K first** (16 ``[K/8, N]`` words of 2
-  or 4 adjacent outputs, 128 or 256 bytes, in registers), **before** ``griddepcontrol.wait``: the
-  weights are never written by the kernel before, so with programmatic dependent launch
-  (:mod:`trtlm.runtime.kernels.pdl`) they stream while that kernel finishes.  Only then is the
-  input read.  The grid splits K across blocks so that every SM holds tens of kilobytes in flight.
-- **Nibbles become floats with one byte permute each**: a word's even and odd nibbles are masked
-  (and their sign bits flipped, ``u = q + 8``) with one ``lop3`` each; ``prmt`` puts each byte under
-  float32's exponent byte 0x3F, the float ``0.5 + u/256``; one FMA accumulates it against x.  The
-  offset is removed once per 128-wide slice with the slice's sum of x (computed once per block):
-  ``sum x q = 256 sum x f - 136 sum x``.  About 2.4 instructions per weight.
-- The input slice is converted to float32 once per block into shared memory (AWQ's pre-quant
-  scale applied there), and read back as broadcasts.
-- Split K is reduced without atomics on the output: each block writes its partial sums, the last
-  block of a column (a counter, reset by that block, so CUDA-graph replays find it zero) adds them
-  in a fixed order and writes the output.  Results do not depend on which block finishes last.
+:func:`w4_gemv` (1-8 rows, the decode step's GEMV):
 
-Weights are the ``[K/8, N]`` words of :class:`trtlm.quant.kernels.MixedWeight` (the layout the
-many-row ``mixed_mm`` reads too), scales ``[K/group, N]`` float32 (per-channel scales: one group of
-K).  Compiled with NVRTC (:mod:`trtlm.runtime.kernels.nvrtc`) once per shape configuration.
+- **Tensor cores do the multiply-adds** (``mma.m16n8k16``, float32 accumulation): the weight is
+  the A operand, x the B operand (its 8 columns are up to 8 rows of x, so 1-8 rows cost the same).
+  Per weight that leaves ~1 instruction of conversion, against ~2.5 for a float32 FMA GEMV we
+  measured first (run 16), which was ALU-bound (it could not overlap its arithmetic with the stream).
+- **Codes become 16-bit floats with one ``lop3`` per two** (``(word >> 4i) & 0x000F000F | MAGIC``:
+  bfloat16 ``128 + u`` or float16 ``1024 + u``, ``u = q + 8``), because :func:`repack_w4_tiles` stores
+  each lane's A fragment in one word.  The offset (136 or 1032) is removed once per 64-slice with
+  that slice's sum of x: ``sum x q = sum x (128 + u) - 136 sum x``.
+- **Each warp issues all its loads first** (codes and scales of its 16-row tiles, before
+  ``griddepcontrol.wait``: the kernel before never writes them, so with programmatic dependent launch
+  they stream while it finishes), then reads x (AWQ's pre-quant scale applied as it is staged in
+  shared memory).  K is split across blocks so every SM holds tens of kilobytes in flight.
+- **Split K without atomics on the output**: each block writes its partial sums, the last block of
+  a column (a counter it resets, so CUDA-graph replays find zeros) adds them in a fixed order.
 
-Numerics: codes, scales and x are exact in float32 and the products accumulate in float32; the
-offset removal loses at most a few of float32's 24 bits (the result is rounded to 8 or 11 bits).
+:func:`w4_gemm` (9-64 rows; the engine uses it up to :data:`trtlm.quant.kernels.W4_GEMM_MAX_ROWS`):
+each weight is dequantized once in registers (``q * scale`` rounded to x's dtype, as the emulation
+rounds it) and feeds up to 8 mma's, one per 8 rows; the block walks its K range in 128-deep steps,
+x double-buffered in shared memory (``ldmatrix``), the next step's codes loaded during this one.
+At 16 rows it is 1.6-2.7x faster than tinygemm at Mistral-7B's shapes (and than bf16 on two of the
+four); at 64 rows it is 0.4-0.6x bf16, below the Triton ``mixed_mm`` (run 16: instruction
+issue, not bandwidth, bounds it there).
+
+Numerics: codes, scales and x are exact in the tensor core's inputs and products accumulate in
+float32; the GEMV's offset removal costs a few of float32's bits, the GEMM rounds each weight to
+x's dtype; the output is rounded once to x's dtype.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import NamedTuple
 
 import torch
@@ -390,7 +398,7 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
 
 
 class W4Tiles(NamedTuple):
-    """An int4 weight repacked once (:func:`repack_w4_tiles`) for :func:`w4_gemv`.
+    """An int4 weight repacked once (:func:`repack_w4_tiles`) for :func:`w4_gemv` and :func:`w4_gemm`.
 
     ``weight``: int32 ``[N/16, K/64, 32, 4]``: for each 16-row tile and 64-wide slice of K, lane
     ``L``'s four words, word ``j`` holding the eight codes of the lane's tensor-core A fragment
@@ -473,7 +481,7 @@ def w4_configs(N: int, K: int) -> list[W4GemvConfig]:
     return out
 
 
-#: the default, the best or within 0.5 us of it at Mistral-7B's shapes with K = 4096 (run 16): four
+#: the GEMV's default, the best or within 0.5 us of it at Mistral-7B's shapes with K = 4096 (run 16): four
 #: warps of two 16-row tiles, 256-deep K slices (each lane holds 2 x 4 x 16 B = 128 B of codes)
 W4_DEFAULT = {"warps": 4, "tiles": 2, "segs": 2}
 
@@ -512,6 +520,8 @@ class W4GemmConfig(NamedTuple):
 
 #: the most rows :func:`w4_gemm` computes (8 mma columns of 8 rows)
 W4_GEMM_MAX_ROWS = 64
+
+
 def _gemm_tiles(cfg: W4GemmConfig, N: int, K: int) -> bool:
     return cfg.splits * cfg.iters * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
 
@@ -582,9 +592,22 @@ def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, gemm: boo
     _counter_buffer(tiles.weight.device, N // 16)
 
 
-def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg, max_rows: int) -> torch.Tensor:
+def _pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch where the engine's other kernels do
+    (:func:`trtlm.runtime.kernels.pdl.pdl_available`, which needs Triton; these kernels wait
+    correctly either way)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
     from trtlm.runtime.kernels.pdl import pdl_available
+    return pdl_available(device)
 
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg, max_rows: int) -> torch.Tensor:
     K, N = tiles.in_features, tiles.out_features
     rows = x.shape[0]
     if x.dim() != 2 or x.shape[1] != K or not 1 <= rows <= max_rows:
@@ -599,7 +622,7 @@ def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg,
     partial = torch.empty(cfg.splits, rows, N, dtype=torch.float32, device=x.device) if cfg.splits > 1 else None
     counters = _counter_buffer(x.device, N // 16)
     kernel((N // (16 * cfg.tiles * cfg.warps), cfg.splits, 1), (32 * cfg.warps, 1, 1),
-           [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=pdl_available(x.device))
+           [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=_pdl(x.device))
     return y
 
 
@@ -618,8 +641,3 @@ def w4_gemm(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = Non
     registers (``q * scale`` rounded to x's dtype, as the emulation rounds it) for every row."""
     cfg = config or w4_gemm_config(tiles.out_features, tiles.in_features, _sms(x.device))
     return _launch(x, tiles, prequant, cfg, W4_GEMM_MAX_ROWS)
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
