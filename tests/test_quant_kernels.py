@@ -652,45 +652,51 @@ def test_w4_gemv_needs_cuda():
     assert m._w4 is None and m.kernel_path == qk.EMULATION
 
 
+#: kind -> (row counts, whether the reference rounds each dequantized weight to x's dtype)
+W4_KINDS = {"gemv": ((1, 3, 8), False), "gemm": ((9, 17, 64), True)}
+
+
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_w4_gemv_matches_the_dequantized_product(dtype):
-    """1-8 rows, group 64 and 128, with and without AWQ's pre-quant scale, the default and other
-    configurations, against the float32 product of the dequantized weight and x (times the
-    pre-quant scale, rounded to x's dtype as the kernel rounds it).  Same tolerance as every fast
-    path: the output is rounded to x's dtype once; a wrong fragment, scale or offset is off by O(1).
-    The split-K sum has a fixed order, so repeated calls, and CUDA-graph replays (the counters
-    reset themselves), give the same bits."""
-    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_configs, w4_gemv, w4_gemv_config
+@pytest.mark.parametrize("kind", list(W4_KINDS))
+def test_w4_kernels_match_the_dequantized_product(kind, dtype):
+    """The GEMV (1-8 rows) and the GEMM (9-64 rows), group 64 and 128, with and without AWQ's
+    pre-quant scale, the default and other configurations, against the float32 product of the
+    dequantized weight and x (times the pre-quant scale, rounded to x's dtype as the kernels round
+    it; the GEMM also rounds each dequantized weight ``q * scale`` to x's dtype, as the emulation
+    does).  Same tolerance as every fast path: the output is rounded to x's dtype once; a wrong
+    fragment, scale or offset is off by O(1).  The split-K sum has a fixed order, so repeated calls,
+    and CUDA-graph replays (the counters reset themselves), give the same bits."""
+    from trtlm.quant import w4_gemv as w4
 
     if not w4_gemv_available(torch.device("cuda")):
         pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
+    product, default, sweep = {"gemv": (w4.w4_gemv, w4.w4_gemv_config, w4.w4_configs),
+                               "gemm": (w4.w4_gemm, w4.w4_gemm_config, w4.w4_gemm_configs)}[kind]
+    row_counts, rounds_weight = W4_KINDS[kind]
     gen = torch.Generator("cuda").manual_seed(0)
     for N, K, group in ((512, 1024, 64), (6144, 4096, 128), (4096, 14336, 128)):
         w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
         s = qf.int4_group_scales(w, group)
         q = qf.quantize_int4(w, s, group)
-        tiles = repack_w4_tiles(qf.pack_int4(q), s.t().contiguous(), group)
+        tiles = w4.repack_w4_tiles(qf.pack_int4(q), s.t().contiguous(), group)
         deq = (q.float().reshape(N, K // group, group) * s[..., None]).reshape(N, K)
+        deq = deq.to(dtype).float() if rounds_weight else deq
         p = (torch.rand(K, device="cuda", generator=gen) + 0.5).to(dtype)
-        for rows in (1, 3, 8):
+        for rows in row_counts:
             x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
             for pre in (None, p):
                 xs = (x.float() * pre.float()).to(dtype) if pre is not None else x
                 ref = xs.float() @ deq.t()
                 # (every configuration compiles a kernel: the alternatives on the smallest shape only)
-                others = w4_configs(N, K)[::4] if N == 512 and pre is None else []
-                for cfg in [w4_gemv_config(N, K)] + others:
-                    y = w4_gemv(x, tiles, pre, config=cfg)
+                others = sweep(N, K)[::3] if N == 512 and pre is None else []
+                for cfg in [default(N, K)] + others:
+                    y = product(x, tiles, pre, config=cfg)
                     assert y.dtype == dtype and y.shape == (rows, N)
                     assert _rel(y, ref) <= TOL, (N, K, rows, pre is not None, cfg, _rel(y, ref))
-                assert torch.equal(w4_gemv(x, tiles, pre), w4_gemv(x, tiles, pre))
-    _check_w4_graph(w4_gemv, tiles, K, 2, dtype, gen)
-
-
-def _check_w4_graph(product, tiles, K, rows, dtype, gen):
-    x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
+                assert torch.equal(product(x, tiles, pre), product(x, tiles, pre))
+    x = torch.randn(row_counts[1], K, device="cuda", generator=gen).to(dtype)
     want = product(x, tiles)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -699,39 +705,6 @@ def _check_w4_graph(product, tiles, K, rows, dtype, gen):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
-    x.copy_(torch.randn(rows, K, device="cuda", generator=gen).to(dtype))
+    x.copy_(torch.randn(row_counts[1], K, device="cuda", generator=gen).to(dtype))
     graph.replay()
     assert torch.equal(out, product(x, tiles))
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_w4_gemm_matches_the_dequantized_product(dtype):
-    """9-64 rows through the GEMM, which rounds each dequantized weight ``q * scale`` to x's dtype
-    as the emulation does (scales rounded to x's dtype first: within the same tolerance), with and
-    without the pre-quant scale, the default and other configurations; repeatable, graph-safe."""
-    from trtlm.quant.w4_gemv import repack_w4_tiles, w4_gemm, w4_gemm_config, w4_gemm_configs
-
-    if not w4_gemv_available(torch.device("cuda")):
-        pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
-    gen = torch.Generator("cuda").manual_seed(1)
-    for N, K, group in ((512, 1024, 64), (6144, 4096, 128), (4096, 14336, 128)):
-        w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
-        s = qf.int4_group_scales(w, group)
-        q = qf.quantize_int4(w, s, group)
-        tiles = repack_w4_tiles(qf.pack_int4(q), s.t().contiguous(), group)
-        deq = (q.float().reshape(N, K // group, group) * s[..., None]).reshape(N, K).to(dtype).float()
-        p = (torch.rand(K, device="cuda", generator=gen) + 0.5).to(dtype)
-        for rows in (9, 17, 64):
-            x = torch.randn(rows, K, device="cuda", generator=gen).to(dtype)
-            for pre in (None, p):
-                xs = (x.float() * pre.float()).to(dtype) if pre is not None else x
-                ref = xs.float() @ deq.t()
-                others = w4_gemm_configs(N, K)[::3] if N == 512 and pre is None else []
-                for cfg in [w4_gemm_config(N, K)] + others:
-                    y = w4_gemm(x, tiles, pre, config=cfg)
-                    assert y.dtype == dtype and y.shape == (rows, N)
-                    assert _rel(y, ref) <= TOL, (N, K, rows, pre is not None, cfg, _rel(y, ref))
-                assert torch.equal(w4_gemm(x, tiles, pre), w4_gemm(x, tiles, pre))
-    _check_w4_graph(w4_gemm, tiles, K, 33, dtype, gen)
