@@ -22,7 +22,7 @@ constants below switch them):
     second copy of the int4 weight, the checkpoint's tensors are kept for ``state_dict``); its
     scales are bfloat16.  The tiled Triton kernel beyond.
 ``"w4"`` -- int4 (wo and AWQ, group a multiple of 64) where NVRTC compiles CUDA C: the tensor-core
-    kernels of :mod:`trtlm.quant.w4_gemv` up to :data:`W4_GEMM_MAX_ROWS` rows (weights repacked
+    kernels of :mod:`trtlm.quant.w4_gemv` up to :data:`W4_GEMM_ROWS` rows (weights repacked
     once in ``prepare()``), ``mixed_mm`` beyond.  Chosen over ``"int4pack"`` where both apply.
 ``"scaled_mm"`` -- FP8 W8A8: ``torch._scaled_mm`` (cuBLASLt, sm_89+), the activation quantized
     with the checkpoint's static scale; per-channel weight scales are applied to the float32
@@ -35,7 +35,7 @@ constants below switch them):
 Whatever the path, at one row (decode at batch 1) int8 and FP8 linears up to
 :data:`trtlm.quant.gemv.GEMV_MAX_OUT` outputs take the bandwidth-bound GEMV of
 :mod:`trtlm.quant.gemv` instead (faster than each of the above there, docs/benchmarks.md "one-row GEMV").
-The ``"w4"`` path's GEMV takes 1-8 rows and its GEMM the rows up to :data:`W4_GEMM_MAX_ROWS`
+The ``"w4"`` path's GEMV takes 1-8 rows and its GEMM the rows up to :data:`W4_GEMM_ROWS`
 (docs/benchmarks.md, run 16).
 
 Numerics: every fast path computes what the emulation computes up to accumulation order and the
@@ -71,12 +71,13 @@ DENSE_MIN_ROWS = 0
 #: rows up to which the int4 path takes ``torch._weight_int4pack_mm`` when INT4_KERNEL is INT4PACK
 INT4PACK_MAX_ROWS = 16
 
-#: int4 linears take the CUDA C GEMV of :mod:`trtlm.quant.w4_gemv` at one row (where NVRTC is there)
+#: int4 linears take the tensor-core GEMV of :mod:`trtlm.quant.w4_gemv` up to 8 rows (where NVRTC is)
 W4_GEMV = True
-#: ... and from 9 rows up to this many its GEMM (:func:`trtlm.quant.w4_gemv.w4_gemm`; 8: off, at most
-#: 64).  16: there it is 1.6-2.7x faster than tinygemm, whose repacked copy is then not made; at 64
-#: rows it is 0.4-0.6x bf16, below ``mixed_mm`` (docs/benchmarks.md, run 16)
-W4_GEMM_MAX_ROWS = 16
+#: ... and its GEMM (:func:`trtlm.quant.w4_gemv.w4_gemm`) from 9 rows up to this many (8: off; the kernel
+#: takes up to :data:`trtlm.quant.w4_gemv.W4_GEMM_MAX_ROWS`).  16: there it is 1.6-2.7x faster than
+#: tinygemm, whose repacked copy is then not made; at 64 rows it is 0.4-0.6x bf16, below ``mixed_mm``
+#: (docs/benchmarks.md, run 16)
+W4_GEMM_ROWS = 16
 
 #: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")
 INT4_KERNEL = INT4PACK

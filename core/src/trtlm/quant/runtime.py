@@ -154,7 +154,7 @@ class QuantLinear(nn.Module):
                 and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
             self._w4 = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
             if w4_gemm_config(self.out_features, self.in_features) is not None:
-                self._w4_gemm_rows = min(qk.W4_GEMM_MAX_ROWS, W4_GEMM_MAX_ROWS)
+                self._w4_gemm_rows = min(qk.W4_GEMM_ROWS, W4_GEMM_MAX_ROWS)
             prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"),
                             gemm=self._w4_gemm_rows > W4_GEMV_MAX_ROWS)
         w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0

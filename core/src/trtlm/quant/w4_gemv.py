@@ -24,7 +24,7 @@ arithmetic that used it).  Two kernels here, compiled with NVRTC
 - **Split K without atomics on the output**: each block writes its partial sums, the last block of
   a column (a counter it resets, so CUDA-graph replays find zeros) adds them in a fixed order.
 
-:func:`w4_gemm` (9-64 rows; the engine uses it up to :data:`trtlm.quant.kernels.W4_GEMM_MAX_ROWS`):
+:func:`w4_gemm` (9-64 rows; the engine uses it up to :data:`trtlm.quant.kernels.W4_GEMM_ROWS`):
 each weight is dequantized once in registers (``q * scale`` rounded to x's dtype, as the emulation
 rounds it) and feeds up to 8 mma's, one per 8 rows; the block walks its K range in 128-deep steps,
 x double-buffered in shared memory (``ldmatrix``), the next step's codes loaded during this one.
@@ -592,11 +592,16 @@ def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, gemm: boo
     _counter_buffer(tiles.weight.device, N // 16)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _pdl(device: torch.device) -> bool:
     """Launch with programmatic dependent launch where the engine's other kernels do
     (:func:`trtlm.runtime.kernels.pdl.pdl_available`, which needs Triton; these kernels wait
     correctly either way)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _has_triton():
         return False
     from trtlm.runtime.kernels.pdl import pdl_available
     return pdl_available(device)
