@@ -708,3 +708,26 @@ def test_w4_kernels_match_the_dequantized_product(kind, dtype):
     x.copy_(torch.randn(row_counts[1], K, device="cuda", generator=gen).to(dtype))
     graph.replay()
     assert torch.equal(out, product(x, tiles))
+
+
+@cuda
+@pytest.mark.gpu
+def test_int4_falls_back_when_the_cuda_c_kernels_do_not_compile(monkeypatch):
+    """A real NVRTC failure (source that does not compile) leaves the int4 linear on the other
+    kernels, still correct, and its one-line report says why; nothing raises at load time."""
+    from trtlm.quant import w4_gemv as w4
+
+    if not w4_gemv_available(torch.device("cuda")):
+        pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
+    monkeypatch.setattr(w4, "_SOURCE", w4._SOURCE + "\nthis is not CUDA C;\n")
+    w4._source.cache_clear()
+    try:
+        m = _linear("int4-awq", 512, 1024, torch.bfloat16, "cuda")
+        m.prepare()
+        assert m._w4 is None and m.kernel_path != qk.W4
+        assert "did not compile" in m.kernel_reason, m.kernel_reason
+        x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+        assert _rel(m(x), m.emulate(x)) <= TOL
+    finally:
+        monkeypatch.undo()
+        w4._source.cache_clear()

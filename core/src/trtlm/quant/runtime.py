@@ -150,13 +150,18 @@ class QuantLinear(nn.Module):
         """int4 at decode sizes: the tensor-core kernels of :mod:`trtlm.quant.w4_gemv` where they
         compile (a repacked copy of the codes), tinygemm (another copy) only for the rows they leave."""
         self._w4, self._w4_gemm_rows = None, 0
+        failed = ""
         if (self._mm is not None and qk.W4_GEMV and self.fmt.weight == "int4" and w4_gemv_available(dev)
                 and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
-            self._w4 = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
-            if w4_gemm_config(self.out_features, self.in_features) is not None:
-                self._w4_gemm_rows = min(qk.W4_GEMM_ROWS, W4_GEMM_MAX_ROWS)
-            prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"),
-                            gemm=self._w4_gemm_rows > W4_GEMV_MAX_ROWS)
+            gemm_rows = min(qk.W4_GEMM_ROWS, W4_GEMM_MAX_ROWS) if w4_gemm_config(
+                self.out_features, self.in_features) is not None else 0
+            tiles = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
+            try:  # (NVRTC compiles the kernels here, once per shape)
+                prepare_w4_gemv(tiles, self.dtype, hasattr(self, "prequant_scaling_factor"),
+                                gemm=gemm_rows > W4_GEMV_MAX_ROWS)
+                self._w4, self._w4_gemm_rows = tiles, gemm_rows
+            except RuntimeError as e:  # the other kernels still run; the report says why
+                failed = f"; the CUDA C int4 kernels did not compile ({str(e).splitlines()[0][:120]})"
         w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
         tiny = self.kernel_path == qk.INT4PACK and w4_rows < qk.INT4PACK_MAX_ROWS
         self._packed = qk.repack_int4pack(self.weight, self.weights_scaling_factor) if tiny else None
@@ -165,6 +170,7 @@ class QuantLinear(nn.Module):
             self.kernel_reason = f"tensor-core int4 GEMV (CUDA C) up to {W4_GEMV_MAX_ROWS} rows" + (
                 f", its GEMM up to {w4_rows}" if w4_rows > W4_GEMV_MAX_ROWS else "") + (
                 f"; torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows" if tiny else "")
+        self.kernel_reason += failed
 
     @classmethod
     def stacked(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":

@@ -80,6 +80,21 @@ __device__ __forceinline__ u16 from_f32(float f) {
   return r;
 }
 
+/* Programmatic dependent launch (sm_90+; trtlm.runtime.kernels.pdl): wait until the kernel before
+   has completed and its writes are visible / let the kernel after launch.  No-ops where the launch
+   did not ask for it; compiled out below sm_90, which has no griddepcontrol. */
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 /* (a & 0x000F000F) | MAGIC in one lop3: two codes as the 16-bit floats MAGIC + u */
 __device__ __forceinline__ u32 pair(u32 a) {
   u32 r;
@@ -203,11 +218,11 @@ w4_gemm(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
     if (r < rows) *reinterpret_cast<uint4*>(&xs[buf][r][c]) = PRE(xr[e], it, c); }
 
   LOAD_W(wc, sc, 0)  /* the codes first: the kernel before never writes them */
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  pdl_wait();
   LOAD_X(0)
   STORE_X(0, 0)
   __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;");
+  pdl_release();
 
   float acc[TILES][8][4];
 #pragma unroll
@@ -315,7 +330,7 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
     }
   }
 
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  pdl_wait();
   for (int i = threadIdx.x; i < rows * KB / 2; i += WARPS * 32) {  /* the block's slice of x */
     const int r = i / (KB / 2), k = 2 * (i % (KB / 2));
     const u32 raw = *reinterpret_cast<const u32*>(x + (size_t)r * K + kb0 + k);
@@ -338,7 +353,7 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
     if (lane == 0) xsum[r][c] = v;
   }
   __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;");
+  pdl_release();
 
   const bool has_row = gid < rows;  /* B column gid is x row gid; the others are zero */
   float acc[TILES][4];
