@@ -105,15 +105,22 @@ def _compile_cubin(source: str, name: str, arch: str) -> bytes:
 
 
 class CudaKernel:
-    """One compiled ``extern "C" __global__`` function, launched on PyTorch's current stream."""
+    """One compiled ``extern "C" __global__`` function of one device, launched on PyTorch's current
+    stream of that device."""
 
-    def __init__(self, function: ctypes.c_void_p, module: ctypes.c_void_p, name: str) -> None:
-        self._function, self._module, self.name = function, module, name
+    def __init__(self, function: ctypes.c_void_p, module: ctypes.c_void_p, name: str, device_index: int) -> None:
+        self._function, self._module, self.name, self.device_index = function, module, name, device_index
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list,
                  pdl: bool = False) -> None:
         """Launch with ``args``: tensors (passed as device pointers), ``None`` (a null pointer) or
         Python ints (passed as C ``int``).  ``pdl``: the programmatic-dependent-launch attribute."""
+        if torch.cuda.current_device() != self.device_index:  # (the module lives in its device's context)
+            with torch.cuda.device(self.device_index):
+                return self._launch(grid, block, args, pdl)
+        return self._launch(grid, block, args, pdl)
+
+    def _launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, pdl: bool) -> None:
         _, cuda = _libs()
         held = []
         for a in args:
@@ -126,7 +133,8 @@ class CudaKernel:
             else:
                 raise TypeError(f"kernel argument of type {type(a).__name__}")
         params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
-        cfg = _LaunchConfig(*grid, *block, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        stream = torch.cuda.current_stream(self.device_index).cuda_stream
+        cfg = _LaunchConfig(*grid, *block, 0, ctypes.c_void_p(stream))
         if pdl:
             attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, b"",
                                     (1).to_bytes(4, "little"))
@@ -144,7 +152,7 @@ def _compile_on(source: str, name: str, device_index: int) -> CudaKernel:
         module, function = ctypes.c_void_p(), ctypes.c_void_p()
         _check_cu(cuda.cuModuleLoadData(ctypes.byref(module), cubin), f"loading {name}")
         _check_cu(cuda.cuModuleGetFunction(ctypes.byref(function), module, name.encode()), f"finding {name}")
-    return CudaKernel(function, module, name)
+    return CudaKernel(function, module, name, device_index)
 
 
 def compile_kernel(source: str, name: str, device: torch.device) -> CudaKernel:
