@@ -462,7 +462,7 @@ def bench_gemv(results: dict, log, budget_s: float, formats=GEMV_FORMATS, shapes
                     "quantize kernel, then gemv[fp8 codes]",
                     lambda i: call(copies[i % len(copies)],
                                    qk.quantize_activation(x, m.activation_scaling_factor, "fp8"), None), {})
-            if wk == "int4":  # the CUDA C GEMV (trtlm.quant.w4_gemv) on the mixed_mm words, over its configs
+            if wk == "int4":  # the tensor-core GEMV (trtlm.quant.w4_gemv) on the module's repacked tiles, over its configs
                 from trtlm.quant.w4_gemv import w4_gemv, w4_gemv_config, w4_configs
                 tg = [qk.repack_int4pack(c.weight, c.weights_scaling_factor) for c in copies]
                 row["tinygemm"] = record("torch._weight_int4pack_mm", lambda i: qk.int4pack_mm(
