@@ -601,7 +601,7 @@ def test_one_row_takes_the_gemv_where_measured_faster():
 
 # ----------------------------------------------------------------------------- tensor-core int4 GEMV (few rows)
 
-def test_w4_tiles_hold_each_lanes_mma_fragment():
+def test_w4_tiles_hold_each_lanes_mma_fragment(monkeypatch):
     """Lane L's word j of 16-row tile r and 64-slice c holds the eight codes of its A fragment of
     ``mma.m16n8k16`` (PTX ISA, "Matrix Fragments for mma.m16n8k16", .bf16/.f16): register i is
     ``((word >> 4i) & 0x000F000F)`` as ``u = q + 8``, its low half the element at row
@@ -614,6 +614,9 @@ def test_w4_tiles_hold_each_lanes_mma_fragment():
     tiles = repack_w4_tiles(qf.pack_int4(q), torch.ones(1, 32), 128)
     assert tiles.weight.shape == (2, 2, 32, 4) and (tiles.out_features, tiles.in_features) == (32, 128)
     assert torch.equal(unpack_w4_tiles(tiles), q)
+    import trtlm.quant.w4_gemv as w4  # (built 16 rows at a time: the same words)
+    monkeypatch.setattr(w4, "_REPACK_ROWS", 16)
+    assert torch.equal(repack_w4_tiles(qf.pack_int4(q), torch.ones(1, 32), 128).weight, tiles.weight)
     words = tiles.weight.to(torch.int64) & 0xFFFFFFFF
     for r in range(2):
         for c in range(2):
@@ -628,18 +631,28 @@ def test_w4_tiles_hold_each_lanes_mma_fragment():
 
 
 def test_w4_gemv_configs_tile_their_shapes():
-    from trtlm.quant.w4_gemv import (W4_DEFAULT, w4_configs, w4_gemm_config, w4_gemm_configs, w4_gemv_config,
-                                     w4_gemv_supports)
+    from trtlm.quant.w4_gemv import (W4_DEFAULT, W4_MEASURED, _GEMV_SHARED_MAX, _gemv_shared, w4_configs,
+                                     w4_gemm_config, w4_gemm_configs, w4_gemv_config, w4_gemv_supports)
 
-    for N, K in ((512, 1024), (6144, 4096), (28672, 4096), (4096, 14336)):
+    shape = (W4_DEFAULT["warps"], W4_DEFAULT["tiles"], W4_DEFAULT["stages"])
+    for N, K in ((512, 1024), (6144, 4096), (28672, 4096), (4096, 14336), (57344, 4096), (8192, 28672)):
         default = w4_gemv_config(N, K)
         assert default is not None and default in w4_configs(N, K)
-        assert default.warps == W4_DEFAULT["warps"] and default.tiles == W4_DEFAULT["tiles"]
+        if (N, K) not in W4_MEASURED:
+            assert (default.warps, default.tiles, default.stages) == shape
         for cfg in w4_configs(N, K):
-            assert cfg.splits * cfg.segs * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+            assert K % (cfg.splits * cfg.slices * 64) == 0 and N % (16 * cfg.tiles * cfg.warps) == 0
+            assert _gemv_shared(cfg, K, 8) <= _GEMV_SHARED_MAX and cfg.tiles * cfg.slices <= 8
         assert w4_gemm_config(N, K) in w4_gemm_configs(N, K)
         for cfg in w4_gemm_configs(N, K):
             assert cfg.splits * cfg.iters * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+    for (N, K), cfg in W4_MEASURED.items():
+        assert cfg in w4_configs(N, K)
+    # a grid with a block per SM already streams K whole, in stages of four 64-slices; a small one is
+    # split along K until the GPU holds about 16 warps per SM, in stages of one slice
+    assert w4_gemv_config(57344, 4096, 132)[2:] == (4, 4, 1)
+    assert w4_gemv_config(512, 1024, 132) == (4, 2, 1, 4, 16)
+    assert w4_gemv_config(96, 1024) is not None  # (fewer warps where the shape is small)
     assert w4_gemv_supports(64, 512, 1024) and w4_gemv_supports(128, 4096, 14336)
     assert not w4_gemv_supports(32, 512, 1024)  # a scale per 64-slice at most
     assert not w4_gemv_supports(128, 200, 1024) and not w4_gemv_supports(128, 512, 1000)
@@ -689,8 +702,9 @@ def test_w4_kernels_match_the_dequantized_product(kind, dtype):
             for pre in (None, p):
                 xs = (x.float() * pre.float()).to(dtype) if pre is not None else x
                 ref = xs.float() @ deq.t()
-                # (every configuration compiles a kernel: the alternatives on the smallest shape only)
-                others = sweep(N, K)[::3] if N == 512 and pre is None else []
+                # (every configuration compiles a kernel: about eight alternatives, on the smallest shape only)
+                cands = sweep(N, K)
+                others = cands[::max(1, len(cands) // 8)] if N == 512 and pre is None else []
                 for cfg in [default(N, K)] + others:
                     y = product(x, tiles, pre, config=cfg)
                     assert y.dtype == dtype and y.shape == (rows, N)

@@ -17,10 +17,17 @@ arithmetic that used it).  Two kernels here, compiled with NVRTC
   bfloat16 ``128 + u`` or float16 ``1024 + u``, ``u = q + 8``), because :func:`repack_w4_tiles` stores
   each lane's A fragment in one word.  The offset (136 or 1032) is removed once per 64-slice with
   that slice's sum of x: ``sum x q = sum x (128 + u) - 136 sum x``.
-- **Each warp issues all its loads first** (codes and scales of its 16-row tiles, before
-  ``griddepcontrol.wait``: the kernel before never writes them, so with programmatic dependent launch
-  they stream while it finishes), then reads x (AWQ's pre-quant scale applied as it is staged in
-  shared memory).  K is split across blocks so every SM holds tens of kilobytes in flight.
+- **Each warp streams its tiles through a ring of stages** in shared memory (``cp.async``, each
+  lane copying its own 16-byte fragment words and the lanes of a chunk its scales), so
+  ``stages - 1`` stages are in flight while it computes one.  The first stages are issued before
+  ``griddepcontrol.wait`` (the kernel before never writes the weights, so with programmatic
+  dependent launch they stream while it finishes); then x's slice is copied in the same way, scaled
+  by AWQ's pre-quant scale and summed per 64-slice.  Against run 16's all-loads-first kernel this is
+  1.07-1.28x faster alone at one row and 1.12-1.53x at 2-8 rows, but only ~2% in the engine's step
+  (run 17: there the step's many kernel boundaries, not the stream, set the pace).  Bulk copies by
+  the copy engine (``cp.async.bulk``) and stages held in registers were slower (run 17).
+- **The configuration per shape** (:class:`W4GemvConfig`) is the fastest of run 17's sweep at
+  Mistral-7B's shapes (:data:`W4_MEASURED`), and a rule elsewhere (:func:`w4_gemv_config`).
 - **Split K without atomics on the output**: each block writes its partial sums, the last block of
   a column (a counter it resets, so CUDA-graph replays find zeros) adds them in a fixed order.
 
@@ -136,6 +143,17 @@ __device__ __forceinline__ void put(float* partial, u16* y, int N, int rows, int
 #endif
 }
 
+/* x times AWQ's pre-quant scale, each product rounded to x's dtype (as the other int4 paths round it) */
+__device__ __forceinline__ uint4 scale_x(uint4 v, uint4 p) {
+  u32* a = reinterpret_cast<u32*>(&v);
+  const u32* b = reinterpret_cast<const u32*>(&p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    a[i] = (u32)from_f32(to_f32(a[i] & 0xFFFF) * to_f32(b[i] & 0xFFFF))
+           | ((u32)from_f32(to_f32(a[i] >> 16) * to_f32(b[i] >> 16)) << 16);
+  return v;
+}
+
 #define MMA_ASM(d, a, b0, b1) \
   asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" \
                : "+f"((d)[0]), "+f"((d)[1]), "+f"((d)[2]), "+f"((d)[3]) \
@@ -169,16 +187,6 @@ __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
 __device__ __forceinline__ u32 splat(float f) {
   const u32 h = from_f32(f);
   return h | (h << 16);
-}
-
-__device__ __forceinline__ uint4 scale_x(uint4 v, uint4 p) {
-  u32* a = reinterpret_cast<u32*>(&v);
-  const u32* b = reinterpret_cast<const u32*>(&p);
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    a[i] = (u32)from_f32(to_f32(a[i] & 0xFFFF) * to_f32(b[i] & 0xFFFF))
-           | ((u32)from_f32(to_f32(a[i] >> 16) * to_f32(b[i] >> 16)) << 16);
-  return v;
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -296,106 +304,149 @@ w4_gemm(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
   finish_splits(partial, counters, y, N, rows, WARPS * TILES * 16);
 }
 #else
-/* ---- few rows (1..8): the GEMV */
-#define KB (SEGS * 128)  /* the k of one block */
+/* ---- few rows (1..8): the GEMV.  Each warp streams its TILES 16-row tiles over the block's K range
+   through a ring of STAGES stages in shared memory (one stage: SLICES 64-slices of each tile, 512 B
+   of codes and 64 B of scales per tile and slice), each lane copying its own 16-byte pieces with
+   cp.async, so STAGES - 1 stages are in flight while it computes one: the stream never waits for
+   the arithmetic, and the block's fixed costs (staging x, the split-K hand-over) are paid once per
+   K range.  (Run 17 measured the alternatives: bulk copies by the copy engine, and stages in
+   registers, were slower.) */
+#define CH (TILES * SLICES)       /* 512-byte chunks (one tile, one 64-slice) per stage */
+#define STAGE_BYTES (CH * 576)    /* + the 16 scales of each chunk's tile and slice (64 B) */
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(smem_dst)), "l"(src) : "memory");
+}
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scales,
         const u16* __restrict__ pre, float* __restrict__ partial, u32* __restrict__ counters,
         u16* __restrict__ y, int N, int K, int rows)
 {
-  __shared__ __align__(16) u16 xs[8][KB + XPAD];
-  __shared__ float xsum[8][2 * SEGS];
+  /* dynamic shared memory: [WARPS][STAGES] stages, then x's slice sums [rows][KB/64] (padded to 16 B),
+     then x's slice [rows][KB + XPAD] (times AWQ's pre-quant scale) */
+  extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;  /* mma fragment coordinates */
   const int tile0 = (blockIdx.x * WARPS + warp) * TILES;  /* the warp's first 16-row tile */
-  const int kb0 = blockIdx.y * KB;
+  const int KB = K / SPLITS, kb0 = blockIdx.y * KB, NS = KB / 64;  /* the block's K range, its 64-slices */
+  const int nst = NS / SLICES, XR = KB + XPAD;
+  unsigned char* ring = smem + warp * (STAGES * STAGE_BYTES);
+  float* xsum = reinterpret_cast<float*>(smem + WARPS * STAGES * STAGE_BYTES);
+  u16* xs = reinterpret_cast<u16*>(xsum + ((rows * NS + 3) & ~3));
 
-  /* the warp's codes and scales first: the kernel before never writes them */
-  uint4 wv[TILES][2 * SEGS];
-  float sc[TILES][2 * SEGS][2];  /* the scales of rows gid and gid + 8, per 64-slice */
+  /* stage i -> ring slot i % STAGES: tile t's SLICES chunks at t * SLICES * 512, chunk m's scales at
+     CH * 512 + 64 m.  Lane L copies its own 16 B of each chunk (its fragment words: no other lane
+     reads them), lanes 4m..4m+3 chunk m's scales (read by every lane: hence __syncwarp) */
+  const uint4* wt = w + (size_t)tile0 * (K / 64) * 32;
+  auto issue = [&](int i) {
+    if (i < nst) {
+      unsigned char* st = ring + (i % STAGES) * STAGE_BYTES;
+      const int c0 = kb0 / 64 + i * SLICES;
 #pragma unroll
-  for (int t = 0; t < TILES; ++t) {
-    const uint4* wp = w + ((size_t)(tile0 + t) * (K / 64) + kb0 / 64) * 32 + lane;
-#pragma unroll
-    for (int c = 0; c < 2 * SEGS; ++c) wv[t][c] = __ldg(wp + c * 32);
-  }
-#pragma unroll
-  for (int t = 0; t < TILES; ++t) {
-#pragma unroll
-    for (int c = 0; c < 2 * SEGS; ++c) {
-      const float* sp = scales + (size_t)((kb0 + c * 64) / GROUP) * N + (tile0 + t) * 16 + gid;
-      sc[t][c][0] = __ldg(sp);
-      sc[t][c][1] = __ldg(sp + 8);
+      for (int m = 0; m < CH; ++m)
+        cp_async16(st + m * 512 + lane * 16, wt + ((size_t)(m / SLICES) * (K / 64) + c0 + m % SLICES) * 32 + lane);
+      if (lane < 4 * CH) {
+        const int m = lane >> 2, c = c0 + m % SLICES;
+        cp_async16(st + CH * 512 + lane * 16,
+                   scales + (size_t)(c * 64 / GROUP) * N + (tile0 + m / SLICES) * 16 + 4 * (lane & 3));
+      }
     }
-  }
+    asm volatile("cp.async.commit_group;" ::: "memory");  /* (an empty group past the end keeps the count) */
+  };
 
+#pragma unroll 1
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);  /* the codes first: the kernel before never writes them */
+
+  /* the block's slice of x: copied asynchronously (thread T its pieces T, T + 32 WARPS, ...), then
+     each thread scales its own pieces by AWQ's pre-quant scale and the 8 lanes of a 64-slice add
+     its sum (the offset) */
   pdl_wait();
-  for (int i = threadIdx.x; i < rows * KB / 2; i += WARPS * 32) {  /* the block's slice of x */
-    const int r = i / (KB / 2), k = 2 * (i % (KB / 2));
-    const u32 raw = *reinterpret_cast<const u32*>(x + (size_t)r * K + kb0 + k);
+  const int pieces = rows * (KB / 8);
+  for (int p = threadIdx.x; p < pieces; p += WARPS * 32)
+    cp_async16(xs + (p / (KB / 8)) * XR + 8 * (p % (KB / 8)), x + (size_t)(p / (KB / 8)) * K + kb0 + 8 * (p % (KB / 8)));
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+  for (int p0 = 0; p0 < pieces; p0 += WARPS * 32) {  /* (pieces is a multiple of 8: a slice's lanes agree) */
+    const int p = p0 + threadIdx.x;
+    float v = 0.f;
+    if (p < pieces) {
+      uint4* q = reinterpret_cast<uint4*>(xs + (p / (KB / 8)) * XR + 8 * (p % (KB / 8)));
 #if HAS_PRE
-    const u32 p = *reinterpret_cast<const u32*>(pre + kb0 + k);
-    const u32 v = (u32)from_f32(to_f32(raw & 0xFFFF) * to_f32(p & 0xFFFF))
-                  | ((u32)from_f32(to_f32(raw >> 16) * to_f32(p >> 16)) << 16);
-#else
-    const u32 v = raw;
+      *q = scale_x(*q, *reinterpret_cast<const uint4*>(pre + kb0 + 8 * (p % (KB / 8))));
 #endif
-    *reinterpret_cast<u32*>(&xs[r][k]) = v;
-  }
-  __syncthreads();
-  for (int i = warp; i < rows * 2 * SEGS; i += WARPS) {  /* each row's sum per 64-slice (the offset) */
-    const int r = i / (2 * SEGS), c = i % (2 * SEGS);
-    const u16* q = &xs[r][c * 64];
-    float v = to_f32(q[lane]) + to_f32(q[lane + 32]);
+      const u32* e = reinterpret_cast<const u32*>(q);
 #pragma unroll
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) xsum[r][c] = v;
+      for (int h = 0; h < 4; ++h) v += to_f32(e[h] & 0xFFFF) + to_f32(e[h] >> 16);
+    }
+#pragma unroll
+    for (int o = 4; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (p < pieces && (p & 7) == 0) xsum[p / 8] = v;
   }
   __syncthreads();
   pdl_release();
 
   const bool has_row = gid < rows;  /* B column gid is x row gid; the others are zero */
+  const u16* xrow = xs + (has_row ? gid : 0) * XR + 2 * tig;
   float acc[TILES][4];
 #pragma unroll
   for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  /* stage i's products: v[m] the lane's fragment words of chunk m (tile m / SLICES, slice m % SLICES),
+     sc[m] the scales of its rows gid and gid + 8 */
+  auto consume = [&](const uint4 (&v)[CH], const float (&sc)[CH][2], int i) {
 #pragma unroll
-  for (int s = 0; s < SEGS; ++s) {
-    float d[TILES][2][4];  /* two mma chains per tile, one per 64-slice */
+    for (int c = 0; c < SLICES; ++c) {
+      const int kc = i * SLICES + c;  /* the slice within the block's range */
+      float d[TILES][2][4];  /* two mma chains per tile */
 #pragma unroll
-    for (int t = 0; t < TILES; ++t)
+      for (int t = 0; t < TILES; ++t)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) d[t][h][0] = d[t][h][1] = d[t][h][2] = d[t][h][3] = 0.f;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < 2; ++h) d[t][h][0] = d[t][h][1] = d[t][h][2] = d[t][h][3] = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int k = s * 128 + h * 64 + j * 16 + 2 * tig;
-        const u32 b0 = has_row ? *reinterpret_cast<const u32*>(&xs[gid][k]) : 0u;
-        const u32 b1 = has_row ? *reinterpret_cast<const u32*>(&xs[gid][k + 8]) : 0u;
+        const u32 b0 = has_row ? *reinterpret_cast<const u32*>(xrow + kc * 64 + j * 16) : 0u;
+        const u32 b1 = has_row ? *reinterpret_cast<const u32*>(xrow + kc * 64 + j * 16 + 8) : 0u;
 #pragma unroll
         for (int t = 0; t < TILES; ++t) {
-          const uint4 v4 = wv[t][2 * s + h];
+          const uint4 v4 = v[t * SLICES + c];
           const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
           const u32 a[4] = {pair(q), pair(q >> 4), pair(q >> 8), pair(q >> 12)};
-          MMA_ASM(d[t][h], a, b0, b1);
+          MMA_ASM(d[t][j & 1], a, b0, b1);
         }
       }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {  /* each 64-slice's scales (a group is a multiple of 64) */
-      const int c = 2 * s + h;
-      const float o0 = 2 * tig < rows ? OFFSET * xsum[2 * tig][c] : 0.f;
-      const float o1 = 2 * tig + 1 < rows ? OFFSET * xsum[2 * tig + 1][c] : 0.f;
+      /* the slice's scales (a group is a multiple of 64) and offset */
+      const float o0 = 2 * tig < rows ? OFFSET * xsum[(2 * tig) * NS + kc] : 0.f;
+      const float o1 = 2 * tig + 1 < rows ? OFFSET * xsum[(2 * tig + 1) * NS + kc] : 0.f;
 #pragma unroll
       for (int t = 0; t < TILES; ++t) {
-        acc[t][0] = fmaf(sc[t][c][0], d[t][h][0] - o0, acc[t][0]);
-        acc[t][1] = fmaf(sc[t][c][0], d[t][h][1] - o1, acc[t][1]);
-        acc[t][2] = fmaf(sc[t][c][1], d[t][h][2] - o0, acc[t][2]);
-        acc[t][3] = fmaf(sc[t][c][1], d[t][h][3] - o1, acc[t][3]);
+        const float s0 = sc[t * SLICES + c][0], s1 = sc[t * SLICES + c][1];
+        acc[t][0] = fmaf(s0, d[t][0][0] + d[t][1][0] - o0, acc[t][0]);
+        acc[t][1] = fmaf(s0, d[t][0][1] + d[t][1][1] - o1, acc[t][1]);
+        acc[t][2] = fmaf(s1, d[t][0][2] + d[t][1][2] - o0, acc[t][2]);
+        acc[t][3] = fmaf(s1, d[t][0][3] + d[t][1][3] - o1, acc[t][3]);
       }
     }
+  };
+#pragma unroll 1
+  for (int i = 0; i < nst; ++i) {
+    __syncwarp();  /* every lane is done with the slot the next issue refills */
+    issue(i + STAGES - 1);
+    asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");  /* stage i has landed */
+    __syncwarp();
+    const unsigned char* st = ring + (i % STAGES) * STAGE_BYTES;
+    uint4 v[CH];
+    float sc[CH][2];
+#pragma unroll
+    for (int m = 0; m < CH; ++m) {
+      v[m] = *reinterpret_cast<const uint4*>(st + m * 512 + lane * 16);
+      const float* sp = reinterpret_cast<const float*>(st + CH * 512 + m * 64);
+      sc[m][0] = sp[gid];
+      sc[m][1] = sp[gid + 8];
+    }
+    consume(v, sc, i);
   }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");  /* (only empty groups remain; none left pending at exit) */
 
   /* C fragment: rows gid / gid + 8 of the tile, columns (= x rows) 2 tig and 2 tig + 1 */
 #pragma unroll
@@ -437,21 +488,31 @@ class W4Tiles(NamedTuple):
 @torch.no_grad()
 def repack_w4_tiles(packed: torch.Tensor, scales_kn: torch.Tensor, group_size: int) -> W4Tiles:
     """The checkpoint's packed int4 ``[N/2, K]`` -> :class:`W4Tiles` (``scales_kn``: float32
-    ``[K/group, N]``, kept as is).  Load time, once; a copy of the codes of the same size."""
+    ``[K/group, N]``, kept as is).  Load time, once; a copy of the codes of the same size.  Built
+    :data:`_REPACK_ROWS` rows at a time, so the int64 working copies stay small (the whole
+    28672x4096 product at once took ~2 GB of them)."""
     from trtlm.quant.formats import unpack_int4
 
-    u = unpack_int4(packed).to(torch.int64) + 8  # [N, K] in [0, 15]
-    N, K = u.shape
+    N, K = packed.shape[0] * 2, packed.shape[1]
     if N % 16 or K % 64:
         raise ValueError(f"w4 tiles need N % 16 == 0 and K % 64 == 0, not [{N}, {K}]")
-    # n = 16 r + 8 rowhalf + gid, k = 64 c + 16 j + 8 colhalf + 2 tig + h
-    u = u.reshape(N // 16, 2, 8, K // 64, 4, 2, 4, 2)  # r, rowhalf, gid, c, j, colhalf, tig, h
-    u = u.permute(0, 3, 2, 6, 4, 5, 1, 7)  # r, c, gid, tig, j, colhalf, rowhalf, h
+    out = torch.empty(N // 16, K // 64, 32, 4, dtype=torch.int32, device=packed.device)
     # fragment register i = 2 colhalf + rowhalf; the pair's first code at bit 4i, its second at 16 + 4i
-    shifts = (4 * torch.arange(4).reshape(2, 2, 1) + 16 * torch.arange(2)).to(u.device)  # [colhalf, rowhalf, h]
-    words = (u << shifts).sum(dim=(-3, -2, -1))  # r, c, gid, tig, j
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-    return W4Tiles(words.reshape(N // 16, K // 64, 32, 4).contiguous(), scales_kn, group_size)
+    shifts = (4 * torch.arange(4).reshape(2, 2, 1) + 16 * torch.arange(2)).to(packed.device)  # [colhalf, rowhalf, h]
+    for n0 in range(0, N, _REPACK_ROWS):
+        u = unpack_int4(packed[n0 // 2:(n0 + _REPACK_ROWS) // 2]).to(torch.int64) + 8  # [rows, K] in [0, 15]
+        rows = u.shape[0]
+        # n = 16 r + 8 rowhalf + gid, k = 64 c + 16 j + 8 colhalf + 2 tig + h
+        u = u.reshape(rows // 16, 2, 8, K // 64, 4, 2, 4, 2)  # r, rowhalf, gid, c, j, colhalf, tig, h
+        u = u.permute(0, 3, 2, 6, 4, 5, 1, 7)  # r, c, gid, tig, j, colhalf, rowhalf, h
+        words = (u << shifts).sum(dim=(-3, -2, -1))  # r, c, gid, tig, j
+        words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+        out[n0 // 16:(n0 + rows) // 16] = words.reshape(rows // 16, K // 64, 32, 4)
+    return W4Tiles(out, scales_kn, group_size)
+
+
+#: rows of the weight :func:`repack_w4_tiles` converts at a time (a multiple of 16)
+_REPACK_ROWS = 2048
 
 
 def unpack_w4_tiles(tiles: W4Tiles) -> torch.Tensor:
@@ -466,12 +527,14 @@ def unpack_w4_tiles(tiles: W4Tiles) -> torch.Tensor:
 
 
 class W4GemvConfig(NamedTuple):
-    """How :func:`w4_gemv` splits ``[N, K]``: blocks of ``warps`` warps, each warp ``tiles``
-    16-row tiles over the block's ``segs`` 128-deep slices of K, ``splits`` blocks along K
-    (``K = splits * segs * 128``)."""
+    """How :func:`w4_gemv` splits ``[N, K]``: blocks of ``warps`` warps, each warp streaming
+    ``tiles`` 16-row tiles over the block's range of K in stages of ``slices`` 64-slices, ``stages``
+    of them in a ring (``stages - 1`` in flight while one is computed); ``splits`` blocks along K
+    (``K = splits * range``, the range a multiple of ``64 * slices``)."""
     warps: int
     tiles: int
-    segs: int
+    slices: int
+    stages: int
     splits: int
 
 
@@ -480,35 +543,70 @@ W4_GEMV_MAX_ROWS = 8
 
 
 def _tiles(cfg: W4GemvConfig, N: int, K: int) -> bool:
-    return cfg.splits * cfg.segs * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+    return K % (cfg.splits * 64 * cfg.slices) == 0 and N % (16 * cfg.tiles * cfg.warps) == 0
+
+
+def _gemv_shared(cfg: W4GemvConfig, K: int, rows: int) -> int:
+    """Bytes of dynamic shared memory: the warps' rings, x's slice sums and x's slice (see the kernel)."""
+    kb = K // cfg.splits
+    sums = (rows * (kb // 64) + 3) // 4 * 16
+    return cfg.warps * cfg.stages * cfg.tiles * cfg.slices * 576 + sums + rows * (kb + 8) * 2
+
+
+#: the most dynamic shared memory a configuration may ask for at 8 rows (sm_80's 163 KB per block, less room)
+_GEMV_SHARED_MAX = 160 * 1024
 
 
 def w4_configs(N: int, K: int) -> list[W4GemvConfig]:
     """Every configuration that tiles ``[N, K]`` within sensible limits (the benchmark's sweep)."""
     out = []
-    for warps in (2, 4, 8):
+    for warps in (1, 2, 4, 8):
         for tiles in (1, 2, 4):
-            for segs in (1, 2, 4, 8):
-                splits = K // (segs * 128)
-                cfg = W4GemvConfig(warps, tiles, segs, splits)
-                if _tiles(cfg, N, K) and splits <= 64 and tiles * segs <= 16:  # (registers: 8 words per slice)
-                    out.append(cfg)
+            for slices in (1, 2, 4):
+                for stages in (2, 4, 8):
+                    for splits in range(1, 65):
+                        cfg = W4GemvConfig(warps, tiles, slices, stages, splits)
+                        if (_tiles(cfg, N, K) and tiles * slices <= 8  # (lanes copying scales: 4 per chunk)
+                                and _gemv_shared(cfg, K, W4_GEMV_MAX_ROWS) <= _GEMV_SHARED_MAX):
+                            out.append(cfg)
     return out
 
 
-#: the GEMV's default, the best or within 0.5 us of it at Mistral-7B's shapes with K = 4096 (run 16): four
-#: warps of two 16-row tiles, 256-deep K slices (each lane holds 2 x 4 x 16 B = 128 B of codes)
-W4_DEFAULT = {"warps": 4, "tiles": 2, "segs": 2}
+#: the GEMV's shape of a warp's work where no measured configuration applies: two 16-row tiles, four
+#: stages in the ring, four warps a block (run 17's sweep: with the splits and slices of
+#: :func:`w4_gemv_config`, 0-17% slower than the best at Mistral-7B's four shapes)
+W4_DEFAULT = {"warps": 4, "tiles": 2, "stages": 4}
+#: ... and about this many warps per SM where the grid needs K split to fill the GPU
+W4_WARPS_PER_SM = 16
+#: the fastest configuration of run 17's sweep (H200, one row, bf16; docs/benchmarks.md) for the
+#: shapes of Mistral-7B's linears: up to 17% faster than the rule below alone, 4.5% on the step
+W4_MEASURED = {(6144, 4096): W4GemvConfig(4, 2, 1, 4, 8), (4096, 4096): W4GemvConfig(8, 2, 1, 2, 16),
+               (28672, 4096): W4GemvConfig(8, 1, 4, 4, 1), (4096, 14336): W4GemvConfig(4, 2, 2, 2, 28)}
 
 
 @functools.lru_cache(maxsize=None)
-def w4_gemv_config(N: int, K: int) -> W4GemvConfig | None:
-    """The configuration for ``[N, K]`` (None where the kernel does not apply): :data:`W4_DEFAULT`,
-    else the sweep's configuration nearest to it."""
+def w4_gemv_config(N: int, K: int, sms: int = 132) -> W4GemvConfig | None:
+    """The configuration for ``[N, K]`` on ``sms`` SMs (None where the kernel does not apply): the
+    measured one (:data:`W4_MEASURED`), else :data:`W4_DEFAULT`'s shape with K unsplit where the
+    grid already has a block per SM, otherwise split to about :data:`W4_WARPS_PER_SM` warps per SM;
+    stages of the most 64-slices (up to 4) that leave eight stages in a block's K range (a stage
+    per 64-slice where there are fewer), so the ring's fixed cost per stage is spread over more
+    bytes where the range is long."""
+    if (N, K) in W4_MEASURED:
+        return W4_MEASURED[N, K]
     cands = w4_configs(N, K)
-    if not cands:
-        return None
-    return min(cands, key=lambda c: sum(abs(getattr(c, k) - v) for k, v in W4_DEFAULT.items()))
+    shape = (W4_DEFAULT["warps"], W4_DEFAULT["tiles"], W4_DEFAULT["stages"])
+    shaped = [c for c in cands if (c.warps, c.tiles, c.stages) == shape]
+    if not shaped:  # (a small or odd shape: the nearest configuration, fewest splits)
+        return min(cands, key=lambda c: (sum(a != b for a, b in zip((c.warps, c.tiles, c.stages), shape)),
+                                         c.splits, c.slices)) if cands else None
+    blocks = N // (16 * shape[0] * shape[1])
+    splits = sorted({c.splits for c in shaped})  # (those whose x slice fits in shared memory)
+    split = splits[0] if blocks >= sms else min(
+        splits, key=lambda s: (abs(blocks * s * shape[0] - W4_WARPS_PER_SM * sms), s))
+    slices = sorted(c.slices for c in shaped if c.splits == split)
+    ns = K // 64 // split
+    return W4GemvConfig(shape[0], shape[1], max([sl for sl in slices if ns // sl >= 8] or slices[:1]), shape[2], split)
 
 
 def w4_gemv_supports(group_size: int, N: int, K: int) -> bool:
@@ -601,7 +699,7 @@ def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, gemm: boo
     """Compile the kernels (the GEMV, and the GEMM with ``gemm``) and allocate the counters now
     (load time, not inside a CUDA-graph capture)."""
     N, K = tiles.out_features, tiles.in_features
-    _kernel(tiles, dtype, has_pre, w4_gemv_config(N, K))
+    _kernel(tiles, dtype, has_pre, w4_gemv_config(N, K, _sms(tiles.weight.device)))
     if gemm:
         _kernel(tiles, dtype, has_pre, w4_gemm_config(N, K, _sms(tiles.weight.device)))
     _counter_buffer(tiles.weight.device, N // 16)
@@ -627,6 +725,12 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernels read x in 16-byte pieces)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg, max_rows: int) -> torch.Tensor:
     K, N = tiles.in_features, tiles.out_features
     rows = x.shape[0]
@@ -636,13 +740,15 @@ def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg,
     if not fits:
         raise ValueError(f"config {cfg} does not tile [{N}, {K}]")
     kernel = _kernel(tiles, x.dtype, prequant is not None, cfg)
-    x = x.contiguous()
-    pre = prequant.reshape(-1).to(x.dtype).contiguous() if prequant is not None else None
+    x = _aligned(x)
+    pre = _aligned(prequant.reshape(-1).to(x.dtype)) if prequant is not None else None
     y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
     partial = torch.empty(cfg.splits, rows, N, dtype=torch.float32, device=x.device) if cfg.splits > 1 else None
     counters = _counter_buffer(x.device, N // 16)
+    shared = 0 if isinstance(cfg, W4GemmConfig) else _gemv_shared(cfg, K, rows)
     kernel((N // (16 * cfg.tiles * cfg.warps), cfg.splits, 1), (32 * cfg.warps, 1, 1),
-           [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=_pdl(x.device))
+           [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=_pdl(x.device),
+           shared=shared)
     return y
 
 
@@ -651,7 +757,7 @@ def w4_gemv(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = Non
     """``[rows, K] @ dequant(W)^T -> [rows, N]`` for up to :data:`W4_GEMV_MAX_ROWS` rows, in x's dtype
     (float16 or bfloat16); ``prequant``: AWQ's pre-quant scale ``[K]`` (x * prequant is rounded to
     x's dtype, as the other int4 paths round it)."""
-    cfg = config or w4_gemv_config(tiles.out_features, tiles.in_features)
+    cfg = config or w4_gemv_config(tiles.out_features, tiles.in_features, _sms(x.device))
     return _launch(x, tiles, prequant, cfg, W4_GEMV_MAX_ROWS)
 
 

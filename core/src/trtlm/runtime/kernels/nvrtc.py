@@ -27,6 +27,8 @@ import torch
 __all__ = ["nvrtc_available", "compile_kernel", "CudaKernel"]
 
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the attribute above
 
 
 class _LaunchAttribute(ctypes.Structure):
@@ -110,18 +112,25 @@ class CudaKernel:
 
     def __init__(self, function: ctypes.c_void_p, module: ctypes.c_void_p, name: str, device_index: int) -> None:
         self._function, self._module, self.name, self.device_index = function, module, name, device_index
+        self._shared_allowed = _STATIC_SHARED_LIMIT
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list,
-                 pdl: bool = False) -> None:
+                 pdl: bool = False, shared: int = 0) -> None:
         """Launch with ``args``: tensors (passed as device pointers), ``None`` (a null pointer) or
-        Python ints (passed as C ``int``).  ``pdl``: the programmatic-dependent-launch attribute."""
+        Python ints (passed as C ``int``).  ``pdl``: the programmatic-dependent-launch attribute;
+        ``shared``: bytes of dynamic shared memory (``extern __shared__``)."""
         if torch.cuda.current_device() != self.device_index:  # (the module lives in its device's context)
             with torch.cuda.device(self.device_index):
-                return self._launch(grid, block, args, pdl)
-        return self._launch(grid, block, args, pdl)
+                return self._launch(grid, block, args, pdl, shared)
+        return self._launch(grid, block, args, pdl, shared)
 
-    def _launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, pdl: bool) -> None:
+    def _launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, pdl: bool,
+                shared: int) -> None:
         _, cuda = _libs()
+        if shared > self._shared_allowed:
+            _check_cu(cuda.cuFuncSetAttribute(self._function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                              ctypes.c_int(shared)), f"allowing {self.name} {shared} B of shared memory")
+            self._shared_allowed = shared
         held = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -134,7 +143,7 @@ class CudaKernel:
                 raise TypeError(f"kernel argument of type {type(a).__name__}")
         params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
         stream = torch.cuda.current_stream(self.device_index).cuda_stream
-        cfg = _LaunchConfig(*grid, *block, 0, ctypes.c_void_p(stream))
+        cfg = _LaunchConfig(*grid, *block, shared, ctypes.c_void_p(stream))
         if pdl:
             attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, b"",
                                     (1).to_bytes(4, "little"))

@@ -1,0 +1,663 @@
+"""int4 weight-only products (W4A16: int4-wo and AWQ) at decode sizes, on tensor cores, in CUDA C.
+
+At batch 1 every linear is a matrix-vector product bound by the bytes it reads, so int4 can only be
+up to 4x faster than bf16 if its kernel keeps the memory system as busy as cuBLAS does for bf16.
+tinygemm (``torch._weight_int4pack_mm``) streamed 1.1-1.8 TB/s on the H200 and our Triton GEMVs
+0.6-2.0 TB/s (docs/benchmarks.md, run 15: Triton issued no load of a program ahead of the
+arithmetic that used it).  Two kernels here, compiled with NVRTC
+(:mod:`trtlm.runtime.kernels.nvrtc`) once per shape configuration:
+
+:func:`w4_gemv` (1-8 rows, the decode step's GEMV):
+
+- **Tensor cores do the multiply-adds** (``mma.m16n8k16``, float32 accumulation): the weight is
+  the A operand, x the B operand (its 8 columns are up to 8 rows of x, so 1-8 rows cost the same).
+  Per weight that leaves ~1 instruction of conversion, against ~2.5 for a float32 FMA GEMV we
+  measured first (run 16), which was ALU-bound (it could not overlap its arithmetic with the stream).
+- **Codes become 16-bit floats with one ``lop3`` per two** (``(word >> 4i) & 0x000F000F | MAGIC``:
+  bfloat16 ``128 + u`` or float16 ``1024 + u``, ``u = q + 8``), because :func:`repack_w4_tiles` stores
+  each lane's A fragment in one word.  The offset (136 or 1032) is removed once per 64-slice with
+  that slice's sum of x: ``sum x q = sum x (128 + u) - 136 sum x``.
+- **Each warp issues all its loads first** (codes and scales of its 16-row tiles, before
+  ``griddepcontrol.wait``: the kernel before never writes them, so with programmatic dependent launch
+  they stream while it finishes), then reads x (AWQ's pre-quant scale applied as it is staged in
+  shared memory).  K is split across blocks so every SM holds tens of kilobytes in flight.
+- **Split K without atomics on the output**: each block writes its partial sums, the last block of
+  a column (a counter it resets, so CUDA-graph replays find zeros) adds them in a fixed order.
+
+:func:`w4_gemm` (9-64 rows; the engine uses it up to :data:`trtlm.quant.kernels.W4_GEMM_ROWS`):
+each weight is dequantized once in registers (``q * scale`` rounded to x's dtype, as the emulation
+rounds it) and feeds up to 8 mma's, one per 8 rows; the block walks its K range in 128-deep steps,
+x double-buffered in shared memory (``ldmatrix``), the next step's codes loaded during this one.
+At 16 rows it is 1.6-2.7x faster than tinygemm at Mistral-7B's shapes (and than bf16 on two of the
+four); at 64 rows it is 0.4-0.6x bf16, below the Triton ``mixed_mm`` (run 16: instruction
+issue, not bandwidth, bounds it there).
+
+Numerics: codes, scales and x are exact in the tensor core's inputs and products accumulate in
+float32; the GEMV's offset removal costs a few of float32's bits, the GEMM rounds each weight to
+x's dtype; the output is rounded once to x's dtype.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["W4Tiles", "repack_w4_tiles", "unpack_w4_tiles", "W4GemvConfig", "W4_GEMV_MAX_ROWS", "w4_configs",
+           "w4_gemv_config", "w4_gemv_supports", "w4_gemv_available", "prepare_w4_gemv", "w4_gemv",
+           "W4GemmConfig", "W4_GEMM_MAX_ROWS", "w4_gemm_configs", "w4_gemm_config", "w4_gemm"]
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+#define XPAD 8                   /* bf16 of padding per x row: the 8 rows' B fragments hit 32 banks */
+#if X_BF16
+#define MAGIC 0x43004300u        /* bfloat16 128.0 twice: 0x4300 | u is 128 + u */
+#define OFFSET 136.f             /* 128 + 8: the code q is u - 8 */
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#else
+#define MAGIC 0x64006400u        /* float16 1024.0 twice */
+#define OFFSET 1032.f
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#endif
+
+__device__ __forceinline__ float to_f32(u16 v) {
+#if X_BF16
+  return __uint_as_float(((u32)v) << 16);
+#else
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+#endif
+}
+
+__device__ __forceinline__ u16 from_f32(float f) {
+  u16 r;
+#if X_BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#endif
+  return r;
+}
+
+/* Programmatic dependent launch (sm_90+; trtlm.runtime.kernels.pdl): wait until the kernel before
+   has completed and its writes are visible / let the kernel after launch.  No-ops where the launch
+   did not ask for it; compiled out below sm_90, which has no griddepcontrol. */
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+/* (a & 0x000F000F) | MAGIC in one lop3: two codes as the 16-bit floats MAGIC + u */
+__device__ __forceinline__ u32 pair(u32 a) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(0x000F000F), "r"(MAGIC));
+  return r;
+}
+
+
+/* Split K: each block has written its partial sums ([SPLITS, rows, N] float32); the last block of
+   this column of blocks (counted in `counters`, which it resets for the next launch and for CUDA
+   graph replays) adds them in a fixed order and writes the output. */
+__device__ __forceinline__ void finish_splits(const float* partial, u32* counters, u16* y, int N, int rows,
+                                              int width) {
+#if SPLITS > 1
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == SPLITS - 1;
+  __syncthreads();
+  if (last) {
+    const int n0 = blockIdx.x * width;
+    for (int i = threadIdx.x; i < rows * width; i += blockDim.x) {
+      const int r = i / width, n = n0 + i % width;
+      float v = 0.f;
+      for (int sp = 0; sp < SPLITS; ++sp) v += __ldcg(partial + ((size_t)sp * rows + r) * N + n);
+      y[(size_t)r * N + n] = from_f32(v);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+  }
+#endif
+}
+
+/* One output of a block: to y directly, or to this split's partial sums */
+__device__ __forceinline__ void put(float* partial, u16* y, int N, int rows, int r, int n, float v) {
+#if SPLITS == 1
+  y[(size_t)r * N + n] = from_f32(v);
+#else
+  partial[((size_t)blockIdx.y * rows + r) * N + n] = v;
+#endif
+}
+
+#define MMA_ASM(d, a, b0, b1) \
+  asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" \
+               : "+f"((d)[0]), "+f"((d)[1]), "+f"((d)[2]), "+f"((d)[3]) \
+               : "r"((a)[0]), "r"((a)[1]), "r"((a)[2]), "r"((a)[3]), "r"(b0), "r"(b1))
+
+#if MANY
+/* ---- many rows (9..64): a GEMM.  Each weight is dequantized once in registers (q * scale, rounded
+   to x's dtype as the emulation rounds it) and used by up to 8 mma's, one per 8 rows of x; the
+   block walks its K range in 128-deep steps, x's slice double-buffered in shared memory and the
+   next step's codes loaded while this step computes. */
+#define KS 128
+#define XROW (KS + XPAD)
+#define XPT (64 * KS / 8 / (WARPS * 32))  /* 16-byte pieces of the x slice per thread */
+#if X_BF16
+#define ONE2 0x3F803F80u
+#define NEG_OFF2 0xC308C308u             /* -136 twice */
+#define FMA2 "fma.rn.bf16x2"
+#else
+#define ONE2 0x3C003C00u
+#define NEG_OFF2 0xE408E408u             /* -1032 twice */
+#define FMA2 "fma.rn.f16x2"
+#endif
+#define NEG_ZERO2 0x80008000u
+
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm(FMA2 " %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+__device__ __forceinline__ u32 splat(float f) {
+  const u32 h = from_f32(f);
+  return h | (h << 16);
+}
+
+__device__ __forceinline__ uint4 scale_x(uint4 v, uint4 p) {
+  u32* a = reinterpret_cast<u32*>(&v);
+  const u32* b = reinterpret_cast<const u32*>(&p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    a[i] = (u32)from_f32(to_f32(a[i] & 0xFFFF) * to_f32(b[i] & 0xFFFF))
+           | ((u32)from_f32(to_f32(a[i] >> 16) * to_f32(b[i] >> 16)) << 16);
+  return v;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+w4_gemm(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scales,
+        const u16* __restrict__ pre, float* __restrict__ partial, u32* __restrict__ counters,
+        u16* __restrict__ y, int N, int K, int rows)
+{
+  __shared__ __align__(16) u16 xs[2][64][XROW];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tile0 = (blockIdx.x * WARPS + warp) * TILES;
+  const int kb0 = blockIdx.y * (ITERS * KS);
+  const int ntiles = (rows + 7) / 8;
+
+  uint4 wc[TILES][2], wn[TILES][2];
+  float sc[TILES][2][2], sn[TILES][2][2];
+  uint4 xr[XPT];
+#define LOAD_W(dst, sdst, it) \
+  _Pragma("unroll") for (int t = 0; t < TILES; ++t) { \
+    const uint4* wp = w + ((size_t)(tile0 + t) * (K / 64) + (kb0 + (it) * KS) / 64) * 32 + lane; \
+    _Pragma("unroll") for (int h = 0; h < 2; ++h) { \
+      dst[t][h] = __ldg(wp + h * 32); \
+      const float* sp = scales + (size_t)((kb0 + (it) * KS + h * 64) / GROUP) * N + (tile0 + t) * 16 + gid; \
+      sdst[t][h][0] = __ldg(sp); sdst[t][h][1] = __ldg(sp + 8); } }
+#define LOAD_X(it) \
+  _Pragma("unroll") for (int e = 0; e < XPT; ++e) { \
+    const int i = threadIdx.x + e * WARPS * 32, r = i / (KS / 8), c = (i % (KS / 8)) * 8; \
+    if (r < rows) xr[e] = *reinterpret_cast<const uint4*>(x + (size_t)r * K + kb0 + (it) * KS + c); }
+#if HAS_PRE
+#define PRE(v, it, c) scale_x(v, *reinterpret_cast<const uint4*>(pre + kb0 + (it) * KS + (c)))
+#else
+#define PRE(v, it, c) (v)
+#endif
+#define STORE_X(buf, it) \
+  _Pragma("unroll") for (int e = 0; e < XPT; ++e) { \
+    const int i = threadIdx.x + e * WARPS * 32, r = i / (KS / 8), c = (i % (KS / 8)) * 8; \
+    if (r < rows) *reinterpret_cast<uint4*>(&xs[buf][r][c]) = PRE(xr[e], it, c); }
+
+  LOAD_W(wc, sc, 0)  /* the codes first: the kernel before never writes them */
+  pdl_wait();
+  LOAD_X(0)
+  STORE_X(0, 0)
+  __syncthreads();
+  pdl_release();
+
+  float acc[TILES][8][4];
+#pragma unroll
+  for (int t = 0; t < TILES; ++t)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) acc[t][nt][0] = acc[t][nt][1] = acc[t][nt][2] = acc[t][nt][3] = 0.f;
+
+  /* ldmatrix: lanes 8m..8m+7 address the rows of matrix m = (n-tile 2np + m/2, k half m%2).  Rows of
+     x from `rows` on are never written (nor loaded, nor scaled): they only reach mma columns whose
+     outputs are not stored. */
+  const int lrow = 8 * (lane >> 4) + (lane & 7), lcol = 8 * ((lane >> 3) & 1);
+#pragma unroll 1
+  for (int it = 0; it < ITERS; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < ITERS) {
+      LOAD_W(wn, sn, it + 1)
+      LOAD_X(it + 1)
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      u32 S[TILES][2];
+#pragma unroll
+      for (int t = 0; t < TILES; ++t) { S[t][0] = splat(sc[t][h][0]); S[t][1] = splat(sc[t][h][1]); }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        u32 a[TILES][4];
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+          const uint4 v4 = wc[t][h];
+          const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[t][i] = fma2(fma2(pair(q >> (4 * i)), ONE2, NEG_OFF2), S[t][i & 1], NEG_ZERO2);
+        }
+        const int k = h * 64 + j * 16;
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          if (2 * np < ntiles) {
+            u32 b0, b1, b2, b3;
+            const u32 addr = (u32)__cvta_generic_to_shared(&xs[buf][16 * np + lrow][k + lcol]);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
+#pragma unroll
+            for (int t = 0; t < TILES; ++t) {
+              MMA_ASM(acc[t][2 * np], a[t], b0, b1);
+              if (2 * np + 1 < ntiles) MMA_ASM(acc[t][2 * np + 1], a[t], b2, b3);
+            }
+          }
+        }
+      }
+    }
+    if (it + 1 < ITERS) {
+      STORE_X(buf ^ 1, it + 1)
+#pragma unroll
+      for (int t = 0; t < TILES; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wc[t][h] = wn[t][h]; sc[t][h][0] = sn[t][h][0]; sc[t][h][1] = sn[t][h][1];
+        }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int t = 0; t < TILES; ++t)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = nt * 8 + 2 * tig + (e & 1);
+        if (r < rows) put(partial, y, N, rows, r, (tile0 + t) * 16 + gid + 8 * (e >> 1), acc[t][nt][e]);
+      }
+  finish_splits(partial, counters, y, N, rows, WARPS * TILES * 16);
+}
+#else
+/* ---- few rows (1..8): the GEMV */
+#define KB (SEGS * 128)  /* the k of one block */
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scales,
+        const u16* __restrict__ pre, float* __restrict__ partial, u32* __restrict__ counters,
+        u16* __restrict__ y, int N, int K, int rows)
+{
+  __shared__ __align__(16) u16 xs[8][KB + XPAD];
+  __shared__ float xsum[8][2 * SEGS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;  /* mma fragment coordinates */
+  const int tile0 = (blockIdx.x * WARPS + warp) * TILES;  /* the warp's first 16-row tile */
+  const int kb0 = blockIdx.y * KB;
+
+  /* the warp's codes and scales first: the kernel before never writes them */
+  uint4 wv[TILES][2 * SEGS];
+  float sc[TILES][2 * SEGS][2];  /* the scales of rows gid and gid + 8, per 64-slice */
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) {
+    const uint4* wp = w + ((size_t)(tile0 + t) * (K / 64) + kb0 / 64) * 32 + lane;
+#pragma unroll
+    for (int c = 0; c < 2 * SEGS; ++c) wv[t][c] = __ldg(wp + c * 32);
+  }
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+    for (int c = 0; c < 2 * SEGS; ++c) {
+      const float* sp = scales + (size_t)((kb0 + c * 64) / GROUP) * N + (tile0 + t) * 16 + gid;
+      sc[t][c][0] = __ldg(sp);
+      sc[t][c][1] = __ldg(sp + 8);
+    }
+  }
+
+  pdl_wait();
+  for (int i = threadIdx.x; i < rows * KB / 2; i += WARPS * 32) {  /* the block's slice of x */
+    const int r = i / (KB / 2), k = 2 * (i % (KB / 2));
+    const u32 raw = *reinterpret_cast<const u32*>(x + (size_t)r * K + kb0 + k);
+#if HAS_PRE
+    const u32 p = *reinterpret_cast<const u32*>(pre + kb0 + k);
+    const u32 v = (u32)from_f32(to_f32(raw & 0xFFFF) * to_f32(p & 0xFFFF))
+                  | ((u32)from_f32(to_f32(raw >> 16) * to_f32(p >> 16)) << 16);
+#else
+    const u32 v = raw;
+#endif
+    *reinterpret_cast<u32*>(&xs[r][k]) = v;
+  }
+  __syncthreads();
+  for (int i = warp; i < rows * 2 * SEGS; i += WARPS) {  /* each row's sum per 64-slice (the offset) */
+    const int r = i / (2 * SEGS), c = i % (2 * SEGS);
+    const u16* q = &xs[r][c * 64];
+    float v = to_f32(q[lane]) + to_f32(q[lane + 32]);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) xsum[r][c] = v;
+  }
+  __syncthreads();
+  pdl_release();
+
+  const bool has_row = gid < rows;  /* B column gid is x row gid; the others are zero */
+  float acc[TILES][4];
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+#pragma unroll
+  for (int s = 0; s < SEGS; ++s) {
+    float d[TILES][2][4];  /* two mma chains per tile, one per 64-slice */
+#pragma unroll
+    for (int t = 0; t < TILES; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) d[t][h][0] = d[t][h][1] = d[t][h][2] = d[t][h][3] = 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = s * 128 + h * 64 + j * 16 + 2 * tig;
+        const u32 b0 = has_row ? *reinterpret_cast<const u32*>(&xs[gid][k]) : 0u;
+        const u32 b1 = has_row ? *reinterpret_cast<const u32*>(&xs[gid][k + 8]) : 0u;
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+          const uint4 v4 = wv[t][2 * s + h];
+          const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
+          const u32 a[4] = {pair(q), pair(q >> 4), pair(q >> 8), pair(q >> 12)};
+          MMA_ASM(d[t][h], a, b0, b1);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  /* each 64-slice's scales (a group is a multiple of 64) */
+      const int c = 2 * s + h;
+      const float o0 = 2 * tig < rows ? OFFSET * xsum[2 * tig][c] : 0.f;
+      const float o1 = 2 * tig + 1 < rows ? OFFSET * xsum[2 * tig + 1][c] : 0.f;
+#pragma unroll
+      for (int t = 0; t < TILES; ++t) {
+        acc[t][0] = fmaf(sc[t][c][0], d[t][h][0] - o0, acc[t][0]);
+        acc[t][1] = fmaf(sc[t][c][0], d[t][h][1] - o1, acc[t][1]);
+        acc[t][2] = fmaf(sc[t][c][1], d[t][h][2] - o0, acc[t][2]);
+        acc[t][3] = fmaf(sc[t][c][1], d[t][h][3] - o1, acc[t][3]);
+      }
+    }
+  }
+
+  /* C fragment: rows gid / gid + 8 of the tile, columns (= x rows) 2 tig and 2 tig + 1 */
+#pragma unroll
+  for (int t = 0; t < TILES; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = 2 * tig + (e & 1), n = (tile0 + t) * 16 + gid + 8 * (e >> 1);
+      if (r < rows) put(partial, y, N, rows, r, n, acc[t][e]);
+    }
+  }
+  finish_splits(partial, counters, y, N, rows, WARPS * TILES * 16);
+}
+#endif
+"""
+
+
+class W4Tiles(NamedTuple):
+    """An int4 weight repacked once (:func:`repack_w4_tiles`) for :func:`w4_gemv` and :func:`w4_gemm`.
+
+    ``weight``: int32 ``[N/16, K/64, 32, 4]``: for each 16-row tile and 64-wide slice of K, lane
+    ``L``'s four words, word ``j`` holding the eight codes of the lane's tensor-core A fragment
+    (``mma.m16n8k16``) of k-step ``j``, as ``u = q + 8`` in bits ``4i`` (first of pair ``i``) and
+    ``16 + 4i`` (second), so that ``((word >> 4i) & 0x000F000F) | MAGIC`` is fragment register
+    ``i``.  ``scales``: float32 ``[K/group, N]`` (shared with :class:`~trtlm.quant.kernels.MixedWeight`).
+    """
+    weight: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1] * 64
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] * 16
+
+
+@torch.no_grad()
+def repack_w4_tiles(packed: torch.Tensor, scales_kn: torch.Tensor, group_size: int) -> W4Tiles:
+    """The checkpoint's packed int4 ``[N/2, K]`` -> :class:`W4Tiles` (``scales_kn``: float32
+    ``[K/group, N]``, kept as is).  Load time, once; a copy of the codes of the same size."""
+    from trtlm.quant.formats import unpack_int4
+
+    u = unpack_int4(packed).to(torch.int64) + 8  # [N, K] in [0, 15]
+    N, K = u.shape
+    if N % 16 or K % 64:
+        raise ValueError(f"w4 tiles need N % 16 == 0 and K % 64 == 0, not [{N}, {K}]")
+    # n = 16 r + 8 rowhalf + gid, k = 64 c + 16 j + 8 colhalf + 2 tig + h
+    u = u.reshape(N // 16, 2, 8, K // 64, 4, 2, 4, 2)  # r, rowhalf, gid, c, j, colhalf, tig, h
+    u = u.permute(0, 3, 2, 6, 4, 5, 1, 7)  # r, c, gid, tig, j, colhalf, rowhalf, h
+    # fragment register i = 2 colhalf + rowhalf; the pair's first code at bit 4i, its second at 16 + 4i
+    shifts = (4 * torch.arange(4).reshape(2, 2, 1) + 16 * torch.arange(2)).to(u.device)  # [colhalf, rowhalf, h]
+    words = (u << shifts).sum(dim=(-3, -2, -1))  # r, c, gid, tig, j
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return W4Tiles(words.reshape(N // 16, K // 64, 32, 4).contiguous(), scales_kn, group_size)
+
+
+def unpack_w4_tiles(tiles: W4Tiles) -> torch.Tensor:
+    """Inverse of :func:`repack_w4_tiles` (the signed codes ``[N, K]``), for tests."""
+    w = tiles.weight.to(torch.int64) & 0xFFFFFFFF
+    R, C = w.shape[:2]
+    w = w.reshape(R, C, 8, 4, 4)  # r, c, gid, tig, j
+    shifts = (4 * torch.arange(4).reshape(2, 2, 1) + 16 * torch.arange(2)).to(w.device)
+    u = (w[..., None, None, None] >> shifts) & 0xF  # r, c, gid, tig, j, colhalf, rowhalf, h
+    u = u.permute(0, 6, 2, 1, 4, 5, 3, 7)  # r, rowhalf, gid, c, j, colhalf, tig, h
+    return (u.reshape(R * 16, C * 64) - 8).to(torch.int8)
+
+
+class W4GemvConfig(NamedTuple):
+    """How :func:`w4_gemv` splits ``[N, K]``: blocks of ``warps`` warps, each warp ``tiles``
+    16-row tiles over the block's ``segs`` 128-deep slices of K, ``splits`` blocks along K
+    (``K = splits * segs * 128``)."""
+    warps: int
+    tiles: int
+    segs: int
+    splits: int
+
+
+#: the most rows one launch computes (the mma's 8 columns)
+W4_GEMV_MAX_ROWS = 8
+
+
+def _tiles(cfg: W4GemvConfig, N: int, K: int) -> bool:
+    return cfg.splits * cfg.segs * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+
+
+def w4_configs(N: int, K: int) -> list[W4GemvConfig]:
+    """Every configuration that tiles ``[N, K]`` within sensible limits (the benchmark's sweep)."""
+    out = []
+    for warps in (2, 4, 8):
+        for tiles in (1, 2, 4):
+            for segs in (1, 2, 4, 8):
+                splits = K // (segs * 128)
+                cfg = W4GemvConfig(warps, tiles, segs, splits)
+                if _tiles(cfg, N, K) and splits <= 64 and tiles * segs <= 16:  # (registers: 8 words per slice)
+                    out.append(cfg)
+    return out
+
+
+#: the GEMV's default, the best or within 0.5 us of it at Mistral-7B's shapes with K = 4096 (run 16): four
+#: warps of two 16-row tiles, 256-deep K slices (each lane holds 2 x 4 x 16 B = 128 B of codes)
+W4_DEFAULT = {"warps": 4, "tiles": 2, "segs": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def w4_gemv_config(N: int, K: int) -> W4GemvConfig | None:
+    """The configuration for ``[N, K]`` (None where the kernel does not apply): :data:`W4_DEFAULT`,
+    else the sweep's configuration nearest to it."""
+    cands = w4_configs(N, K)
+    if not cands:
+        return None
+    return min(cands, key=lambda c: sum(abs(getattr(c, k) - v) for k, v in W4_DEFAULT.items()))
+
+
+def w4_gemv_supports(group_size: int, N: int, K: int) -> bool:
+    """Whether the kernel takes an int4 linear of this group (a multiple of 64) and shape."""
+    return group_size % 64 == 0 and K % group_size == 0 and w4_gemv_config(N, K) is not None
+
+
+def w4_gemv_available(device: torch.device) -> bool:
+    """CUDA C kernels compile here (NVRTC) and the device has bf16 tensor-core mma (sm_80+)."""
+    from trtlm.runtime.kernels.nvrtc import nvrtc_available
+    return (device.type == "cuda" and nvrtc_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+class W4GemmConfig(NamedTuple):
+    """How :func:`w4_gemm` splits ``[N, K]``: blocks of ``warps`` warps of ``tiles`` 16-row tiles,
+    each block walking ``iters`` 128-deep steps of K; ``splits`` blocks along K
+    (``K = splits * iters * 128``)."""
+    warps: int
+    tiles: int
+    iters: int
+    splits: int
+
+
+#: the most rows :func:`w4_gemm` computes (8 mma columns of 8 rows)
+W4_GEMM_MAX_ROWS = 64
+
+
+def _gemm_tiles(cfg: W4GemmConfig, N: int, K: int) -> bool:
+    return cfg.splits * cfg.iters * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+
+
+def w4_gemm_configs(N: int, K: int) -> list[W4GemmConfig]:
+    """Every configuration that tiles ``[N, K]`` (the benchmark's sweep)."""
+    out = []
+    for warps in (4, 8):
+        for tiles in (1, 2):
+            for iters in (1, 2, 4, 8, 16, 28, 32):
+                cfg = W4GemmConfig(warps, tiles, iters, K // (iters * 128))
+                if _gemm_tiles(cfg, N, K) and cfg.splits <= 16:
+                    out.append(cfg)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def w4_gemm_config(N: int, K: int, sms: int = 132) -> W4GemmConfig | None:
+    """The configuration for ``[N, K]`` on ``sms`` SMs: eight warps, and the grid nearest one block
+    per SM (fewer K splits on a tie).  At 16 rows this picked the sweep's best or one within 10% at
+    each of Mistral-7B's shapes (run 16; the best configuration differs by shape 1.5-2x)."""
+    cands = [c for c in w4_gemm_configs(N, K) if c.warps == 8]
+    if not cands:
+        return None
+    return min(cands, key=lambda c: (abs(N // (16 * c.tiles * c.warps) * c.splits - sms), c.splits))
+
+
+@functools.lru_cache(maxsize=None)
+def _source(kind: str, cfg: tuple, group: int, x_bf16: bool, has_pre: bool) -> str:
+    """The kernel's source for one variant (``kind``: "gemv" or "gemm"; configurations of the two
+    kinds can be equal tuples, so the kind is part of the cache key)."""
+    fields = W4GemmConfig._fields if kind == "gemm" else W4GemvConfig._fields
+    head = "".join(f"#define {k.upper()} {v}\n" for k, v in zip(fields, cfg))
+    head += (f"#define MANY {int(kind == 'gemm')}\n#define GROUP {group}\n"
+             f"#define X_BF16 {int(x_bf16)}\n#define HAS_PRE {int(has_pre)}\n")
+    return head + _SOURCE
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """The split-K counters (all zero between launches: the last block of a column resets its own).
+    One buffer per device, shared by every linear: a launch waits for the one before to complete
+    before it touches them (``griddepcontrol.wait``), and linears run in stream order."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _counters[device] = buf
+    return buf
+
+
+def _kernel(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, cfg: "W4GemvConfig | W4GemmConfig"):
+    from trtlm.runtime.kernels.nvrtc import compile_kernel
+
+    kind = "gemm" if isinstance(cfg, W4GemmConfig) else "gemv"
+    src = _source(kind, tuple(cfg), tiles.group_size, dtype == torch.bfloat16, has_pre)
+    return compile_kernel(src, f"w4_{kind}", tiles.weight.device)
+
+
+def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, gemm: bool = False) -> None:
+    """Compile the kernels (the GEMV, and the GEMM with ``gemm``) and allocate the counters now
+    (load time, not inside a CUDA-graph capture)."""
+    N, K = tiles.out_features, tiles.in_features
+    _kernel(tiles, dtype, has_pre, w4_gemv_config(N, K))
+    if gemm:
+        _kernel(tiles, dtype, has_pre, w4_gemm_config(N, K, _sms(tiles.weight.device)))
+    _counter_buffer(tiles.weight.device, N // 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch where the engine's other kernels do
+    (:func:`trtlm.runtime.kernels.pdl.pdl_available`, which needs Triton; these kernels wait
+    correctly either way)."""
+    if not _has_triton():
+        return False
+    from trtlm.runtime.kernels.pdl import pdl_available
+    return pdl_available(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg, max_rows: int) -> torch.Tensor:
+    K, N = tiles.in_features, tiles.out_features
+    rows = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != K or not 1 <= rows <= max_rows:
+        raise ValueError(f"int4 product of [1..{max_rows}, {K}] inputs, not {tuple(x.shape)}")
+    fits = _gemm_tiles(cfg, N, K) if isinstance(cfg, W4GemmConfig) else _tiles(cfg, N, K)
+    if not fits:
+        raise ValueError(f"config {cfg} does not tile [{N}, {K}]")
+    kernel = _kernel(tiles, x.dtype, prequant is not None, cfg)
+    x = x.contiguous()
+    pre = prequant.reshape(-1).to(x.dtype).contiguous() if prequant is not None else None
+    y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    partial = torch.empty(cfg.splits, rows, N, dtype=torch.float32, device=x.device) if cfg.splits > 1 else None
+    counters = _counter_buffer(x.device, N // 16)
+    kernel((N // (16 * cfg.tiles * cfg.warps), cfg.splits, 1), (32 * cfg.warps, 1, 1),
+           [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=_pdl(x.device))
+    return y
+
+
+def w4_gemv(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = None,
+            config: W4GemvConfig | None = None) -> torch.Tensor:
+    """``[rows, K] @ dequant(W)^T -> [rows, N]`` for up to :data:`W4_GEMV_MAX_ROWS` rows, in x's dtype
+    (float16 or bfloat16); ``prequant``: AWQ's pre-quant scale ``[K]`` (x * prequant is rounded to
+    x's dtype, as the other int4 paths round it)."""
+    cfg = config or w4_gemv_config(tiles.out_features, tiles.in_features)
+    return _launch(x, tiles, prequant, cfg, W4_GEMV_MAX_ROWS)
+
+
+def w4_gemm(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = None,
+            config: W4GemmConfig | None = None) -> torch.Tensor:
+    """The same product for up to :data:`W4_GEMM_MAX_ROWS` rows: each weight dequantized once in
+    registers (``q * scale`` rounded to x's dtype, as the emulation rounds it) for every row."""
+    cfg = config or w4_gemm_config(tiles.out_features, tiles.in_features, _sms(x.device))
+    return _launch(x, tiles, prequant, cfg, W4_GEMM_MAX_ROWS)
