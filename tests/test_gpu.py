@@ -351,6 +351,11 @@ def test_quantized_engine_gpu_path_matches_cpu_path(mode, tmp_path):
         assert all(m.fused_fp8 is not None for m in modules if isinstance(m, GatedMLP))
         assert all(b.qkv_fp8_scale is not None and b.mlp_fp8_scale is not None
                    for b in modules if isinstance(b, Block))
+    if mode in ("int4-awq", "int4-wo"):  # the int4 GEMV of proj applies the SwiGLU after a stacked fc/gate
+        from trtlm.runtime.model import GatedMLP
+
+        mlps = [m for m in gpu.engine.executor.model.modules() if isinstance(m, GatedMLP)]
+        assert all(m.proj_takes_swiglu == (m.fused_quant is not None and m.proj.kernel_path == "w4") for m in mlps)
     prompt = "def fibonacci(n):\n    "
     a = cpu.generate([prompt], max_new_tokens=8, keep_logits=True)
     b = gpu.generate([prompt], max_new_tokens=8, keep_logits=True)

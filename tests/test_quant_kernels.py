@@ -726,6 +726,41 @@ def test_w4_kernels_match_the_dequantized_product(kind, dtype):
 
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4_gemv_applies_the_swiglu_as_it_stages_x(dtype):
+    """The GEMV given the SwiGLU's input ``[a | g]`` (the stacked fc/gate output) computes
+    ``proj(silu(a) * g)``: against the float32 product with ``silu_mul``'s reference (``silu(a)``
+    rounded to x's dtype, then the product rounded), AWQ's pre-quant scale after it, at 1-8 rows.
+    Same tolerance as every fast path (the exponentials differ in their last bits, so a rounded
+    ``silu(a)`` may differ by one unit of x's dtype; a wrong half or a missing activation is off
+    by O(1)).  The engine's MLP then takes it instead of the SwiGLU's own kernel."""
+    from trtlm.quant import w4_gemv as w4
+    from trtlm.runtime.kernels.fused import silu_mul_ref
+
+    if not w4_gemv_available(torch.device("cuda")):
+        pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
+    gen = torch.Generator("cuda").manual_seed(1)
+    N, K = 512, 1024
+    w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
+    s = qf.int4_group_scales(w, 128)
+    q = qf.quantize_int4(w, s, 128)
+    tiles = w4.repack_w4_tiles(qf.pack_int4(q), s.t().contiguous(), 128)
+    deq = (q.float().reshape(N, K // 128, 128) * s[..., None]).reshape(N, K)
+    p = (torch.rand(K, device="cuda", generator=gen) + 0.5).to(dtype)
+    for rows in (1, 3, 8):
+        y = (torch.randn(rows, 2 * K, device="cuda", generator=gen) * 2).to(dtype)
+        for pre in (None, p):
+            x = silu_mul_ref(y)
+            x = (x.float() * pre.float()).to(dtype) if pre is not None else x
+            out = w4.w4_gemv(y, tiles, pre, swiglu=True)
+            assert out.shape == (rows, N) and out.dtype == dtype
+            assert _rel(out, x.float() @ deq.t()) <= TOL, (rows, pre is not None)
+    with pytest.raises(ValueError, match="inputs"):  # (the SwiGLU's input is twice as wide as x)
+        w4.w4_gemv(y[:, :K], tiles, swiglu=True)
+
+
+@cuda
+@pytest.mark.gpu
 def test_int4_falls_back_when_the_cuda_c_kernels_do_not_compile(monkeypatch):
     """A real NVRTC failure (source that does not compile) leaves the int4 linear on the other
     kernels, still correct, and its one-line report says why; nothing raises at load time."""

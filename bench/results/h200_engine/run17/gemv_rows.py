@@ -8,6 +8,8 @@ from quant_kernels_bench import time_op
 from trtlm.quant import formats as qf
 from trtlm.quant import w4_gemv as w4
 
+# run 16's GEMV, for the same-run comparison: the calls carried a copy of it, made with
+#   git show 574cee8:core/src/trtlm/quant/w4_gemv.py > bench/results/h200_engine/run17/w4_gemv_run16.py
 spec = importlib.util.spec_from_file_location("w4_old", "bench/results/h200_engine/run17/w4_gemv_run16.py")
 old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
 sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -113,6 +113,7 @@ class QuantLinear(nn.Module):
         self._gemv = False  #: one row takes :func:`trtlm.quant.gemv.gemv`
         self._w4: W4Tiles | None = None  #: the codes repacked for :func:`trtlm.quant.w4_gemv.w4_gemv` (int4, few rows)
         self._w4_gemm_rows = 0  #: rows up to which :func:`trtlm.quant.w4_gemv.w4_gemm` takes the product
+        self._w4_swiglu = False  #: :meth:`swiglu_forward` applies the SwiGLU in the GEMV (:meth:`prepare_swiglu`)
 
     # -- load time ---------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +150,7 @@ class QuantLinear(nn.Module):
     def _prepare_int4(self, dev: torch.device) -> None:
         """int4 at decode sizes: the tensor-core kernels of :mod:`trtlm.quant.w4_gemv` where they
         compile (a repacked copy of the codes), tinygemm (another copy) only for the rows they leave."""
-        self._w4, self._w4_gemm_rows = None, 0
+        self._w4, self._w4_gemm_rows, self._w4_swiglu = None, 0, False
         failed = ""
         if (self._mm is not None and qk.W4_GEMV and self.fmt.weight == "int4" and w4_gemv_available(dev)
                 and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
@@ -251,6 +252,30 @@ class QuantLinear(nn.Module):
         y = self._fast(x2, path)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + self.bias if self.bias is not None else y
+
+    def prepare_swiglu(self) -> bool:
+        """Let :meth:`swiglu_forward` apply the SwiGLU inside the int4 GEMV (as it stages x: one
+        kernel fewer per layer at decode sizes), compiling that variant now (load time).  Called by
+        ``GatedMLP`` for its ``proj`` after :meth:`prepare`; whether the GEMV takes it."""
+        if self._w4 is None:
+            return False
+        try:
+            prepare_w4_gemv(self._w4, self.dtype, hasattr(self, "prequant_scaling_factor"), swiglu=True)
+        except RuntimeError:  # (the plain GEMV compiled, so this is not expected; the SwiGLU kernel stays)
+            return False
+        self._w4_swiglu = True
+        return True
+
+    def swiglu_forward(self, y: torch.Tensor) -> torch.Tensor:
+        """``self(silu(a) * g)`` for the SwiGLU's input ``y = [a | g]``: in one kernel where the int4
+        GEMV takes the rows (:meth:`prepare_swiglu`), else the SwiGLU's kernel, then this linear."""
+        if (self._w4_swiglu and y.dim() == 2 and y.is_cuda and y.dtype == self.dtype
+                and y.shape[0] <= W4_GEMV_MAX_ROWS and self._prepared_on == y.device):
+            out = w4_gemv(y, self._w4, getattr(self, "prequant_scaling_factor", None), swiglu=True)
+            return out + self.bias if self.bias is not None else out
+        from trtlm.runtime.kernels import fused
+
+        return self(fused.silu_mul(y))
 
     def _fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
         fmt, rows = self.fmt, x.shape[0]

@@ -131,6 +131,8 @@ def prepare_for_device(model: torch.nn.Module) -> dict[str, str]:
             for kind in ("mlp.fc", "mlp.gate"):
                 if kind in paths:
                     paths[kind] += "; fc and gate stacked into one quantized product"
+        if "mlp.proj" in paths and any(isinstance(m, GatedMLP) and m.proj_takes_swiglu for m in model.modules()):
+            paths["mlp.proj"] += "; the SwiGLU applied by its GEMV as it reads its input (up to 8 rows)"
         if "attention.qkv" in paths and any(isinstance(m, Block) and m.qkv_fp8_scale is not None
                                             for m in model.modules()):
             paths["attention.qkv"] += "; input quantized by the RMSNorm's kernel"

@@ -186,6 +186,8 @@ class GatedMLP(nn.Module):
         self.fused_fp8: tuple[torch.Tensor, ...] | None = None
         #: weight-only quantized ``fc``/``gate`` stacked: (the stacked ``QuantLinear``,)
         self.fused_quant: tuple[nn.Module] | None = None
+        #: ... and ``proj`` applies the SwiGLU itself (``QuantLinear.swiglu_forward``: the int4 GEMV)
+        self.proj_takes_swiglu = False
 
     def fuse(self) -> None:
         """Put ``fc`` and ``gate`` in one ``[2I, H]`` weight so both products are one matrix
@@ -233,6 +235,8 @@ class GatedMLP(nn.Module):
         both = stacked([self.fc, self.gate])
         if both is not None:
             self.fused_quant = (both,)  # (a tuple: not a submodule, so the state_dict keeps its names)
+            prepare_swiglu = getattr(self.proj, "prepare_swiglu", None)
+            self.proj_takes_swiglu = bool(prepare_swiglu is not None and prepare_swiglu())
 
     def fp8_input_scale(self) -> torch.Tensor | None:
         """The scale the norm before this MLP quantizes its output with (FP8 ``fc``/``gate`` fused)."""
@@ -251,7 +255,10 @@ class GatedMLP(nn.Module):
         if self.fused is not None:
             return row_parallel(self.proj, fused.silu_mul(F.linear(x, *self.fused)), self.comm)
         if self.fused_quant is not None:
-            return row_parallel(self.proj, fused.silu_mul(self.fused_quant[0](x)), self.comm)
+            y = self.fused_quant[0](x)
+            if self.proj_takes_swiglu:  # (the int4 GEMV applies the SwiGLU as it reads y)
+                return row_parallel(self.proj, y, self.comm, swiglu=True)
+            return row_parallel(self.proj, fused.silu_mul(y), self.comm)
         return row_parallel(self.proj, F.silu(self.fc(x)) * self.gate(x), self.comm)
 
 
@@ -335,15 +342,17 @@ class MoE(nn.Module):
         return self.comm.all_reduce(out)
 
 
-def row_parallel(linear: nn.Module, x: torch.Tensor, comm) -> torch.Tensor:
+def row_parallel(linear: nn.Module, x: torch.Tensor, comm, swiglu: bool = False) -> torch.Tensor:
     """A row-parallel product summed over tensor-parallel ranks, its bias added once
-    (TensorRT-LLM's RowLinear adds the replicated bias after the all-reduce)."""
+    (TensorRT-LLM's RowLinear adds the replicated bias after the all-reduce).  ``swiglu``: ``x`` is
+    the SwiGLU's input, which the (quantized) linear's ``swiglu_forward`` takes."""
+    forward = linear.swiglu_forward if swiglu else linear
     bias = getattr(linear, "bias", None)
     if bias is None or comm.tp_size == 1:
-        return comm.all_reduce(linear(x))
+        return comm.all_reduce(forward(x))
     if type(linear) is Linear:
         return comm.all_reduce(F.linear(x, linear.weight)) + bias
-    out = linear(x)  # quantized linears add their bias themselves: keep rank 0's only
+    out = forward(x)  # quantized linears add their bias themselves: keep rank 0's only
     return comm.all_reduce(out if comm.tp_rank == 0 else out - bias)
 
 
