@@ -631,8 +631,9 @@ def test_w4_tiles_hold_each_lanes_mma_fragment(monkeypatch):
 
 
 def test_w4_gemv_configs_tile_their_shapes():
-    from trtlm.quant.w4_gemv import (W4_DEFAULT, W4_MEASURED, _GEMV_SHARED_MAX, _gemv_shared, w4_configs,
-                                     w4_gemm_config, w4_gemm_configs, w4_gemv_config, w4_gemv_supports)
+    from trtlm.quant.w4_gemv import (W4_DEFAULT, W4_MEASURED, _GEMV_SHARED_MAX, _gemm_shared, _gemm_window, _gemv_shared,
+                                     gemm_cols, w4_configs, w4_gemm_config, w4_gemm_configs, w4_gemv_config,
+                                     w4_gemv_supports)
 
     shape = (W4_DEFAULT["warps"], W4_DEFAULT["tiles"], W4_DEFAULT["stages"])
     for N, K in ((512, 1024), (6144, 4096), (28672, 4096), (4096, 14336), (57344, 4096), (8192, 28672)):
@@ -643,9 +644,13 @@ def test_w4_gemv_configs_tile_their_shapes():
         for cfg in w4_configs(N, K):
             assert K % (cfg.splits * cfg.slices * 64) == 0 and N % (16 * cfg.tiles * cfg.warps) == 0
             assert _gemv_shared(cfg, K, 8) <= _GEMV_SHARED_MAX and cfg.tiles * cfg.slices <= 8
-        assert w4_gemm_config(N, K) in w4_gemm_configs(N, K)
-        for cfg in w4_gemm_configs(N, K):
-            assert cfg.splits * cfg.iters * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+        for cols in (2, 4, 8):  # (the GEMM: x in windows, so every shape has configurations at 64 rows)
+            assert w4_gemm_config(N, K, cols) in w4_gemm_configs(N, K, cols)
+            for cfg in w4_gemm_configs(N, K, cols):
+                window = _gemm_window(cfg, K, cols)
+                assert K % (cfg.splits * cfg.slices * 64) == 0 and N % (16 * cfg.tiles * cfg.warps) == 0
+                assert (K // cfg.splits) % window == 0 and window % (64 * cfg.slices) == 0
+                assert _gemm_shared(cfg, K, cols) <= _GEMV_SHARED_MAX and cfg.tiles * cols * 4 <= 128
     for (N, K), cfg in W4_MEASURED.items():
         assert cfg in w4_configs(N, K)
     # a grid with a block per SM already streams K whole, in stages of four 64-slices; a small one is
@@ -656,6 +661,8 @@ def test_w4_gemv_configs_tile_their_shapes():
     assert w4_gemv_supports(64, 512, 1024) and w4_gemv_supports(128, 4096, 14336)
     assert not w4_gemv_supports(32, 512, 1024)  # a scale per 64-slice at most
     assert not w4_gemv_supports(128, 200, 1024) and not w4_gemv_supports(128, 512, 1000)
+    # a GEMM kernel per power of two of 8-row groups: 9-16 rows, 17-32, 33-64
+    assert [gemm_cols(r) for r in (9, 16, 17, 32, 33, 64)] == [2, 2, 4, 4, 8, 8]
 
 
 def test_w4_gemv_needs_cuda():
@@ -666,7 +673,7 @@ def test_w4_gemv_needs_cuda():
 
 
 #: kind -> (row counts, whether the reference rounds each dequantized weight to x's dtype)
-W4_KINDS = {"gemv": ((1, 3, 8), False), "gemm": ((9, 17, 64), True)}
+W4_KINDS = {"gemv": ((1, 3, 8), False), "gemm": ((9, 17, 33, 64), True)}
 
 
 @cuda
@@ -685,8 +692,10 @@ def test_w4_kernels_match_the_dequantized_product(kind, dtype):
 
     if not w4_gemv_available(torch.device("cuda")):
         pytest.skip("NVRTC (part of PyTorch's CUDA builds) is not available to compile the kernel")
-    product, default, sweep = {"gemv": (w4.w4_gemv, w4.w4_gemv_config, w4.w4_configs),
-                               "gemm": (w4.w4_gemm, w4.w4_gemm_config, w4.w4_gemm_configs)}[kind]
+    product, default, sweep = {  # (the GEMM's configurations depend on the rows' 8-row groups too)
+        "gemv": (w4.w4_gemv, lambda N, K, rows: w4.w4_gemv_config(N, K), lambda N, K, rows: w4.w4_configs(N, K)),
+        "gemm": (w4.w4_gemm, lambda N, K, rows: w4.w4_gemm_config(N, K, w4.gemm_cols(rows)),
+                 lambda N, K, rows: w4.w4_gemm_configs(N, K, w4.gemm_cols(rows)))}[kind]
     row_counts, rounds_weight = W4_KINDS[kind]
     gen = torch.Generator("cuda").manual_seed(0)
     for N, K, group in ((512, 1024, 64), (6144, 4096, 128), (4096, 14336, 128)):
@@ -703,9 +712,9 @@ def test_w4_kernels_match_the_dequantized_product(kind, dtype):
                 xs = (x.float() * pre.float()).to(dtype) if pre is not None else x
                 ref = xs.float() @ deq.t()
                 # (every configuration compiles a kernel: about eight alternatives, on the smallest shape only)
-                cands = sweep(N, K)
+                cands = sweep(N, K, rows)
                 others = cands[::max(1, len(cands) // 8)] if N == 512 and pre is None else []
-                for cfg in [default(N, K)] + others:
+                for cfg in [default(N, K, rows)] + others:
                     y = product(x, tiles, pre, config=cfg)
                     assert y.dtype == dtype and y.shape == (rows, N)
                     assert _rel(y, ref) <= TOL, (N, K, rows, pre is not None, cfg, _rel(y, ref))

@@ -36,7 +36,7 @@ Whatever the path, at one row (decode at batch 1) int8 and FP8 linears up to
 :data:`trtlm.quant.gemv.GEMV_MAX_OUT` outputs take the bandwidth-bound GEMV of
 :mod:`trtlm.quant.gemv` instead (faster than each of the above there, docs/benchmarks.md "one-row GEMV").
 The ``"w4"`` path's GEMV takes 1-8 rows and its GEMM the rows up to :data:`W4_GEMM_ROWS`
-(docs/benchmarks.md, run 16).
+(docs/benchmarks.md, runs 16-18).
 
 Numerics: every fast path computes what the emulation computes up to accumulation order and the
 rounding of partial products (codes are exact in fp16/bf16; scales are applied in float32).
@@ -74,10 +74,10 @@ INT4PACK_MAX_ROWS = 16
 #: int4 linears take the tensor-core GEMV of :mod:`trtlm.quant.w4_gemv` up to 8 rows (where NVRTC is)
 W4_GEMV = True
 #: ... and its GEMM (:func:`trtlm.quant.w4_gemv.w4_gemm`) from 9 rows up to this many (8: off; the kernel
-#: takes up to :data:`trtlm.quant.w4_gemv.W4_GEMM_MAX_ROWS`).  16: there it is 1.6-2.7x faster than
-#: tinygemm, whose repacked copy is then not made; at 64 rows it is 0.4-0.6x bf16, below ``mixed_mm``
-#: (docs/benchmarks.md, run 16)
-W4_GEMM_ROWS = 16
+#: takes up to :data:`trtlm.quant.w4_gemv.W4_GEMM_MAX_ROWS`).  64: at 16-32 rows it is 1.3-2.1x faster
+#: than ``mixed_mm`` (and 1.2-1.8x faster than bf16 at 16 rows), at 64 rows level with it (0.90-1.08x
+#: by shape); and it spares tinygemm's repacked copy (docs/benchmarks.md, run 18)
+W4_GEMM_ROWS = 64
 
 #: the W4A16 kernel (TRITON or INT4PACK), chosen by measurement (docs/benchmarks.md, "quantized kernels")
 INT4_KERNEL = INT4PACK

@@ -36,8 +36,9 @@ from trtlm.quant import formats as qf
 from trtlm.quant import kernels as qk
 from trtlm.quant import schemes
 from trtlm.quant.gemv import gemv, gemv_applies
-from trtlm.quant.w4_gemv import (W4_GEMM_MAX_ROWS, W4_GEMV_MAX_ROWS, W4Tiles, prepare_w4_gemv, repack_w4_tiles, w4_gemm,
-                                 w4_gemm_config, w4_gemv, w4_gemv_available, w4_gemv_supports)
+from trtlm.quant.w4_gemv import (W4_GEMM_MAX_ROWS, W4_GEMV_MAX_ROWS, W4Tiles, gemm_cols, prepare_w4_gemv,
+                                 repack_w4_tiles, w4_gemm, w4_gemm_config, w4_gemv, w4_gemv_available,
+                                 w4_gemv_supports)
 
 #: quant_algo values the runtime executes (every registered format's).
 SUPPORTED = schemes.runtime_algos()
@@ -138,8 +139,9 @@ class QuantLinear(nn.Module):
                     if many_rows else None)
         fmt = self.fmt
         self._prepare_int4(dev)
-        if many_rows:
-            self.kernel_reason += f"; mixed-input Triton GEMM from {qk.MIXED_MM_MIN_ROWS} rows"
+        if many_rows:  # (from the first row count the int4 kernels above leave)
+            w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
+            self.kernel_reason += f"; mixed-input Triton GEMM from {max(qk.MIXED_MM_MIN_ROWS, w4_rows + 1)} rows"
         self._gemv = self._w4 is None and self.kernel_path != qk.EMULATION and qk.triton_available() and gemv_applies(
             fmt.weight, fmt.activation, fmt.weight_scale, self.in_features, self.out_features, self.group_size)
         if self._gemv:
@@ -154,12 +156,14 @@ class QuantLinear(nn.Module):
         failed = ""
         if (self._mm is not None and qk.W4_GEMV and self.fmt.weight == "int4" and w4_gemv_available(dev)
                 and w4_gemv_supports(self.group_size, self.out_features, self.in_features)):
-            gemm_rows = min(qk.W4_GEMM_ROWS, W4_GEMM_MAX_ROWS) if w4_gemm_config(
-                self.out_features, self.in_features) is not None else 0
+            gemm_rows = min(qk.W4_GEMM_ROWS, W4_GEMM_MAX_ROWS)
+            if gemm_rows > W4_GEMV_MAX_ROWS and w4_gemm_config(
+                    self.out_features, self.in_features, gemm_cols(gemm_rows)) is None:
+                gemm_rows = 0
             tiles = repack_w4_tiles(self.weight, self._mm.scales, self.group_size)
             try:  # (NVRTC compiles the kernels here, once per shape)
                 prepare_w4_gemv(tiles, self.dtype, hasattr(self, "prequant_scaling_factor"),
-                                gemm=gemm_rows > W4_GEMV_MAX_ROWS)
+                                gemm_rows=gemm_rows)
                 self._w4, self._w4_gemm_rows = tiles, gemm_rows
             except RuntimeError as e:  # the other kernels still run; the report says why
                 failed = f"; the CUDA C int4 kernels did not compile ({str(e).splitlines()[0][:120]})"

@@ -34,12 +34,15 @@ arithmetic that used it).  Two kernels here, compiled with NVRTC
   a column (a counter it resets, so CUDA-graph replays find zeros) adds them in a fixed order.
 
 :func:`w4_gemm` (9-64 rows; the engine uses it up to :data:`trtlm.quant.kernels.W4_GEMM_ROWS`):
-each weight is dequantized once in registers (``q * scale`` rounded to x's dtype, as the emulation
-rounds it) and feeds up to 8 mma's, one per 8 rows; the block walks its K range in 128-deep steps,
-x double-buffered in shared memory (``ldmatrix``), the next step's codes loaded during this one.
-At 16 rows it is 1.6-2.7x faster than tinygemm at Mistral-7B's shapes (and than bf16 on two of the
-four); at 64 rows it is 0.4-0.6x bf16, below the Triton ``mixed_mm`` (run 16: instruction
-issue, not bandwidth, bounds it there).
+the codes stream through the same ring (:func:`issue_stage`/:func:`read_stage` in the source);
+x, up to 64 rows, comes in windows of K double-buffered in shared memory (so K need not be split
+for x to fit); each weight is dequantized once in registers (``q * scale`` rounded to x's dtype, as
+the emulation rounds it: at 9+ rows its cost is spread over one mma per 8 rows) and x's fragments
+come by ``ldmatrix``.  A kernel per power of two of 8-row groups (:func:`gemm_cols`).  Run 18,
+against bf16 ``F.linear`` at Mistral-7B's shapes: 1.2-1.8x faster at 16 rows, 0.8-1.25x at 32,
+0.5-0.8x at 64 (there the mma's alone, without x or dequantization, take 1.4-1.7x bf16's time at
+the two small shapes: ``mma.sync`` at 64 rows is compute-bound where cuBLAS's bf16 is not), and
+1.3-2.4x faster than run 16's GEMM (all loads issued at once, one step ahead) at every row count.
 
 Numerics: codes, scales and x are exact in the tensor core's inputs and products accumulate in
 float32; the GEMV's offset removal costs a few of float32's bits, the GEMM rounds each weight to
@@ -180,14 +183,71 @@ __device__ __forceinline__ uint4 swiglu(uint4 a, uint4 g) {
                : "+f"((d)[0]), "+f"((d)[1]), "+f"((d)[2]), "+f"((d)[3]) \
                : "r"((a)[0]), "r"((a)[1]), "r"((a)[2]), "r"((a)[3]), "r"(b0), "r"(b1))
 
+/* ---- the ring both kernels stream their codes through.  Each warp owns TILES 16-row tiles over
+   the block's K range and streams them through a ring of STAGES stages in shared memory (one stage:
+   SLICES 64-slices of each tile, 512 B of codes and 64 B of scales per tile and slice), each lane
+   copying its own 16-byte pieces with cp.async, so STAGES - 1 stages are in flight while it
+   computes one: the stream never waits for the arithmetic.  (Run 17 measured the alternatives:
+   bulk copies by the copy engine, and stages in registers, were slower.) */
+#define CH (TILES * SLICES)       /* 512-byte chunks (one tile, one 64-slice) per stage */
+#define STAGE_BYTES (CH * 576)    /* + the 16 scales of each chunk's tile and slice (64 B) */
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(smem_dst)), "l"(src) : "memory");
+}
+
+/* Issue the warp's stage i (of nst; c0 the block's first 64-slice) into ring slot i % STAGES: tile
+   t's SLICES chunks at t * SLICES * 512, chunk m's scales at CH * 512 + 64 m.  Lane L copies its
+   own 16 B of each chunk (its fragment words: no other lane reads them), lanes 4m..4m+3 chunk m's
+   scales (read by every lane: hence the __syncwarp around a slot's reuse).  Past the last stage
+   an empty group keeps cp.async.wait_group's count. */
+__device__ __forceinline__ void issue_stage(unsigned char* ring, const uint4* wt, const float* __restrict__ scales,
+                                            int i, int nst, int c0, int tile0, int lane, int K, int N) {
+  if (i < nst) {
+    unsigned char* st = ring + (i % STAGES) * STAGE_BYTES;
+    const int c = c0 + i * SLICES;
+#pragma unroll
+    for (int m = 0; m < CH; ++m)
+      cp_async16(st + m * 512 + lane * 16, wt + ((size_t)(m / SLICES) * (K / 64) + c + m % SLICES) * 32 + lane);
+    if (lane < 4 * CH) {
+      const int m = lane >> 2;
+      cp_async16(st + CH * 512 + lane * 16,
+                 scales + (size_t)((c + m % SLICES) * 64 / GROUP) * N + (tile0 + m / SLICES) * 16 + 4 * (lane & 3));
+    }
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+/* Wait for the warp's stage i and read it: v[m] the lane's fragment words of chunk m (tile
+   m / SLICES, slice m % SLICES), sc[m] the scales of its rows gid and gid + 8 */
+__device__ __forceinline__ void read_stage(const unsigned char* ring, int i, int lane, uint4 (&v)[CH],
+                                           float (&sc)[CH][2]) {
+  asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
+  __syncwarp();
+  const unsigned char* st = ring + (i % STAGES) * STAGE_BYTES;
+  const int gid = lane >> 2;
+#pragma unroll
+  for (int m = 0; m < CH; ++m) {
+    v[m] = *reinterpret_cast<const uint4*>(st + m * 512 + lane * 16);
+    const float* sp = reinterpret_cast<const float*>(st + CH * 512 + m * 64);
+    sc[m][0] = sp[gid];
+    sc[m][1] = sp[gid + 8];
+  }
+}
+
 #if MANY
-/* ---- many rows (9..64): a GEMM.  Each weight is dequantized once in registers (q * scale, rounded
-   to x's dtype as the emulation rounds it) and used by up to 8 mma's, one per 8 rows of x; the
-   block walks its K range in 128-deep steps, x's slice double-buffered in shared memory and the
-   next step's codes loaded while this step computes. */
-#define KS 128
-#define XROW (KS + XPAD)
-#define XPT (64 * KS / 8 / (WARPS * 32))  /* 16-byte pieces of the x slice per thread */
+/* ---- many rows (9..64): the GEMM.  The codes stream through the same ring; x (8 COLS rows) comes
+   in windows of XW columns of K, double-buffered in shared memory (the next window loaded into
+   registers while this one is computed, then stored, AWQ's pre-quant scale applied, behind one
+   barrier), so shared memory stays small at any K range and K need not be split to fit x.  Each
+   weight is dequantized once in registers (q * scale, rounded to x's dtype as the emulation rounds
+   it: at 8+ rows the per-weight cost is spread over COLS mma's, and no offset sums are needed) and
+   used by one mma per 8 rows, x's B fragments read with ldmatrix. */
+#define CROWS (8 * COLS)
+#define XWR (XW + XPAD)
+#define XPT ((CROWS * XW / 8 + WARPS * 32 - 1) / (WARPS * 32))  /* 16-byte pieces of a window per thread */
 #if X_BF16
 #define ONE2 0x3F803F80u
 #define NEG_OFF2 0xC308C308u             /* -136 twice */
@@ -215,108 +275,114 @@ w4_gemm(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
         const u16* __restrict__ pre, float* __restrict__ partial, u32* __restrict__ counters,
         u16* __restrict__ y, int N, int K, int rows)
 {
-  __shared__ __align__(16) u16 xs[2][64][XROW];
+  /* dynamic shared memory: [WARPS][STAGES] stages, then x's two windows [2][CROWS][XWR] */
+  extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const int tile0 = (blockIdx.x * WARPS + warp) * TILES;
-  const int kb0 = blockIdx.y * (ITERS * KS);
-  const int ntiles = (rows + 7) / 8;
+  const int KB = K / SPLITS, kb0 = blockIdx.y * KB, nst = KB / (64 * SLICES);
+  unsigned char* ring = smem + warp * (STAGES * STAGE_BYTES);
+  u16* xs = reinterpret_cast<u16*>(smem + WARPS * STAGES * STAGE_BYTES);
+  const uint4* wt = w + (size_t)tile0 * (K / 64) * 32;
 
-  uint4 wc[TILES][2], wn[TILES][2];
-  float sc[TILES][2][2], sn[TILES][2][2];
+#pragma unroll 1
+  for (int i = 0; i < STAGES - 1; ++i)  /* the codes first: the kernel before never writes them */
+    issue_stage(ring, wt, scales, i, nst, kb0 / 64, tile0, lane, K, N);
+
+  /* window wi's pieces: thread T its pieces T, T + 32 WARPS, ...; rows from `rows` on are never
+     loaded nor stored: they only reach mma columns whose outputs are not stored */
   uint4 xr[XPT];
-#define LOAD_W(dst, sdst, it) \
-  _Pragma("unroll") for (int t = 0; t < TILES; ++t) { \
-    const uint4* wp = w + ((size_t)(tile0 + t) * (K / 64) + (kb0 + (it) * KS) / 64) * 32 + lane; \
-    _Pragma("unroll") for (int h = 0; h < 2; ++h) { \
-      dst[t][h] = __ldg(wp + h * 32); \
-      const float* sp = scales + (size_t)((kb0 + (it) * KS + h * 64) / GROUP) * N + (tile0 + t) * 16 + gid; \
-      sdst[t][h][0] = __ldg(sp); sdst[t][h][1] = __ldg(sp + 8); } }
-#define LOAD_X(it) \
-  _Pragma("unroll") for (int e = 0; e < XPT; ++e) { \
-    const int i = threadIdx.x + e * WARPS * 32, r = i / (KS / 8), c = (i % (KS / 8)) * 8; \
-    if (r < rows) xr[e] = *reinterpret_cast<const uint4*>(x + (size_t)r * K + kb0 + (it) * KS + c); }
+  auto load_x = [&](int wi) {
+#pragma unroll
+    for (int e = 0; e < XPT; ++e) {
+      const int p = threadIdx.x + e * WARPS * 32, r = p / (XW / 8), c = (p % (XW / 8)) * 8;
+      if (r < rows) xr[e] = *reinterpret_cast<const uint4*>(x + (size_t)r * K + kb0 + wi * XW + c);
+    }
+  };
+  auto store_x = [&](int wi) {
+    u16* xb = xs + (wi & 1) * (CROWS * XWR);
+#pragma unroll
+    for (int e = 0; e < XPT; ++e) {
+      const int p = threadIdx.x + e * WARPS * 32, r = p / (XW / 8), c = (p % (XW / 8)) * 8;
+      if (r < rows) {
 #if HAS_PRE
-#define PRE(v, it, c) scale_x(v, *reinterpret_cast<const uint4*>(pre + kb0 + (it) * KS + (c)))
-#else
-#define PRE(v, it, c) (v)
+        xr[e] = scale_x(xr[e], *reinterpret_cast<const uint4*>(pre + kb0 + wi * XW + c));
 #endif
-#define STORE_X(buf, it) \
-  _Pragma("unroll") for (int e = 0; e < XPT; ++e) { \
-    const int i = threadIdx.x + e * WARPS * 32, r = i / (KS / 8), c = (i % (KS / 8)) * 8; \
-    if (r < rows) *reinterpret_cast<uint4*>(&xs[buf][r][c]) = PRE(xr[e], it, c); }
-
-  LOAD_W(wc, sc, 0)  /* the codes first: the kernel before never writes them */
+        *reinterpret_cast<uint4*>(xb + r * XWR + c) = xr[e];
+      }
+    }
+  };
   pdl_wait();
-  LOAD_X(0)
-  STORE_X(0, 0)
+  load_x(0);
+  store_x(0);
   __syncthreads();
   pdl_release();
 
-  float acc[TILES][8][4];
+  float acc[TILES][COLS][4];
 #pragma unroll
   for (int t = 0; t < TILES; ++t)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) acc[t][nt][0] = acc[t][nt][1] = acc[t][nt][2] = acc[t][nt][3] = 0.f;
+    for (int nt = 0; nt < COLS; ++nt) acc[t][nt][0] = acc[t][nt][1] = acc[t][nt][2] = acc[t][nt][3] = 0.f;
 
-  /* ldmatrix: lanes 8m..8m+7 address the rows of matrix m = (n-tile 2np + m/2, k half m%2).  Rows of
-     x from `rows` on are never written (nor loaded, nor scaled): they only reach mma columns whose
-     outputs are not stored. */
+  /* ldmatrix: lanes 8m..8m+7 address the rows of matrix m = (8-row group 2np + m/2, k half m%2) */
   const int lrow = 8 * (lane >> 4) + (lane & 7), lcol = 8 * ((lane >> 3) & 1);
+  const int per_window = XW / (64 * SLICES), windows = KB / XW;
 #pragma unroll 1
-  for (int it = 0; it < ITERS; ++it) {
-    const int buf = it & 1;
-    if (it + 1 < ITERS) {
-      LOAD_W(wn, sn, it + 1)
-      LOAD_X(it + 1)
-    }
+  for (int wi = 0; wi < windows; ++wi) {
+    if (wi + 1 < windows) load_x(wi + 1);
+    const u16* xb = xs + (wi & 1) * (CROWS * XWR);
+#pragma unroll 1
+    for (int s = 0; s < per_window; ++s) {
+      const int i = wi * per_window + s;
+      __syncwarp();  /* every lane is done with the slot the next issue refills */
+      issue_stage(ring, wt, scales, i + STAGES - 1, nst, kb0 / 64, tile0, lane, K, N);
+      uint4 v[CH];
+      float sc[CH][2];
+      read_stage(ring, i, lane, v, sc);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      u32 S[TILES][2];
+      for (int c = 0; c < SLICES; ++c) {
+        u32 S[TILES][2];
 #pragma unroll
-      for (int t = 0; t < TILES; ++t) { S[t][0] = splat(sc[t][h][0]); S[t][1] = splat(sc[t][h][1]); }
+        for (int t = 0; t < TILES; ++t) { S[t][0] = splat(sc[t * SLICES + c][0]); S[t][1] = splat(sc[t * SLICES + c][1]); }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        u32 a[TILES][4];
+        for (int j = 0; j < 4; ++j) {
+          /* every group's B fragments first, then the mma's: one basic block, so the next k-step's
+             ldmatrix can be scheduled over this one's mma's (rows past `rows` give columns whose
+             outputs are not stored) */
+          const int k = (s * SLICES + c) * 64 + j * 16;
+          u32 b[COLS / 2][4];
 #pragma unroll
-        for (int t = 0; t < TILES; ++t) {
-          const uint4 v4 = wc[t][h];
-          const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[t][i] = fma2(fma2(pair(q >> (4 * i)), ONE2, NEG_OFF2), S[t][i & 1], NEG_ZERO2);
-        }
-        const int k = h * 64 + j * 16;
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          if (2 * np < ntiles) {
-            u32 b0, b1, b2, b3;
-            const u32 addr = (u32)__cvta_generic_to_shared(&xs[buf][16 * np + lrow][k + lcol]);
+          for (int np = 0; np < COLS / 2; ++np)
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
+                         : "=r"(b[np][0]), "=r"(b[np][1]), "=r"(b[np][2]), "=r"(b[np][3])
+                         : "r"(smem_addr(xb + (16 * np + lrow) * XWR + k + lcol)));
 #pragma unroll
-            for (int t = 0; t < TILES; ++t) {
-              MMA_ASM(acc[t][2 * np], a[t], b0, b1);
-              if (2 * np + 1 < ntiles) MMA_ASM(acc[t][2 * np + 1], a[t], b2, b3);
+          for (int t = 0; t < TILES; ++t) {
+            const uint4 v4 = v[t * SLICES + c];
+            const u32 q = j == 0 ? v4.x : j == 1 ? v4.y : j == 2 ? v4.z : v4.w;
+            u32 a[4];
+#pragma unroll
+            for (int h = 0; h < 4; ++h)
+              a[h] = fma2(fma2(pair(q >> (4 * h)), ONE2, NEG_OFF2), S[t][h & 1], NEG_ZERO2);
+#pragma unroll
+            for (int np = 0; np < COLS / 2; ++np) {
+              MMA_ASM(acc[t][2 * np], a, b[np][0], b[np][1]);
+              MMA_ASM(acc[t][2 * np + 1], a, b[np][2], b[np][3]);
             }
           }
         }
       }
     }
-    if (it + 1 < ITERS) {
-      STORE_X(buf ^ 1, it + 1)
-#pragma unroll
-      for (int t = 0; t < TILES; ++t)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          wc[t][h] = wn[t][h]; sc[t][h][0] = sn[t][h][0]; sc[t][h][1] = sn[t][h][1];
-        }
-    }
+    if (wi + 1 < windows) store_x(wi + 1);
     __syncthreads();
   }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");  /* (only empty groups remain) */
+
+  /* C fragment: rows gid / gid + 8 of the tile, columns 2 tig and 2 tig + 1 of 8-row group nt */
 #pragma unroll
   for (int t = 0; t < TILES; ++t)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < COLS; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = nt * 8 + 2 * tig + (e & 1);
@@ -325,22 +391,8 @@ w4_gemm(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
   finish_splits(partial, counters, y, N, rows, WARPS * TILES * 16);
 }
 #else
-/* ---- few rows (1..8): the GEMV.  Each warp streams its TILES 16-row tiles over the block's K range
-   through a ring of STAGES stages in shared memory (one stage: SLICES 64-slices of each tile, 512 B
-   of codes and 64 B of scales per tile and slice), each lane copying its own 16-byte pieces with
-   cp.async, so STAGES - 1 stages are in flight while it computes one: the stream never waits for
-   the arithmetic, and the block's fixed costs (staging x, the split-K hand-over) are paid once per
-   K range.  (Run 17 measured the alternatives: bulk copies by the copy engine, and stages in
-   registers, were slower.) */
-#define CH (TILES * SLICES)       /* 512-byte chunks (one tile, one 64-slice) per stage */
-#define STAGE_BYTES (CH * 576)    /* + the 16 scales of each chunk's tile and slice (64 B) */
-
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(smem_dst)), "l"(src) : "memory");
-}
-
+/* ---- few rows (1..8): the GEMV.  The ring's stages, and the block's fixed costs (staging x, the
+   split-K hand-over) paid once per K range. */
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scales,
         const u16* __restrict__ pre, float* __restrict__ partial, u32* __restrict__ counters,
@@ -358,28 +410,10 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
   float* xsum = reinterpret_cast<float*>(smem + WARPS * STAGES * STAGE_BYTES);
   u16* xs = reinterpret_cast<u16*>(xsum + ((rows * NS + 3) & ~3));
 
-  /* stage i -> ring slot i % STAGES: tile t's SLICES chunks at t * SLICES * 512, chunk m's scales at
-     CH * 512 + 64 m.  Lane L copies its own 16 B of each chunk (its fragment words: no other lane
-     reads them), lanes 4m..4m+3 chunk m's scales (read by every lane: hence __syncwarp) */
   const uint4* wt = w + (size_t)tile0 * (K / 64) * 32;
-  auto issue = [&](int i) {
-    if (i < nst) {
-      unsigned char* st = ring + (i % STAGES) * STAGE_BYTES;
-      const int c0 = kb0 / 64 + i * SLICES;
-#pragma unroll
-      for (int m = 0; m < CH; ++m)
-        cp_async16(st + m * 512 + lane * 16, wt + ((size_t)(m / SLICES) * (K / 64) + c0 + m % SLICES) * 32 + lane);
-      if (lane < 4 * CH) {
-        const int m = lane >> 2, c = c0 + m % SLICES;
-        cp_async16(st + CH * 512 + lane * 16,
-                   scales + (size_t)(c * 64 / GROUP) * N + (tile0 + m / SLICES) * 16 + 4 * (lane & 3));
-      }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");  /* (an empty group past the end keeps the count) */
-  };
-
 #pragma unroll 1
-  for (int i = 0; i < STAGES - 1; ++i) issue(i);  /* the codes first: the kernel before never writes them */
+  for (int i = 0; i < STAGES - 1; ++i)  /* the codes first: the kernel before never writes them */
+    issue_stage(ring, wt, scales, i, nst, kb0 / 64, tile0, lane, K, N);
 
   /* the block's slice of x: copied asynchronously (thread T its pieces T, T + 32 WARPS, ...; with
      HAS_ACT computed from the SwiGLU's input instead), then each thread scales its own pieces by
@@ -421,9 +455,13 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
   float acc[TILES][4];
 #pragma unroll
   for (int t = 0; t < TILES; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-  /* stage i's products: v[m] the lane's fragment words of chunk m (tile m / SLICES, slice m % SLICES),
-     sc[m] the scales of its rows gid and gid + 8 */
-  auto consume = [&](const uint4 (&v)[CH], const float (&sc)[CH][2], int i) {
+#pragma unroll 1
+  for (int i = 0; i < nst; ++i) {
+    __syncwarp();  /* every lane is done with the slot the next issue refills */
+    issue_stage(ring, wt, scales, i + STAGES - 1, nst, kb0 / 64, tile0, lane, K, N);
+    uint4 v[CH];
+    float sc[CH][2];
+    read_stage(ring, i, lane, v, sc);
 #pragma unroll
     for (int c = 0; c < SLICES; ++c) {
       const int kc = i * SLICES + c;  /* the slice within the block's range */
@@ -456,24 +494,6 @@ w4_gemv(const u16* __restrict__ x, const uint4* __restrict__ w, const float* __r
         acc[t][3] = fmaf(s1, d[t][0][3] + d[t][1][3] - o1, acc[t][3]);
       }
     }
-  };
-#pragma unroll 1
-  for (int i = 0; i < nst; ++i) {
-    __syncwarp();  /* every lane is done with the slot the next issue refills */
-    issue(i + STAGES - 1);
-    asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");  /* stage i has landed */
-    __syncwarp();
-    const unsigned char* st = ring + (i % STAGES) * STAGE_BYTES;
-    uint4 v[CH];
-    float sc[CH][2];
-#pragma unroll
-    for (int m = 0; m < CH; ++m) {
-      v[m] = *reinterpret_cast<const uint4*>(st + m * 512 + lane * 16);
-      const float* sp = reinterpret_cast<const float*>(st + CH * 512 + m * 64);
-      sc[m][0] = sp[gid];
-      sc[m][1] = sp[gid + 8];
-    }
-    consume(v, sc, i);
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");  /* (only empty groups remain; none left pending at exit) */
 
@@ -651,55 +671,99 @@ def w4_gemv_available(device: torch.device) -> bool:
 
 
 class W4GemmConfig(NamedTuple):
-    """How :func:`w4_gemm` splits ``[N, K]``: blocks of ``warps`` warps of ``tiles`` 16-row tiles,
-    each block walking ``iters`` 128-deep steps of K; ``splits`` blocks along K
-    (``K = splits * iters * 128``)."""
+    """How :func:`w4_gemm` splits ``[N, K]``: as :class:`W4GemvConfig` (blocks of ``warps`` warps,
+    each streaming ``tiles`` 16-row tiles through a ring of ``stages`` stages of ``slices``
+    64-slices; ``splits`` blocks along K).  x comes in windows (:func:`_gemm_window`), not whole."""
     warps: int
     tiles: int
-    iters: int
+    slices: int
+    stages: int
     splits: int
 
 
 #: the most rows :func:`w4_gemm` computes (8 mma columns of 8 rows)
 W4_GEMM_MAX_ROWS = 64
+#: the most 16-byte pieces of an x window each thread loads (registers held during a window)
+_WINDOW_PIECES = 8
+
+
+def gemm_cols(rows: int) -> int:
+    """The 8-row groups a GEMM launch is compiled for: 2, 4 or 8 (a kernel per power of two, so
+    that the engine's batch sizes share a few kernels)."""
+    return max(2, 1 << (max(rows, 1) - 1).bit_length() - 3) if rows > 8 else 2
+
+
+def _gemm_window(cfg: W4GemmConfig, K: int, cols: int) -> int:
+    """Columns of x per window: as many as :data:`_WINDOW_PIECES` pieces per thread hold (fewer
+    where the block's K range is shorter), a multiple of the stage's depth that divides the range."""
+    kb, depth = K // cfg.splits, 64 * cfg.slices
+    want = max(depth, _WINDOW_PIECES * 8 * 32 * cfg.warps // (8 * cols))
+    return max((xw for xw in range(depth, min(kb, want) + 1, depth) if kb % xw == 0), default=depth)
+
+
+def _gemm_shared(cfg: W4GemmConfig, K: int, cols: int) -> int:
+    """Bytes of dynamic shared memory: the warps' rings and x's two windows."""
+    return cfg.warps * cfg.stages * cfg.tiles * cfg.slices * 576 + 2 * 8 * cols * (_gemm_window(cfg, K, cols) + 8) * 2
 
 
 def _gemm_tiles(cfg: W4GemmConfig, N: int, K: int) -> bool:
-    return cfg.splits * cfg.iters * 128 == K and N % (16 * cfg.tiles * cfg.warps) == 0
+    return K % (cfg.splits * 64 * cfg.slices) == 0 and N % (16 * cfg.tiles * cfg.warps) == 0
 
 
-def w4_gemm_configs(N: int, K: int) -> list[W4GemmConfig]:
-    """Every configuration that tiles ``[N, K]`` (the benchmark's sweep)."""
+def w4_gemm_configs(N: int, K: int, cols: int = 8) -> list[W4GemmConfig]:
+    """Every configuration that tiles ``[N, K]`` for ``8 * cols`` rows within sensible limits (the
+    benchmark's sweep): at most 128 accumulators and :data:`_WINDOW_PIECES` pieces of x a thread
+    (more spill registers), and K split at most 16 ways (each split
+    writes and reads back ``rows * N`` float32 partial sums)."""
     out = []
-    for warps in (4, 8):
-        for tiles in (1, 2):
-            for iters in (1, 2, 4, 8, 16, 28, 32):
-                cfg = W4GemmConfig(warps, tiles, iters, K // (iters * 128))
-                if _gemm_tiles(cfg, N, K) and cfg.splits <= 16:
-                    out.append(cfg)
+    for warps in (1, 2, 4, 8):
+        for tiles in (1, 2, 4):
+            for slices in (1, 2):
+                for stages in (2, 3, 4):
+                    for splits in range(1, 17):
+                        cfg = W4GemmConfig(warps, tiles, slices, stages, splits)
+                        if (_gemm_tiles(cfg, N, K) and tiles * cols * 4 <= 128 and tiles * slices <= 8
+                                and cols * _gemm_window(cfg, K, cols) <= _WINDOW_PIECES * 32 * warps
+                                and _gemm_shared(cfg, K, cols) <= _GEMV_SHARED_MAX):
+                            out.append(cfg)
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def w4_gemm_config(N: int, K: int, sms: int = 132) -> W4GemmConfig | None:
-    """The configuration for ``[N, K]`` on ``sms`` SMs: eight warps, and the grid nearest one block
-    per SM (fewer K splits on a tie).  At 16 rows this picked the sweep's best or one within 10% at
-    each of Mistral-7B's shapes (run 16; the best configuration differs by shape 1.5-2x)."""
-    cands = [c for c in w4_gemm_configs(N, K) if c.warps == 8]
-    if not cands:
-        return None
-    return min(cands, key=lambda c: (abs(N // (16 * c.tiles * c.warps) * c.splits - sms), c.splits))
+#: the GEMM's blocks: eight warps, each streaming its tiles two 64-slices a stage, three stages in
+#: the ring (run 18's sweep at 16-64 rows: the best at every Mistral-7B shape, or within 8% of it)
+W4_GEMM_DEFAULT = {"warps": 8, "slices": 2, "stages": 3}
 
 
 @functools.lru_cache(maxsize=None)
-def _source(kind: str, cfg: tuple, group: int, x_bf16: bool, has_pre: bool, act: bool = False) -> str:
+def w4_gemm_config(N: int, K: int, cols: int = 8, sms: int = 132) -> W4GemmConfig | None:
+    """The configuration for ``[N, K]`` at ``8 * cols`` rows on ``sms`` SMs: :data:`W4_GEMM_DEFAULT`,
+    with two tiles a warp and K whole where that still gives about a block per SM (each block
+    stages x once for twice the codes), else one tile and K split the way that gives nearest two
+    blocks per SM (run 18: the best of 1-16 splits, or within 8%, at 16, 32 and 64 rows).  Where
+    the shape allows none of that, the nearest configuration that tiles it."""
+    cands = w4_gemm_configs(N, K, cols)
+    warps, slices, stages = W4_GEMM_DEFAULT["warps"], W4_GEMM_DEFAULT["slices"], W4_GEMM_DEFAULT["stages"]
+    whole = W4GemmConfig(warps, 2, slices, stages, 1)
+    if whole in cands and N // (16 * 2 * warps) >= 0.75 * sms:
+        return whole
+    shaped = [c for c in cands if (c.warps, c.tiles, c.slices, c.stages) == (warps, 1, slices, stages)]
+    if shaped:
+        return min(shaped, key=lambda c: (abs(N // (16 * warps) * c.splits - 2 * sms), c.splits))
+    return min(cands, key=lambda c: (sum(a != b for a, b in zip((c.warps, c.slices, c.stages), (warps, slices, stages))),
+                                     abs(N // (16 * c.tiles * c.warps) * c.splits - 2 * sms), c.splits)) if cands else None
+
+
+@functools.lru_cache(maxsize=None)
+def _source(kind: str, cfg: tuple, group: int, x_bf16: bool, has_pre: bool, act: bool = False,
+            cols: int = 1, window: int = 0) -> str:
     """The kernel's source for one variant (``kind``: "gemv" or "gemm"; configurations of the two
     kinds can be equal tuples, so the kind is part of the cache key; ``act``: the GEMV takes the
-    SwiGLU's input)."""
+    SwiGLU's input; ``cols``, ``window``: the GEMM's 8-row groups and x window)."""
     fields = W4GemmConfig._fields if kind == "gemm" else W4GemvConfig._fields
     head = "".join(f"#define {k.upper()} {v}\n" for k, v in zip(fields, cfg))
     head += (f"#define MANY {int(kind == 'gemm')}\n#define GROUP {group}\n"
-             f"#define X_BF16 {int(x_bf16)}\n#define HAS_PRE {int(has_pre)}\n#define HAS_ACT {int(act)}\n")
+             f"#define X_BF16 {int(x_bf16)}\n#define HAS_PRE {int(has_pre)}\n#define HAS_ACT {int(act)}\n"
+             f"#define COLS {cols}\n#define XW {window}\n")
     return head + _SOURCE
 
 
@@ -718,22 +782,26 @@ def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _kernel(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, cfg: "W4GemvConfig | W4GemmConfig",
-            act: bool = False):
+            act: bool = False, cols: int = 1):
     from trtlm.runtime.kernels.nvrtc import compile_kernel
 
-    kind = "gemm" if isinstance(cfg, W4GemmConfig) else "gemv"
-    src = _source(kind, tuple(cfg), tiles.group_size, dtype == torch.bfloat16, has_pre, act)
-    return compile_kernel(src, f"w4_{kind}", tiles.weight.device)
+    gemm = isinstance(cfg, W4GemmConfig)
+    window = _gemm_window(cfg, tiles.in_features, cols) if gemm else 0
+    src = _source("gemm" if gemm else "gemv", tuple(cfg), tiles.group_size, dtype == torch.bfloat16, has_pre, act,
+                  cols if gemm else 1, window)
+    return compile_kernel(src, "w4_gemm" if gemm else "w4_gemv", tiles.weight.device)
 
 
-def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, gemm: bool = False,
+def prepare_w4_gemv(tiles: W4Tiles, dtype: torch.dtype, has_pre: bool, gemm_rows: int = 0,
                     swiglu: bool = False) -> None:
-    """Compile the kernels (the GEMV, the GEMM with ``gemm``, the GEMV that takes the SwiGLU's
-    input with ``swiglu``) and allocate the counters now (load time, not inside a CUDA-graph capture)."""
+    """Compile the kernels (the GEMV; the GEMM's for up to ``gemm_rows`` rows; the GEMV that takes
+    the SwiGLU's input with ``swiglu``) and allocate the counters now (load time, not inside a
+    CUDA-graph capture)."""
     N, K = tiles.out_features, tiles.in_features
-    _kernel(tiles, dtype, has_pre, w4_gemv_config(N, K, _sms(tiles.weight.device)), swiglu)
-    if gemm:
-        _kernel(tiles, dtype, has_pre, w4_gemm_config(N, K, _sms(tiles.weight.device)))
+    sms = _sms(tiles.weight.device)
+    _kernel(tiles, dtype, has_pre, w4_gemv_config(N, K, sms), swiglu)
+    for cols in sorted({gemm_cols(r) for r in range(W4_GEMV_MAX_ROWS + 1, gemm_rows + 1)}):
+        _kernel(tiles, dtype, has_pre, w4_gemm_config(N, K, cols, sms), cols=cols)
     _counter_buffer(tiles.weight.device, N // 16)
 
 
@@ -770,16 +838,17 @@ def _launch(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None, cfg,
     width = 2 * K if act else K
     if x.dim() != 2 or x.shape[1] != width or not 1 <= rows <= max_rows:
         raise ValueError(f"int4 product of [1..{max_rows}, {width}] inputs, not {tuple(x.shape)}")
-    fits = _gemm_tiles(cfg, N, K) if isinstance(cfg, W4GemmConfig) else _tiles(cfg, N, K)
-    if not fits:
+    gemm = isinstance(cfg, W4GemmConfig)
+    if not (_gemm_tiles if gemm else _tiles)(cfg, N, K):
         raise ValueError(f"config {cfg} does not tile [{N}, {K}]")
-    kernel = _kernel(tiles, x.dtype, prequant is not None, cfg, act)
+    cols = gemm_cols(rows) if gemm else 1
+    kernel = _kernel(tiles, x.dtype, prequant is not None, cfg, act, cols)
     x = _aligned(x)
     pre = _aligned(prequant.reshape(-1).to(x.dtype)) if prequant is not None else None
     y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
     partial = torch.empty(cfg.splits, rows, N, dtype=torch.float32, device=x.device) if cfg.splits > 1 else None
     counters = _counter_buffer(x.device, N // 16)
-    shared = 0 if isinstance(cfg, W4GemmConfig) else _gemv_shared(cfg, K, rows)
+    shared = _gemm_shared(cfg, K, cols) if gemm else _gemv_shared(cfg, K, rows)
     kernel((N // (16 * cfg.tiles * cfg.warps), cfg.splits, 1), (32 * cfg.warps, 1, 1),
            [x, tiles.weight, tiles.scales, pre, partial, counters, y, N, K, rows], pdl=_pdl(x.device),
            shared=shared)
@@ -801,5 +870,5 @@ def w4_gemm(x: torch.Tensor, tiles: W4Tiles, prequant: torch.Tensor | None = Non
             config: W4GemmConfig | None = None) -> torch.Tensor:
     """The same product for up to :data:`W4_GEMM_MAX_ROWS` rows: each weight dequantized once in
     registers (``q * scale`` rounded to x's dtype, as the emulation rounds it) for every row."""
-    cfg = config or w4_gemm_config(tiles.out_features, tiles.in_features, _sms(x.device))
+    cfg = config or w4_gemm_config(tiles.out_features, tiles.in_features, gemm_cols(x.shape[0]), _sms(x.device))
     return _launch(x, tiles, prequant, cfg, W4_GEMM_MAX_ROWS)
