@@ -680,14 +680,15 @@ W4_KINDS = {"gemv": ((1, 3, 8), False), "gemm": ((9, 17, 33, 64), True)}
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", list(W4_KINDS))
-def test_w4_kernels_match_the_dequantized_product(kind, dtype):
+def test_w4_kernels_match_the_dequantized_product(kind, dtype, monkeypatch):
     """The GEMV (1-8 rows) and the GEMM (9-64 rows), group 64 and 128, with and without AWQ's
     pre-quant scale, the default and other configurations, against the float32 product of the
     dequantized weight and x (times the pre-quant scale, rounded to x's dtype as the kernels round
     it; the GEMM also rounds each dequantized weight ``q * scale`` to x's dtype, as the emulation
     does).  Same tolerance as every fast path: the output is rounded to x's dtype once; a wrong
     fragment, scale or offset is off by O(1).  The split-K sum has a fixed order, so repeated calls,
-    and CUDA-graph replays (the counters reset themselves), give the same bits."""
+    and CUDA-graph replays (the counters reset themselves), give the same bits; so does the GEMM
+    with AWQ's scale applied to x before it rather than in every block (the same rounding)."""
     from trtlm.quant import w4_gemv as w4
 
     if not w4_gemv_available(torch.device("cuda")):
@@ -719,6 +720,11 @@ def test_w4_kernels_match_the_dequantized_product(kind, dtype):
                     assert y.dtype == dtype and y.shape == (rows, N)
                     assert _rel(y, ref) <= TOL, (N, K, rows, pre is not None, cfg, _rel(y, ref))
                 assert torch.equal(product(x, tiles, pre), product(x, tiles, pre))
+    if kind == "gemm":  # AWQ's scale applied to x once first (large blocks) gives the kernel's bits
+        x = torch.randn(64, K, device="cuda", generator=gen).to(dtype)
+        in_kernel = product(x, tiles, p)
+        monkeypatch.setattr(w4, "_PREQUANT_ONCE", 0)
+        assert torch.equal(product(x, tiles, p), in_kernel)
     x = torch.randn(row_counts[1], K, device="cuda", generator=gen).to(dtype)
     want = product(x, tiles)
     graph = torch.cuda.CUDAGraph()

@@ -11,6 +11,8 @@ from trtlm.quant import formats as qf, kernels as qk
 from trtlm.quant import w4_gemv as w4
 from trtlm.runtime.kernels import nvrtc
 
+# run 17's kernels, for the same-call comparison (not tracked; made with
+#   git show 2332960:core/src/trtlm/quant/w4_gemv.py > bench/results/h200_engine/run18/w4_gemv_run17.py)
 spec = importlib.util.spec_from_file_location("w4_old", "bench/results/h200_engine/run18/w4_gemv_run17.py")
 old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
 sms = torch.cuda.get_device_properties(0).multi_processor_count
