@@ -140,8 +140,7 @@ class QuantLinear(nn.Module):
         fmt = self.fmt
         self._prepare_int4(dev)
         if many_rows:  # (from the first row count the int4 kernels above leave)
-            w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
-            self.kernel_reason += f"; mixed-input Triton GEMM from {max(qk.MIXED_MM_MIN_ROWS, w4_rows + 1)} rows"
+            self.kernel_reason += f"; mixed-input Triton GEMM from {max(qk.MIXED_MM_MIN_ROWS, self._w4_rows + 1)} rows"
         self._gemv = self._w4 is None and self.kernel_path != qk.EMULATION and qk.triton_available() and gemv_applies(
             fmt.weight, fmt.activation, fmt.weight_scale, self.in_features, self.out_features, self.group_size)
         if self._gemv:
@@ -167,15 +166,19 @@ class QuantLinear(nn.Module):
                 self._w4, self._w4_gemm_rows = tiles, gemm_rows
             except RuntimeError as e:  # the other kernels still run; the report says why
                 failed = f"; the CUDA C int4 kernels did not compile ({str(e).splitlines()[0][:120]})"
-        w4_rows = max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
-        tiny = self.kernel_path == qk.INT4PACK and w4_rows < qk.INT4PACK_MAX_ROWS
+        tiny = self.kernel_path == qk.INT4PACK and self._w4_rows < qk.INT4PACK_MAX_ROWS
         self._packed = qk.repack_int4pack(self.weight, self.weights_scaling_factor) if tiny else None
         if self._w4 is not None:
             self.kernel_path = qk.W4
             self.kernel_reason = f"tensor-core int4 GEMV (CUDA C) up to {W4_GEMV_MAX_ROWS} rows" + (
-                f", its GEMM up to {w4_rows}" if w4_rows > W4_GEMV_MAX_ROWS else "") + (
+                f", its GEMM up to {self._w4_rows}" if self._w4_rows > W4_GEMV_MAX_ROWS else "") + (
                 f"; torch._weight_int4pack_mm up to {qk.INT4PACK_MAX_ROWS} rows" if tiny else "")
         self.kernel_reason += failed
+
+    @property
+    def _w4_rows(self) -> int:
+        """Rows up to which the CUDA C int4 kernels take this linear's products (0: none)."""
+        return max(W4_GEMV_MAX_ROWS, self._w4_gemm_rows) if self._w4 is not None else 0
 
     @classmethod
     def stacked(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":

@@ -690,7 +690,7 @@ _WINDOW_PIECES = 8
 def gemm_cols(rows: int) -> int:
     """The 8-row groups a GEMM launch is compiled for: 2, 4 or 8 (a kernel per power of two, so
     that the engine's batch sizes share a few kernels)."""
-    return max(2, 1 << (max(rows, 1) - 1).bit_length() - 3) if rows > 8 else 2
+    return 1 << max(1, (rows - 1).bit_length() - 3)
 
 
 def _gemm_window(cfg: W4GemmConfig, K: int, cols: int) -> int:
@@ -713,8 +713,8 @@ def _gemm_tiles(cfg: W4GemmConfig, N: int, K: int) -> bool:
 def w4_gemm_configs(N: int, K: int, cols: int = 8) -> list[W4GemmConfig]:
     """Every configuration that tiles ``[N, K]`` for ``8 * cols`` rows within sensible limits (the
     benchmark's sweep): at most 128 accumulators and :data:`_WINDOW_PIECES` pieces of x a thread
-    (more spill registers), and K split at most 16 ways (each split
-    writes and reads back ``rows * N`` float32 partial sums)."""
+    (more would spill registers), and K split at most 16 ways (each split writes and reads back
+    ``rows * N`` float32 partial sums)."""
     out = []
     for warps in (1, 2, 4, 8):
         for tiles in (1, 2, 4):
