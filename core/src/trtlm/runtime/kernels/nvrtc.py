@@ -60,13 +60,13 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
+    if not hasattr(cuda, "cuLaunchKernelEx"):  # (a driver older than CUDA 12)
+        return None
     for name in _candidates_nvrtc():
         try:
-            nvrtc = ctypes.CDLL(name)
+            return ctypes.CDLL(name), cuda
         except OSError:
             continue
-        if hasattr(cuda, "cuLaunchKernelEx"):
-            return nvrtc, cuda
     return None
 
 
