@@ -327,7 +327,10 @@ def test_a_server_stream_that_stops_aborts_its_request(engine_dir):
         while aeng.stats().kv_blocks_used or aeng.stats().running:
             assert time.monotonic() < deadline, aeng.stats()
             await asyncio.sleep(0.01)
-        assert aeng.stats().steps <= steps_at_stop + 1  # freed within one engine step
+        # The engine applies an abort before its next step once the abort has crossed the pipe, but the
+        # pipe's receiving thread can lag the engine loop by a step or two on a loaded 2-core machine,
+        # so the bound is loose; a request that was not aborted would run on for ~200 more steps.
+        assert aeng.stats().steps <= steps_at_stop + 8
 
     async def main() -> None:
         # 1. a consumer that reads three outputs and leaves (aclose: a client disconnect)
