@@ -434,7 +434,7 @@ def test_steps_merged_by_a_reader_that_fell_behind_rebuild_the_same_outputs(engi
         asm = OutputAssembler()
         for i, (p, _) in enumerate(cases):
             asm.start(f"r{i}", p)
-        last, new_ids, new_logprobs = {}, defaultdict(list), defaultdict(list)
+        last, new_ids = {}, defaultdict(list)
         for group in groups:
             for delta in merge_steps(group):
                 out = asm.assemble(delta)
