@@ -39,6 +39,7 @@ def plans(model_dir: Path, options: ConvertOptions):
     hooks = get_registry().hooks(entry)
     loaded = load(hooks, model_dir, None, options)
     plan = hooks.trtlm_map_layers(hf_config=loaded.hf_config, options=options)
+    plan = hooks.trtlm_quantize(plan=plan, loaded=loaded, options=options, hooks=hooks) or plan
     mapping = Mapping(options.tp_size, options.pp_size, options.moe_tp_size or 0, options.moe_ep_size or 0)
     return loaded, plan, mapping, hooks.trtlm_shard(plan=plan, mapping=mapping)
 
@@ -86,8 +87,34 @@ def test_byte_copies_equal_the_torch_writer(make_tiny_mistral, tmp_path, monkeyp
     (tmp_path / "b").mkdir()
     n_a, bytes_a = bytecopy.write_checkpoint(copies, mapping.world_size, tmp_path / "a", loaded.origin, workers=2,
                                              window=window)
-    n_b, bytes_b = torch_write_checkpoint(plan, rank_plans, mapping, loaded, "float32", tmp_path / "b")
+    n_b, bytes_b = torch_write_checkpoint(plan, rank_plans, mapping, loaded, "float32", tmp_path / "b",
+                                          copy_bytes=False)  # every tensor built by torch: the reference
     assert (n_a, bytes_a) == (n_b, bytes_b)
+    for r in range(mapping.world_size):
+        a, b = (tmp_path / d / f"rank{r}.safetensors" for d in "ab")
+        assert a.read_bytes() == b.read_bytes(), f"rank{r} differs"
+
+
+@pytest.mark.parametrize("quant", ["int8-wo", "int4-wo"])
+def test_the_torch_writer_copies_what_it_need_not_build(tiny_mistral_dir, tmp_path, quant):
+    # A weight-only quantized conversion builds the quantized linear weights and their scales with
+    # torch, and copies the rest (embeddings, norms): the result is byte for byte what building
+    # every tensor gives.
+    from trtlm import dtypes
+
+    loaded, plan, mapping, rank_plans = plans(tiny_mistral_dir, ConvertOptions(tp_size=2, quant=quant, awq_group_size=32))
+    targets: dict = {}
+    for rp in rank_plans:
+        for rt in rp.tensors:
+            targets.setdefault(rt.spec.name, []).append((rp, rt))
+    copied = {spec.name for spec in plan.tensors
+              if bytecopy.tensor_copy(spec, targets[spec.name], loaded.source, mapping, dtypes.get("float32"))}
+    assert {"transformer.vocab_embedding.weight", "transformer.ln_f.weight", "lm_head.weight"} <= copied
+    assert "transformer.layers.0.attention.qkv.weight" not in copied  # quantized: built
+    for d, copy_bytes in (("a", True), ("b", False)):
+        (tmp_path / d).mkdir()
+        torch_write_checkpoint(plan, rank_plans, mapping, loaded, "float32", tmp_path / d, workers=2,
+                               copy_bytes=copy_bytes)
     for r in range(mapping.world_size):
         a, b = (tmp_path / d / f"rank{r}.safetensors" for d in "ab")
         assert a.read_bytes() == b.read_bytes(), f"rank{r} differs"
@@ -186,10 +213,11 @@ def test_bytecopy_config_and_files_match_cli(tiny_mistral_dir, tmp_path):
     assert rank0["transformer.vocab_embedding.weight"].shape == (501, 64)  # 1001 rows padded to 1002, split
 
 
-def test_output_that_cannot_be_created_is_one_line(tiny_mistral_dir, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--dtype", "float16"]], ids=["byte-copies", "torch-writer"])
+def test_output_that_cannot_be_created_is_one_line(tiny_mistral_dir, tmp_path, flags):
     # A file size limit stands in for a full disk: creating a rank file at its full size fails; the
     # conversion ends in one line naming the rank file of --output-dir (not the temporary directory
-    # it is written in), and leaves no output directory.
+    # it is written in), and leaves no output directory -- on both writing paths.
     import resource
     import signal
 
@@ -199,7 +227,7 @@ def test_output_that_cannot_be_created_is_one_line(tiny_mistral_dir, tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "trtlm.cli", "convert", "--model-dir", str(tiny_mistral_dir),
-                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300,
+                           "--output-dir", str(out), *flags], capture_output=True, text=True, timeout=300,
                           preexec_fn=limit_file_size)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr

@@ -288,44 +288,39 @@ def test_matches_modelopt_export(name, tmp_path):
 # --------------------------------------------------------------------------------------------
 # The copy path: bytes that do not change are copied between files, not rebuilt as tensors
 # --------------------------------------------------------------------------------------------
-def test_unchanged_bytes_are_copied_as_file_ranges(tiny_mistral_dir, tmp_path):
-    """A same-dtype conversion copies row blocks (qkv heads, vocabulary rows with zero padding)
-    as file ranges; only splits of another dimension (row-parallel weights) build tensors.
-    The layout tests above check the bytes; this checks that the fast path is the one taken."""
-    from trtlm.mapping import Mapping
-    from trtlm.convert.execute import direct_copies
+def test_unchanged_bytes_are_copied_as_file_ranges(tiny_mistral_dir):
+    """A same-dtype conversion copies every tensor as byte ranges of the source file: row blocks
+    (qkv heads, vocabulary rows with zero padding) and, row by row, splits of another dimension
+    (row-parallel weights); a cast builds the tensor.  The layout tests above check the bytes; this
+    checks that the copy is planned where it should be."""
+    from trtlm import dtypes
+    from trtlm.convert.bytecopy import tensor_copy
     from trtlm.convert.plan import default_shard
-    from trtlm.convert.writer import RankFileWriter
     from trtlm.llama import llama_plan
+    from trtlm.mapping import Mapping
     from trtlm.sources import SafetensorsSource
 
     hf_cfg = json.loads((tiny_mistral_dir / "config.json").read_text())
     plan = llama_plan(hf_cfg, ConvertOptions(tp_size=2), "MistralForCausalLM")
     mapping = Mapping(2, 1)
-    ranks = default_shard(plan, mapping)
-    source = SafetensorsSource.from_dir(tiny_mistral_dir)
-    expected = expected_ranks(*read_hf(tiny_mistral_dir), 2, 1, torch.float32)
-    writers = [RankFileWriter(tmp_path / f"r{rp.rank}", {rt.name: (tuple(expected[rp.rank][rt.name].shape),
-                                                                   torch.float32) for rt in rp.tensors})
-               for rp in ranks]
-    targets = {}
-    for w, rp in zip(writers, ranks):
+    targets: dict = {}
+    for rp in default_shard(plan, mapping):
         for rt in rp.tensors:
-            targets.setdefault(rt.spec.name, []).append((w, rp, rt))
+            targets.setdefault(rt.spec.name, []).append((rp, rt))
+    source = SafetensorsSource.from_dir(tiny_mistral_dir)
 
-    def segments(name):
-        return direct_copies(plan.spec(name), targets[name], source, mapping, torch.float32)
+    def pieces(name, dtype="float32"):
+        copy = tensor_copy(plan.spec(name), targets[name], source, mapping, dtypes.get(dtype))
+        return None if copy is None else [part.pieces for part in copy.parts]
 
-    lm_head = segments("lm_head.weight")
-    assert [len(s) for s in lm_head] == [1, 2]  # rank 1: its 500 rows, then 1 zero padding row
-    assert lm_head[1][1] == (None, 0, 64 * 4)
-    assert [len(s) for s in segments("transformer.layers.0.attention.qkv.weight")] == [3, 3]  # q, k, v blocks
-    assert segments("transformer.layers.0.mlp.fc.weight") is not None
-    assert segments("transformer.layers.0.attention.dense.weight") is None  # split on dim 1
-    assert direct_copies(plan.spec("lm_head.weight"), targets["lm_head.weight"], source, mapping,
-                         torch.bfloat16) is None  # a cast changes bytes
-    for w in writers:
-        w.discard()
+    row = 64 * 4  # hidden 64, float32
+    lm_head = pieces("lm_head.weight")  # 1001 rows: 501 per rank, rank 1's last one zero padding
+    assert lm_head == [[(0, 0, 501 * row)], [(0, 501 * row, 500 * row)]]
+    assert [len(p) for p in pieces("transformer.layers.0.attention.qkv.weight")] == [3, 3]  # q, k, v blocks
+    assert pieces("transformer.layers.0.mlp.fc.weight") is not None
+    dense = pieces("transformer.layers.0.attention.dense.weight")  # split on dim 1: half of each row
+    assert [len(p) for p in dense] == [64, 64] and dense[1][0] == (0, row // 2, row // 2)
+    assert pieces("lm_head.weight", "bfloat16") is None  # a cast changes bytes
 
 
 def test_source_tensors_are_copy_on_write(tiny_mistral_dir, tmp_path):

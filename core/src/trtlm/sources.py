@@ -89,7 +89,6 @@ class SafetensorsSource:
         if missing:
             raise UserError(f"{files[missing[0]]}: tensor {missing[0]} is listed in the index but not in the file")
         self._maps: dict[Path, mmap.mmap] = {}
-        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -143,26 +142,6 @@ class SafetensorsSource:
                     raise UserError(f"{path}: cannot read ({exc})") from None
                 self._maps[path] = mm
             return mm
-
-    def locate(self, name: str) -> tuple[int, int]:
-        """``(fd, offset)`` of ``name``'s bytes (row-major, little-endian) in its file, for
-        copying ranges of it inside the kernel.  The fd stays open while this source lives."""
-        path = self._file_of[name]
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                except OSError as exc:
-                    raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-        return fd, self._offset[name]
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def get(self, name: str) -> torch.Tensor:
         import torch

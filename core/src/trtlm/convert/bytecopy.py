@@ -22,7 +22,8 @@ plan, split rules and safetensors headers are torch-free, and the rows a rank ta
 the split rule's own :meth:`~trtlm.layout.SplitRule.index` (no layout knowledge is repeated).
 :func:`plan_copies` returns ``None`` when any tensor needs building (a dtype cast, a transform
 or finalize step, a split that is not an index along one dimension, a source that is not a
-safetensors file); the pipeline then uses the torch writer (:mod:`trtlm.convert.execute`).
+safetensors file); the pipeline then uses the torch writer (:mod:`trtlm.convert.execute`), which
+still copies each tensor it need not build (:func:`tensor_copy`, :class:`CopyWriter`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from typing import Any
 from trtlm import dtypes
 from trtlm.convert.parallel import for_each_bounded
 from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, concat_rows, take_first
-from trtlm.convert.writer import RankFileWriter
+from trtlm.convert.writer import RankFileWriter, cannot_write, open_rank_files
 from trtlm.errors import UserError
 from trtlm.mapping import Mapping
 
@@ -121,8 +122,14 @@ def _pieces(shape: tuple[int, ...], dim: int, indices: list[int], itemsize: int)
     return out
 
 
-def _tensor_copy(spec: TensorSpec, targets: list[tuple[RankPlan, Any]], source: Any, mapping: Mapping,
-                 dtype: dtypes.DType) -> TensorCopy | None:
+def tensor_copy(spec: TensorSpec, targets: list[tuple[RankPlan, Any]], source: Any, mapping: Mapping,
+                dtype: dtypes.DType) -> TensorCopy | None:
+    """``spec``'s rank parts (``targets``: each rank's plan and its tensor of ``spec``) as byte ranges
+    of its safetensors sources, or ``None`` when building it changes bytes: a cast, a transform or
+    finalize step, a combination other than taking or row-concatenating, a split that is not an
+    index along one dimension, or a source that is not a safetensors file."""
+    if not all(hasattr(source, attr) for attr in ("span", "dtype_name")):
+        return None
     if spec.transform is not None or spec.finalize is not None:
         return None
     if spec.combine is take_first:
@@ -160,8 +167,6 @@ def _tensor_copy(spec: TensorSpec, targets: list[tuple[RankPlan, Any]], source: 
 def plan_copies(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mapping, source: Any,
                 dtype: str) -> list[TensorCopy] | None:
     """Every tensor of the rank plans as byte copies, or ``None`` when one of them needs torch."""
-    if not all(hasattr(source, attr) for attr in ("span", "dtype_name")):
-        return None
     targets: dict[str, list[tuple[RankPlan, Any]]] = {}
     for rp in rank_plans:
         for rt in rp.tensors:
@@ -171,7 +176,7 @@ def plan_copies(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mappi
     for spec in plan.tensors:
         if spec.name not in targets:
             continue
-        copy = _tensor_copy(spec, targets[spec.name], source, mapping, entry)
+        copy = tensor_copy(spec, targets[spec.name], source, mapping, entry)
         if copy is None:
             return None
         copies.append(copy)
@@ -245,45 +250,34 @@ def _require(fd: int, path: Path, name: str, end: int) -> None:
                         f"{size}); re-download it")
 
 
-def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origin: str, workers: int = 1,
-                     check_finite: bool = True, progress: bool = False, window: int = WINDOW,
-                     shown_as: Path | None = None) -> tuple[int, int]:
-    """Write ``rank{r}.safetensors`` for every rank into ``out`` (an empty directory) from the
-    byte copies of :func:`plan_copies`.  Returns ``(tensors, bytes)`` written.  ``shown_as``: the
-    directory to name in messages (``out`` is the temporary one renamed into place at the end).
+class CopyWriter:
+    """Writes :class:`TensorCopy` parts into open rank files, straight from the memory-mapped sources.
 
-    Tensors are checked and written ``window`` bytes at a time straight from the memory-mapped
-    sources (page cache: no anonymous memory grows with a tensor, a 128k-vocabulary embedding
-    included), so each window is still in cache when it is written."""
-    window = max(window - window % 8, 8)  # whole elements of every dtype
-    layouts: list[dict[str, tuple[tuple[int, ...], str]]] = [{} for _ in range(world_size)]
-    total = 0
-    for copy in copies:
-        for part in copy.parts:
-            layouts[part.rank][part.name] = (part.shape, copy.dtype.name)
-            total += math.prod(part.shape) * copy.dtype.itemsize
-    writers: list[RankFileWriter] = []
-    try:
-        for r in range(world_size):
-            writers.append(RankFileWriter(out / f"rank{r}.safetensors", layouts[r], metadata={"format": "pt"}))
-    except OSError as exc:
-        for w in writers:
-            w.discard()
-        raise UserError(f"{(shown_as or out) / f'rank{len(writers)}.safetensors'}: cannot create "
-                        f"({exc.strerror or exc}); "
-                        f"free space on that filesystem or choose another --output-dir") from None
-    maps = _Maps()
-    local = threading.local()
+    A tensor is checked for NaN/Inf and written ``window`` bytes at a time (page cache: no anonymous
+    memory grows with a tensor, a 128k-vocabulary embedding included), so each window is still in
+    cache when it is written.  Thread-safe: worker threads each write their own tensors."""
 
-    def convert_one(copy: TensorCopy) -> None:
-        scratch = getattr(local, "scratch", None)
+    def __init__(self, writers: dict[int, RankFileWriter], origin: str, *, check_finite: bool = True,
+                 window: int = WINDOW, shown_as: Path | None = None) -> None:
+        """:param origin: the model as messages name it; ``shown_as``: the output directory as
+            messages name it (the files are written in a temporary one, renamed at the end)."""
+        self._writers = writers
+        self._origin = origin
+        self._check = check_finite
+        self._window = max(window - window % 8, 8)  # whole elements of every dtype
+        self._shown_as = shown_as
+        self._maps = _Maps()
+        self._local = threading.local()
+
+    def write(self, copy: TensorCopy) -> None:
+        scratch = getattr(self._local, "scratch", None)
         if scratch is None:
-            scratch = local.scratch = {}
+            scratch = self._local.scratch = {}
         starts = [0]
         views = []  # each source's bytes, as a slice of its file's mapping
         files = []  # and as (fd, file offset)
         for name, path, offset, nbytes in copy.sources:
-            fd, view = maps.get(path)
+            fd, view = self._maps.get(path)
             _require(fd, path, name, offset + nbytes)
             views.append(view[offset:offset + nbytes])
             files.append((fd, offset))
@@ -304,13 +298,13 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
                     out.append((fd, offset + a - s0, b - a) if b - a >= _KERNEL_COPY_MIN else view[a - s0:b - s0])
             return out
 
-        for w0 in range(0, max(total_bytes, 1), window):  # the tensor's bytes, one window at a time
-            w1 = min(w0 + window, total_bytes)
-            if check_finite:
+        for w0 in range(0, max(total_bytes, 1), self._window):  # the tensor's bytes, one window at a time
+            w1 = min(w0 + self._window, total_bytes)
+            if self._check:
                 for (name, _p, _o, _n), s0, s1, view in zip(copy.sources, starts, starts[1:], views):
                     lo, hi = max(w0, s0), min(w1, s1)
                     if lo < hi and not all_finite(view[lo - s0:hi - s0], copy.dtype, scratch):
-                        raise UserError(f"{origin}: tensor {name} contains NaN or Inf values")
+                        raise UserError(f"{self._origin}: tensor {name} contains NaN or Inf values")
             last = w1 >= total_bytes
             for part in copy.parts:
                 pieces = []
@@ -321,21 +315,39 @@ def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origi
                         for piece in span(lo, hi):
                             pieces.append((pos, piece))
                             pos += piece[2] if isinstance(piece, tuple) else len(piece)
+                writer = self._writers[part.rank]
                 try:
-                    writers[part.rank].write_gather(part.name, pieces, last=last)
+                    writer.write_gather(part.name, pieces, last=last)
                 except OSError as exc:  # a source shrank under copy_file_range, or the disk is full
                     for (name, path, offset, nbytes), (fd, _o) in zip(copy.sources, files):
                         _require(fd, path, name, offset + nbytes)
-                    shown = (shown_as or out) / writers[part.rank].path.name
-                    raise UserError(f"{shown}: cannot write ({exc.strerror or exc}); "
-                                    f"free space on that filesystem or choose another --output-dir") from None
+                    raise cannot_write(exc, writer.path, self._shown_as) from None
 
+    def close(self) -> None:
+        """Unmap the sources."""
+        self._maps.close()
+
+
+def write_checkpoint(copies: list[TensorCopy], world_size: int, out: Path, origin: str, workers: int = 1,
+                     check_finite: bool = True, progress: bool = False, window: int = WINDOW,
+                     shown_as: Path | None = None) -> tuple[int, int]:
+    """Write ``rank{r}.safetensors`` for every rank into ``out`` (an empty directory) from the
+    byte copies of :func:`plan_copies`.  Returns ``(tensors, bytes)`` written.  ``shown_as``: the
+    directory to name in messages (``out`` is the temporary one renamed into place at the end)."""
+    layouts: dict[int, dict[str, tuple[tuple[int, ...], str]]] = {r: {} for r in range(world_size)}
+    total = 0
+    for copy in copies:
+        for part in copy.parts:
+            layouts[part.rank][part.name] = (part.shape, copy.dtype.name)
+            total += math.prod(part.shape) * copy.dtype.itemsize
+    writers = open_rank_files(out, layouts, shown_as)
+    copier = CopyWriter(writers, origin, check_finite=check_finite, window=window, shown_as=shown_as)
     try:
-        for_each_bounded(convert_one, copies, workers, len(copies), progress)
-        for w in writers:
+        for_each_bounded(copier.write, copies, workers, len(copies), progress)
+        for w in writers.values():
             w.close()
     finally:
-        for w in writers:
+        for w in writers.values():
             w.discard()
-        maps.close()
+        copier.close()
     return sum(len(c.parts) for c in copies), total

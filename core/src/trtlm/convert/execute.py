@@ -1,16 +1,14 @@
 """Executing rank plans: read each source once, build, split, write every rank's part.
 
-The writing half of :func:`trtlm.convert.pipeline.convert`.  Each spec's
-sources are read once (a small cache shares them between a quantized weight
-and its scales), each rank's part is written at its precomputed offset, and
-bytes that do not change (same dtype, whole rows) are copied file to file in
-the kernel instead of passing through torch.
+The writing half of :func:`trtlm.convert.pipeline.convert` when some tensor
+needs building (a cast, quantization).  Each spec's sources are read once (a
+small cache shares them between a quantized weight and its scales), each rank's
+part is written at its precomputed offset, and tensors whose bytes do not change
+are copied by the torch-free path's writer (:mod:`trtlm.convert.bytecopy`)
+instead of passing through torch.
 """
 from __future__ import annotations
 
-import bisect
-import errno
-import math
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -19,9 +17,10 @@ from typing import Any
 import torch
 
 from trtlm import dtypes
+from trtlm.convert.bytecopy import CopyWriter, tensor_copy
 from trtlm.convert.parallel import for_each_bounded
-from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, concat_rows, rank_part, take_first
-from trtlm.convert.writer import RankFileWriter
+from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, rank_part
+from trtlm.convert.writer import cannot_write, open_rank_files
 from trtlm.errors import UserError
 from trtlm.mapping import Mapping
 from trtlm.weights import LoadedModel
@@ -83,124 +82,53 @@ class _SourceCache:
                 self._cache.pop(key, None)
 
 
-def _selects_rows(rule: Any) -> bool:
-    """Split rules whose parts are whole rows of the full tensor (other dims untouched)."""
-    from trtlm.layout import QKVSplit, Replicate, Split
-
-    return isinstance(rule, (Replicate, QKVSplit)) or (isinstance(rule, Split) and rule.dim == 0)
-
-
-def direct_copies(spec: TensorSpec, targets: list[tuple[RankFileWriter, RankPlan, Any]], source: Any,
-                  mapping: Mapping, dtype: torch.dtype) -> list[list[tuple[int | None, int, int]]] | None:
-    """Each rank part of ``spec`` as byte ranges of the source files, when converting changes no byte.
-
-    That holds for most of a same-dtype conversion: a tensor taken as is or
-    row-concatenated (fused qkv), split into blocks of rows (column-parallel
-    weights, vocabulary rows, q/k/v heads with KV repetition) or replicated,
-    with zero rows for vocabulary padding.  The rows a rank takes are found by
-    applying the tensor's own split rule to a column of row numbers, so no
-    layout knowledge is repeated here.  Returns ``None`` (build the tensor
-    instead) for anything else: a dtype cast, a transform or finalize step
-    (quantization), a split of another dimension, or a source that is not in files.
-    """
-    locate = getattr(source, "locate", None)
-    if locate is None or spec.transform is not None or spec.finalize is not None:
-        return None
-    if spec.combine is take_first:
-        names = spec.sources[:1]
-    elif spec.combine is concat_rows:
-        names = spec.sources
-    else:
-        return None
-    target = spec.dtype or dtype
-    shapes = [tuple(source.shape(n)) for n in names]
-    if (any(source.dtype(n) != target for n in names) or any(len(s) == 0 for s in shapes)
-            or len({s[1:] for s in shapes}) != 1):
-        return None
-    row_bytes = math.prod(shapes[0][1:]) * target.itemsize
-    starts = [0]
-    for shape in shapes:
-        starts.append(starts[-1] + shape[0])
-    numbers = torch.arange(1, starts[-1] + 1).view(-1, 1)  # 0 marks a padding row
-    inner_starts = torch.tensor(starts[1:-1], dtype=torch.long)
-    located = [locate(n) for n in names]
-    result = []
-    for writer, rp, rt in targets:
-        if not _selects_rows(rt.split):
-            return None
-        try:
-            rows = rt.split.take(numbers, mapping, rp.tp_rank)[:, 0]
-        except ValueError:
-            return None
-        if writer.planned(rt.name) != ((rows.numel(),) + shapes[0][1:], target):
-            return None
-        segments = []
-        for first, count in _runs(rows, inner_starts):
-            if first == 0:
-                segments.append((None, 0, count * row_bytes))
-            else:
-                src = bisect.bisect_right(starts, first - 1) - 1
-                fd, offset = located[src]
-                segments.append((fd, offset + (first - 1 - starts[src]) * row_bytes, count * row_bytes))
-        result.append(segments)
-    return result
-
-
-def _runs(numbers: torch.Tensor, boundaries: torch.Tensor) -> list[tuple[int, int]]:
-    """``(first number, count)`` of each run of consecutive row numbers (1-based; runs of
-    0 are padding), broken where a new source tensor starts (0-based rows in ``boundaries``)."""
-    if numbers.numel() == 0:
-        return []
-    prev, nxt = numbers[:-1], numbers[1:]
-    joined = ((nxt == prev + 1) & (prev != 0) & ~torch.isin(nxt - 1, boundaries)) | ((nxt == 0) & (prev == 0))
-    heads = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(~joined).flatten() + 1])
-    counts = torch.diff(heads, append=torch.tensor([numbers.numel()]))
-    return list(zip(numbers[heads].tolist(), counts.tolist()))
-
-
 def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mapping, loaded: LoadedModel,
-                     dtype: str, out: Path, workers: int = 1, progress: bool = False) -> tuple[int, int]:
-    """Execute rank plans into ``out`` (an empty directory). Returns (tensors, bytes)."""
+                     dtype: str, out: Path, workers: int = 1, progress: bool = False, check_finite: bool = True,
+                     shown_as: Path | None = None, copy_bytes: bool = True) -> tuple[int, int]:
+    """Execute rank plans into ``out`` (an empty directory). Returns (tensors, bytes).
+
+    A tensor whose bytes do not change (a norm or an embedding of a quantized conversion) is copied
+    from the source files by :class:`~trtlm.convert.bytecopy.CopyWriter`, the writer of the
+    torch-free path; the others are built with torch.  ``copy_bytes=False`` builds every tensor
+    (the reference the byte copies are tested against).  ``shown_as``: the directory to name in
+    messages (``out`` is the temporary one renamed into place at the end)."""
     tdtype = TORCH_DTYPES[dtype]
-    by_spec: dict[str, list[tuple[RankFileWriter, RankPlan, Any]]] = defaultdict(list)
-    writers = []
+    entry = dtypes.get(dtype)
+    targets: dict[str, list[tuple[RankPlan, Any]]] = defaultdict(list)
+    layouts: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
     meta_full: dict[str, torch.Tensor] = {}
     for spec in plan.tensors:
         metas = [torch.empty(s, dtype=loaded.source.dtype(n), device="meta") for n, s in zip(spec.sources, spec.shapes)]
         meta_full[spec.name] = build_full(spec, metas, tdtype)
     total = 0
     for rp in rank_plans:
-        layout = {}
+        layout = layouts[rp.rank] = {}
         for rt in rp.tensors:
             part = rank_part(rt, meta_full[rt.spec.name], mapping, rp.tp_rank)
             layout[rt.name] = (tuple(part.shape), part.dtype)
             total += part.numel() * part.dtype.itemsize
-        writer = RankFileWriter(out / f"rank{rp.rank}.safetensors", layout, metadata={"format": "pt"})
-        writers.append(writer)
-        for rt in rp.tensors:
-            by_spec[rt.spec.name].append((writer, rp, rt))
-    specs = [s for s in plan.tensors if s.name in by_spec]
-    cache = _SourceCache(loaded, specs, check_finite=True)
+            targets[rt.spec.name].append((rp, rt))
+    specs = [s for s in plan.tensors if s.name in targets]
+    cache = _SourceCache(loaded, specs, check_finite)
+    writers = open_rank_files(out, layouts, shown_as)
+    copier = CopyWriter(writers, loaded.origin, check_finite=check_finite, shown_as=shown_as)
 
     def convert_one(spec: TensorSpec) -> None:
-        copies = direct_copies(spec, by_spec[spec.name], loaded.source, mapping, tdtype)
-        sources = cache.acquire(spec.sources)  # also the NaN/Inf check
+        copy = tensor_copy(spec, targets[spec.name], loaded.source, mapping, entry) if copy_bytes else None
+        if copy is not None:  # bytes unchanged: copied (and checked) from the mapped files, no tensor built
+            cache.release(spec.sources)
+            copier.write(copy)
+            return
         try:
-            if copies is not None:  # bytes unchanged: copy file ranges, no tensor is built
-                for (writer, _rp, rt), segments in zip(by_spec[spec.name], copies):
-                    try:
-                        writer.copy(rt.name, segments)
-                    except OSError as exc:  # EIO: a source shrank since its header was read (short copy)
-                        hint = ("a shard was truncated while converting; re-download it" if exc.errno == errno.EIO
-                                else f"writing {writer.path} failed")
-                        raise UserError(f"{loaded.origin}: tensor {spec.name}: cannot copy its bytes "
-                                        f"({exc.strerror or exc}): {hint}") from None
-                return
-            full = build_full(spec, sources, tdtype)
+            full = build_full(spec, cache.acquire(spec.sources), tdtype)  # acquire: also the NaN/Inf check
         finally:
             cache.release(spec.sources)
-        for writer, rp, rt in by_spec[spec.name]:
-            writer.write(rt.name, rank_part(rt, full, mapping, rp.tp_rank))
+        for rp, rt in targets[spec.name]:
+            writer = writers[rp.rank]
+            try:
+                writer.write(rt.name, rank_part(rt, full, mapping, rp.tp_rank))
+            except OSError as exc:  # the disk is full
+                raise cannot_write(exc, writer.path, shown_as) from None
 
     # Writing is memory-bound copying: parallelism is per tensor (--workers), and torch's
     # intra-op threads only contend with them (measured on 2 shared cores: the bf16 tp2
@@ -209,10 +137,11 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
     torch.set_num_threads(1)
     try:
         for_each_bounded(convert_one, specs, workers, len(specs), progress)
-        for w in writers:
+        for w in writers.values():
             w.close()
     finally:
         torch.set_num_threads(intra_op_threads)
-        for w in writers:
+        for w in writers.values():
             w.discard()
+        copier.close()
     return sum(len(rp.tensors) for rp in rank_plans), total

@@ -133,7 +133,8 @@ def final_config(plan: ConversionPlan, mapping: Mapping, dtype: str) -> dict[str
 
 def write_rank_files(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mapping, loaded: LoadedModel,
                      dtype: str, out: Path, options: ConvertOptions, shown_as: Path | None = None) -> tuple[int, int]:
-    """Byte copies when nothing changes a byte (no torch), else the torch writer. Returns (tensors, bytes)."""
+    """Byte copies when nothing changes a byte (no torch), else the torch writer, which copies the
+    tensors it need not build. Returns (tensors, bytes)."""
     from trtlm.convert import bytecopy
 
     copies = None
@@ -144,7 +145,8 @@ def write_rank_files(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
                                          options.check_finite, options.progress, shown_as=shown_as)
     from trtlm.convert.execute import write_checkpoint
 
-    return write_checkpoint(plan, rank_plans, mapping, loaded, dtype, out, options.workers, options.progress)
+    return write_checkpoint(plan, rank_plans, mapping, loaded, dtype, out, options.workers, options.progress,
+                            options.check_finite, shown_as)
 
 
 def copy_tokenizer(model_dir: Path | None, out: Path) -> None:

@@ -6,7 +6,7 @@ each rank file is created at its final size with its header in place, and
 tensors are then written at their offsets (``os.pwrite``) in any order, by
 any number of worker threads, one tensor in memory per worker.  Tensors that
 are plain byte ranges of source files are copied inside the kernel instead
-(:meth:`RankFileWriter.copy`).
+(:meth:`RankFileWriter.write_gather`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from trtlm import dtypes
+from trtlm.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -150,28 +151,6 @@ class RankFileWriter:
             self._flusher.shutdown(wait=True)
             self._flusher = None
 
-    def copy(self, name: str, segments: Sequence[tuple[int | None, int, int]]) -> None:
-        """Fill tensor ``name`` with byte ranges of other files, in order, inside the kernel.
-
-        :param segments: ``(fd, offset, nbytes)`` per range; ``fd`` ``None`` for zero bytes
-            (already there: the file was created at its full size, zero-filled).
-
-        ``os.copy_file_range`` moves page-cache pages to page-cache pages without a
-        round trip through this process (what ``cp`` does); where it is not
-        available (other OS, some cross-filesystem cases) it falls back to
-        ``pread``/``pwrite`` in 16 MB pieces.
-        """
-        offset, nbytes, _shape, _dtype = self._offsets[name]
-        if sum(n for _, _, n in segments) != nbytes:
-            raise AssertionError(f"{name}: planned {nbytes} bytes, segments hold {sum(n for _, _, n in segments)}")
-        pos = self._base + offset
-        for fd, src, n in segments:
-            if fd is not None:
-                copy_range(fd, src, self._fd, pos, n)
-            pos += n
-        self._written(offset, nbytes)
-        self._pending.discard(name)
-
     def close(self) -> None:
         if self._pending:
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self._pending)[:3]}")
@@ -186,6 +165,32 @@ class RankFileWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def open_rank_files(out: Path, layouts: dict[int, dict[str, tuple[tuple[int, ...], Any]]],
+                    shown_as: Path | None = None) -> dict[int, RankFileWriter]:
+    """``rank{r}.safetensors`` in ``out`` for each rank's layout, each created at its full size.
+
+    A file that cannot be created (a full disk, a file size limit) is the one-line error, naming it
+    in ``shown_as`` (the directory the user named; ``out`` is the temporary one renamed into place
+    at the end), with the files already created closed."""
+    writers: dict[int, RankFileWriter] = {}
+    for rank, layout in sorted(layouts.items()):
+        path = out / f"rank{rank}.safetensors"
+        try:
+            writers[rank] = RankFileWriter(path, layout, metadata={"format": "pt"})
+        except OSError as exc:
+            for w in writers.values():
+                w.discard()
+            raise UserError(f"{(shown_as or out) / path.name}: cannot create ({exc.strerror or exc}); "
+                            f"free space on that filesystem or choose another --output-dir") from None
+    return writers
+
+
+def cannot_write(exc: OSError, path: Path, shown_as: Path | None = None) -> UserError:
+    """The one-line error for a rank file ``path`` that a write failed on (named in ``shown_as``)."""
+    return UserError(f"{(shown_as or path.parent) / path.name}: cannot write ({exc.strerror or exc}); "
+                     f"free space on that filesystem or choose another --output-dir")
 
 
 _COPY_FILE_RANGE = hasattr(os, "copy_file_range")
