@@ -405,6 +405,18 @@ BAD_INVOCATIONS: list[tuple[str, list[str], list[str]]] = [
      ["--hf-architecture"]),
     ("cache-clear-unknown-key", ["cache", "clear", "0123456789abcdef"], ["0123456789abcdef", "trtlm cache list"]),
     ("bench-batch-0", ["bench", "--engine-dir", "{engine}", "--device", "cpu", "--batch-size", "0"], ["--batch-size"]),
+    ("bench-serve-prompts-0", ["bench", "serve", "--base-url", "http://127.0.0.1:1", "--num-prompts", "0"],
+     ["--num-prompts", "0"]),
+    ("bench-serve-timeout-negative", ["bench", "serve", "--base-url", "http://127.0.0.1:1", "--timeout", "-1"],
+     ["--timeout", "-1"]),
+    ("bench-serve-rate-not-a-number", ["bench", "serve", "--base-url", "http://127.0.0.1:1", "--request-rate",
+                                       "fast"], ["--request-rate", "fast"]),
+    # serve, triton-repo
+    ("serve-port-out-of-range", ["serve", "--engine-dir", "{engine}", "--port", "70000"], ["--port", "70000"]),
+    ("serve-request-timeout-0", ["serve", "--engine-dir", "{engine}", "--request-timeout", "0"],
+     ["--request-timeout"]),
+    ("triton-repo-batch-0", ["triton-repo", "--engine-dir", "{engine}", "--output-dir", "{out}", "--max-batch-size",
+                             "0"], ["--max-batch-size"]),
     ("plugins-unknown-option", ["plugins", "--bogus"], ["--bogus", "trtlm plugins --help"]),
     ("unknown-command", ["conver"], ["conver"]),
 ]

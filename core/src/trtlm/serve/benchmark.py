@@ -29,6 +29,8 @@ from typing import Any
 
 import click
 
+from trtlm.commands.options import NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT
+
 
 @dataclass
 class BenchRequest:
@@ -286,28 +288,32 @@ def format_summary(s: dict[str, Any]) -> str:
 @click.command("serve")
 @click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
               help="The server's root URL (any OpenAI-compatible server).")
-@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True,
+              help="/v1/completions (token ids or text) or /v1/chat/completions (messages; text datasets only).")
 @click.option("--model", help="The `model` to send (default: the first of GET /v1/models).")
 @click.option("--api-key", envvar=["TRTLM_API_KEY", "OPENAI_API_KEY"], help="Sent as a Bearer token.")
 @click.option("--dataset", default="random", show_default=True,
               help="`random`, or a JSON-lines file ({\"prompt\", \"output_len\"}) or ShareGPT JSON.")
-@click.option("--num-prompts", default=100, show_default=True, type=int)
-@click.option("--random-input-len", default=128, show_default=True, type=int)
-@click.option("--random-output-len", default=128, show_default=True, type=int,
+@click.option("--num-prompts", default=100, show_default=True, type=POSITIVE, help="Requests sent in all.")
+@click.option("--random-input-len", default=128, show_default=True, type=POSITIVE,
+              help="Prompt tokens of each random prompt.")
+@click.option("--random-output-len", default=128, show_default=True, type=POSITIVE,
               help="Also the output length of file prompts without one.")
-@click.option("--random-range-ratio", default=0.0, show_default=True, type=float,
+@click.option("--random-range-ratio", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Lengths are uniform in [L*(1-r), L*(1+r)].")
-@click.option("--random-vocab-size", default=1000, show_default=True, type=int,
+@click.option("--random-vocab-size", default=1000, show_default=True, type=click.IntRange(min=11),
               help="Random prompt ids are drawn from [10, this).")
 @click.option("--request-rate", default="inf", show_default=True,
               help="Requests per second (Poisson arrivals); inf: all at once.")
-@click.option("--max-concurrency", type=int, help="Requests in flight at most.")
+@click.option("--max-concurrency", type=POSITIVE, help="Requests in flight at most.")
 @click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
               help="Ask for exactly the output length (ignore_eos).")
-@click.option("--temperature", default=0.0, show_default=True, type=float)
-@click.option("--stream/--no-stream", default=True, show_default=True)
-@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds per request.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=NON_NEGATIVE_FLOAT,
+              help="Sampling temperature sent with each request; 0 = greedy.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Streamed responses (TTFT and ITL need them; without, TTFT is the whole latency).")
+@click.option("--timeout", default=600.0, show_default=True, type=POSITIVE_FLOAT, help="Seconds per request.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts (random ids, file order) and the arrival times.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON document here.")
 def bench_serve(base_url, endpoint, model, api_key, dataset, num_prompts, random_input_len, random_output_len,
@@ -322,16 +328,6 @@ def bench_serve(base_url, endpoint, model, api_key, dataset, num_prompts, random
         raise UserError(f"--request-rate {request_rate!r}: expected requests per second or inf") from None
     if rate <= 0:
         raise UserError(f"--request-rate {request_rate}: must be > 0 (inf: all at once)")
-    if num_prompts < 1:
-        raise UserError(f"--num-prompts {num_prompts}: must be >= 1")
-    if max_concurrency is not None and max_concurrency < 1:
-        raise UserError(f"--max-concurrency {max_concurrency}: must be >= 1")
-    if random_input_len < 1 or random_output_len < 1:
-        raise UserError("--random-input-len and --random-output-len must be >= 1")
-    if not 0 <= random_range_ratio < 1:
-        raise UserError(f"--random-range-ratio {random_range_ratio}: must be in [0, 1)")
-    if random_vocab_size <= 10:
-        raise UserError(f"--random-vocab-size {random_vocab_size}: must be > 10")
     if not base_url.startswith(("http://", "https://")):
         raise UserError(f"--base-url {base_url}: expected http://HOST:PORT")
     chat = endpoint == "chat"
