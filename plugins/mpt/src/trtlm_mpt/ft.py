@@ -207,20 +207,46 @@ _GLOBAL_OK = {"transformer.wte.weight", "transformer.norm_f.weight", "transforme
 _DROPPABLE = re.compile(r"^transformer\.(wpe\.weight|blocks\.\d+\.attn\.[qk]_ln\..*)$")
 
 
-def _layer_names(i: int) -> dict[str, str]:
-    p = f"transformer.blocks.{i}."
+@dataclass(frozen=True)
+class FTTensor:
+    """One tensor of a block in both layouts, the one table the writer and the reader share."""
+
+    hf: str  #: transformers' name under ``transformer.blocks.{i}.``
+    ft: str  #: FT's file key under ``model.layers.{i}.``
+    split: str  #: ``none`` (one file), ``rows`` / ``cols`` (rank files along FT's first / last axis), ``qkv``
+    transpose: bool  #: a GEMM weight: FT stores ``[in, out]``
+    bias_free: str  #: in a model without biases: ``kept`` (a weight), ``zeros`` (FT still wants it), ``absent``
+
+
+BLOCK = (
+    FTTensor("norm_1.weight", "input_layernorm.weight", "none", False, "kept"),
+    FTTensor("norm_1.bias", "input_layernorm.bias", "none", False, "zeros"),
+    FTTensor("attn.Wqkv.weight", "attention.query_key_value.weight", "qkv", True, "kept"),
+    FTTensor("attn.Wqkv.bias", "attention.query_key_value.bias", "qkv", False, "absent"),
+    FTTensor("attn.out_proj.weight", "attention.dense.weight", "rows", True, "kept"),
+    FTTensor("attn.out_proj.bias", "attention.dense.bias", "none", False, "absent"),
+    FTTensor("norm_2.weight", "post_attention_layernorm.weight", "none", False, "kept"),
+    FTTensor("norm_2.bias", "post_attention_layernorm.bias", "none", False, "zeros"),
+    FTTensor("ffn.up_proj.weight", "mlp.dense_h_to_4h.weight", "cols", True, "kept"),
+    FTTensor("ffn.up_proj.bias", "mlp.dense_h_to_4h.bias", "cols", False, "absent"),
+    FTTensor("ffn.down_proj.weight", "mlp.dense_4h_to_h.weight", "rows", True, "kept"),
+    FTTensor("ffn.down_proj.bias", "mlp.dense_4h_to_h.bias", "none", False, "absent"),
+)
+
+
+def _block_name(i: int, t: FTTensor) -> str:
+    return f"transformer.blocks.{i}.{t.hf}"
+
+
+def _hf_shapes(d: int, kv_dim: int, n_inner: int) -> dict[str, tuple[int, ...]]:
+    """transformers' shape of each :data:`BLOCK` tensor."""
     return {
-        "norm_1.weight": p + "norm_1.weight", "norm_1.bias": p + "norm_1.bias",
-        "Wqkv.weight": p + "attn.Wqkv.weight", "Wqkv.bias": p + "attn.Wqkv.bias",
-        "out_proj.weight": p + "attn.out_proj.weight", "out_proj.bias": p + "attn.out_proj.bias",
-        "norm_2.weight": p + "norm_2.weight", "norm_2.bias": p + "norm_2.bias",
-        "up_proj.weight": p + "ffn.up_proj.weight", "up_proj.bias": p + "ffn.up_proj.bias",
-        "down_proj.weight": p + "ffn.down_proj.weight", "down_proj.bias": p + "ffn.down_proj.bias",
+        "norm_1.weight": (d,), "norm_1.bias": (d,), "norm_2.weight": (d,), "norm_2.bias": (d,),
+        "attn.Wqkv.weight": (d + 2 * kv_dim, d), "attn.Wqkv.bias": (d + 2 * kv_dim,),
+        "attn.out_proj.weight": (d, d), "attn.out_proj.bias": (d,),
+        "ffn.up_proj.weight": (n_inner, d), "ffn.up_proj.bias": (n_inner,),
+        "ffn.down_proj.weight": (d, n_inner), "ffn.down_proj.bias": (d,),
     }
-
-
-_BIAS_SUFFIXES = ("norm_1.bias", "Wqkv.bias", "out_proj.bias", "norm_2.bias", "up_proj.bias",
-                  "down_proj.bias")
 
 
 def _split_qkv(arr: np.ndarray, d: int, kv_dim: int, tp: int) -> list[np.ndarray]:
@@ -330,7 +356,7 @@ def ft_layout(cfg: dict, source, tp: int) -> FTLayout:
         raise ValueError(f"lm_head.weight has shape {tuple(source.shape('lm_head.weight'))}, expected {(vocab, d)}")
     wanted = {"transformer.wte.weight", "transformer.norm_f.weight"} | ({"transformer.norm_f.bias"} if has_bias else set())
     for i in range(n_layers):
-        wanted |= {name for suffix, name in _layer_names(i).items() if has_bias or not suffix.endswith(".bias")}
+        wanted |= {_block_name(i, t) for t in BLOCK if has_bias or t.bias_free == "kept"}
     unknown = [k for k in source.keys() if k not in wanted and k not in _GLOBAL_OK and not _DROPPABLE.match(k)]
     if unknown:
         raise ValueError(f"MPT checkpoint holds tensors FT conversion does not know: {unknown[:5]}")
@@ -385,7 +411,7 @@ def _mlp_width(cfg: dict, need: Callable[[str], tuple[int, ...]], d: int, n_laye
 
 def _has_bias(cfg: dict, keyset: set[str], n_layers: int) -> bool:
     """Biases are all there or all absent, and agree with ``no_bias``."""
-    bias_names = [_layer_names(i)[s] for i in range(n_layers) for s in _BIAS_SUFFIXES]
+    bias_names = [_block_name(i, t) for i in range(n_layers) for t in BLOCK if t.bias_free != "kept"]
     bias_names.append("transformer.norm_f.bias")
     present = [n for n in bias_names if n in keyset]
     no_bias_cfg = bool(cfg.get("no_bias", True))
@@ -401,20 +427,14 @@ def _has_bias(cfg: dict, keyset: set[str], n_layers: int) -> bool:
 
 def _check_shapes(need: Callable[[str], tuple[int, ...]], d: int, kv_dim: int, n_inner: int, n_layers: int,
                   has_bias: bool) -> None:
-    expected = {
-        "Wqkv.weight": (d + 2 * kv_dim, d), "Wqkv.bias": (d + 2 * kv_dim,),
-        "out_proj.weight": (d, d), "out_proj.bias": (d,),
-        "up_proj.weight": (n_inner, d), "up_proj.bias": (n_inner,),
-        "down_proj.weight": (d, n_inner), "down_proj.bias": (d,),
-        "norm_1.weight": (d,), "norm_1.bias": (d,), "norm_2.weight": (d,), "norm_2.bias": (d,),
-    }
+    expected = _hf_shapes(d, kv_dim, n_inner)
     for i in range(n_layers):
-        for suffix, name in _layer_names(i).items():
-            if suffix.endswith(".bias") and not has_bias:
+        for t in BLOCK:
+            if t.bias_free != "kept" and not has_bias:
                 continue
-            shp = need(name)
-            if shp != expected[suffix]:
-                raise ValueError(f"{name} has shape {shp}, expected {expected[suffix]}")
+            shp = need(_block_name(i, t))
+            if shp != expected[t.hf]:
+                raise ValueError(f"{_block_name(i, t)} has shape {shp}, expected {expected[t.hf]}")
     shp = need("transformer.norm_f.weight")
     if shp != (d,):
         raise ValueError(f"transformer.norm_f.weight has shape {shp}, expected {(d,)}")
@@ -452,19 +472,19 @@ def _write_tensors(source, layout: FTLayout, storage: torch.dtype, tp: int, save
     if layout.write_lm_head:
         save(load("lm_head.weight"), "lm_head.weight")
     for i in range(layout.n_layers):
-        n, pre = _layer_names(i), f"layers.{i}."
-        for hf_norm, ft_norm in (("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm")):
-            save(load(n[hf_norm + ".weight"]), f"{pre}{ft_norm}.weight")
-            save(load(n[hf_norm + ".bias"]) if has_bias else zeros, f"{pre}{ft_norm}.bias")
-        save_ranks(_split_qkv(load_t(n["Wqkv.weight"]), d, kv_dim, tp), pre + "attention.query_key_value.weight")
-        save_ranks(np.split(load_t(n["out_proj.weight"]), tp, axis=0), pre + "attention.dense.weight")
-        save_ranks(np.split(load_t(n["up_proj.weight"]), tp, axis=-1), pre + "mlp.dense_h_to_4h.weight")
-        save_ranks(np.split(load_t(n["down_proj.weight"]), tp, axis=0), pre + "mlp.dense_4h_to_h.weight")
-        if has_bias:
-            save_ranks(_split_qkv(load(n["Wqkv.bias"]), d, kv_dim, tp), pre + "attention.query_key_value.bias")
-            save(load(n["out_proj.bias"]), f"{pre}attention.dense.bias")
-            save_ranks(np.split(load(n["up_proj.bias"]), tp, axis=-1), pre + "mlp.dense_h_to_4h.bias")
-            save(load(n["down_proj.bias"]), f"{pre}mlp.dense_4h_to_h.bias")
+        for t in BLOCK:
+            key = f"layers.{i}.{t.ft}"
+            if not has_bias and t.bias_free != "kept":
+                if t.bias_free == "zeros":
+                    save(zeros, key)
+                continue
+            arr = (load_t if t.transpose else load)(_block_name(i, t))
+            if t.split == "none":
+                save(arr, key)
+            elif t.split == "qkv":
+                save_ranks(_split_qkv(arr, d, kv_dim, tp), key)
+            else:
+                save_ranks(np.split(arr, tp, axis=0 if t.split == "rows" else -1), key)
     save(load("transformer.norm_f.weight"), "final_layernorm.weight")
     save(load("transformer.norm_f.bias") if has_bias else zeros, "final_layernorm.bias")
 
@@ -747,26 +767,22 @@ class FTSource:
         plan["transformer.wte.weight"] = ((c.vocab_size, d), single("model.wte.bin", (c.vocab_size, d)))
         if (self.dir / "model.wpe.bin").is_file():
             plan["transformer.wpe.weight"] = ((c.n_positions, d), single("model.wpe.bin", (c.n_positions, d)))
+        shapes = _hf_shapes(d, kv_dim, inner)
         for i in range(L):
-            p, fp = f"transformer.blocks.{i}.", f"layers.{i}."
-            plan[p + "norm_1.weight"] = ((d,), single(f"model.{fp}input_layernorm.weight.bin", (d,)))
-            if c.bias:
-                plan[p + "norm_1.bias"] = ((d,), single(f"model.{fp}input_layernorm.bias.bin", (d,)))
-            plan[p + "attn.Wqkv.weight"] = ((d + 2 * kv_dim, d), qkv(fp + "attention.query_key_value.weight", (d,)))
-            if c.bias:
-                plan[p + "attn.Wqkv.bias"] = ((d + 2 * kv_dim,), qkv(fp + "attention.query_key_value.bias", ()))
-            plan[p + "attn.out_proj.weight"] = ((d, d), ranked(fp + "attention.dense.weight", (d // tp, d), 0, True))
-            if c.bias:
-                plan[p + "attn.out_proj.bias"] = ((d,), single(f"model.{fp}attention.dense.bias.bin", (d,)))
-            plan[p + "norm_2.weight"] = ((d,), single(f"model.{fp}post_attention_layernorm.weight.bin", (d,)))
-            if c.bias:
-                plan[p + "norm_2.bias"] = ((d,), single(f"model.{fp}post_attention_layernorm.bias.bin", (d,)))
-            plan[p + "ffn.up_proj.weight"] = ((inner, d), ranked(fp + "mlp.dense_h_to_4h.weight", (d, inner // tp), -1, True))
-            if c.bias:
-                plan[p + "ffn.up_proj.bias"] = ((inner,), ranked(fp + "mlp.dense_h_to_4h.bias", (inner // tp,), -1, False))
-            plan[p + "ffn.down_proj.weight"] = ((d, inner), ranked(fp + "mlp.dense_4h_to_h.weight", (inner // tp, d), 0, True))
-            if c.bias:
-                plan[p + "ffn.down_proj.bias"] = ((d,), single(f"model.{fp}mlp.dense_4h_to_h.bias.bin", (d,)))
+            for bt in BLOCK:
+                if not c.bias and bt.bias_free != "kept":  # a bias-free model's zero LayerNorm biases: not shown
+                    continue
+                shape, key = shapes[bt.hf], f"layers.{i}.{bt.ft}"
+                if bt.split == "none":
+                    load = single(f"model.{key}.bin", shape)
+                elif bt.split == "qkv":
+                    load = qkv(key, shape[1:])  # (d,) for the weight ([in, out] on disk), () for the bias
+                else:
+                    ft_shape = list(shape[::-1] if bt.transpose else shape)
+                    axis = 0 if bt.split == "rows" else len(ft_shape) - 1
+                    ft_shape[axis] //= tp
+                    load = ranked(key, tuple(ft_shape), axis, bt.transpose)
+                plan[_block_name(i, bt)] = (shape, load)
         plan["transformer.norm_f.weight"] = ((d,), single("model.final_layernorm.weight.bin", (d,)))
         if c.bias:
             plan["transformer.norm_f.bias"] = ((d,), single("model.final_layernorm.bias.bin", (d,)))
