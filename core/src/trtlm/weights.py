@@ -9,7 +9,7 @@ sharding, writing) sees only this protocol.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -54,3 +54,17 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.origin!r}, {len(self.source.keys())} tensors)"
+
+    def require(self, shapes: Iterable[tuple[str, Sequence[int], str]]) -> None:
+        """Every ``(name, shape, needed_for)`` is a tensor of the source with that shape (the shape
+        config.json implies); else the one-line :class:`~trtlm.errors.UserError` naming the tensor."""
+        from trtlm.errors import UserError
+
+        have = set(self.source.keys())
+        for name, shape, needed_for in shapes:
+            if name not in have:
+                raise UserError(f"{self.origin}: tensor {name} is missing (needed for {needed_for})")
+            actual = tuple(self.source.shape(name))
+            if actual != tuple(shape):
+                raise UserError(f"{self.origin}: tensor {name} has shape {list(actual)} but config.json "
+                                f"implies {list(shape)}; the config and the weights do not match")

@@ -114,18 +114,6 @@ def load(hooks: FamilyHooks, model_dir: Path | None, preset: str | None, options
     return loaded
 
 
-def validate_sources(plan: ConversionPlan, loaded: LoadedModel) -> None:
-    """Every tensor the plan needs is present with the shape config.json implies."""
-    have = set(loaded.source.keys())
-    for name, shape in plan.source_shapes().items():
-        if name not in have:
-            raise UserError(f"{loaded.origin}: tensor {name} is missing (needed for config.json's model)")
-        actual = tuple(loaded.source.shape(name))
-        if actual != tuple(shape):
-            raise UserError(f"{loaded.origin}: tensor {name} has shape {list(actual)} but config.json "
-                            f"implies {list(shape)}; the config and the weights do not match")
-
-
 def final_config(plan: ConversionPlan, mapping: Mapping, dtype: str) -> dict[str, Any]:
     parsed = CheckpointConfig.from_dict(plan.config, where="the plan's config")
     return parsed.replace(dtype=dtype, mapping=mapping).to_dict()
@@ -200,7 +188,7 @@ def convert(model_dir: Path | None, output_dir: Path, options: ConvertOptions,
     plan = hooks.trtlm_map_layers(hf_config=loaded.hf_config, options=options)
     if options.dummy_weights:
         loaded.source = DummySource(plan.source_shapes(), seed=options.seed)
-    validate_sources(plan, loaded)
+    loaded.require((name, shape, "config.json's model") for name, shape in plan.source_shapes().items())
     plan = hooks.trtlm_quantize(plan=plan, loaded=loaded, options=options, hooks=hooks) or plan
     mapping = Mapping(options.tp_size, options.pp_size, options.moe_tp_size or 0, options.moe_ep_size or 0)
     rank_plans = hooks.trtlm_shard(plan=plan, mapping=mapping)

@@ -78,18 +78,6 @@ def resolve_dtype(options, hf: dict[str, Any]) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_sources(layout: MCoreLayout, loaded: LoadedModel) -> None:
-    have = set(loaded.source.keys())
-    for t in layout.tensors:
-        for name, shape in zip(t.hf, t.hf_shapes, strict=True):
-            if name not in have:
-                raise UserError(f"{loaded.origin}: tensor {name} is missing (needed for {t.name})")
-            actual = tuple(loaded.source.shape(name))
-            if actual != tuple(shape):
-                raise UserError(f"{loaded.origin}: tensor {name} has shape {list(actual)} but config.json "
-                                f"implies {list(shape)}")
-
-
 def megatron_args(layout: MCoreLayout, hf: dict[str, Any], dtype: torch.dtype) -> argparse.Namespace:
     from trtlm import __version__
 
@@ -169,9 +157,10 @@ def export_mcore(family, hooks, loaded: LoadedModel, options, output_dir: Path) 
         raise UserError(f"family {family.name} has no Megatron-Core layout")
     if ep > 1 and not layout.args.get("num_experts"):
         raise UserError(f"--moe-ep-size {ep}: family {family.name}'s model has no experts")
+    needed = [(name, shape, t.name) for t in layout.tensors for name, shape in zip(t.hf, t.hf_shapes, strict=True)]
     if options.dummy_weights:
-        loaded = LoadedModel(hf, DummySource({n: s for t in layout.tensors for n, s in zip(t.hf, t.hf_shapes, strict=True)},
-                                             seed=options.seed), origin=loaded.origin)
-    check_sources(layout, loaded)
+        loaded = LoadedModel(hf, DummySource({name: shape for name, shape, _ in needed}, seed=options.seed),
+                             origin=loaded.origin)
+    loaded.require(needed)
     write_mcore(layout, loaded, hf, tp, pp, ep, resolve_dtype(options, hf), Path(output_dir))
     return Path(output_dir)
