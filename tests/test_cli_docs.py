@@ -42,3 +42,45 @@ def test_every_command_and_option_is_documented(name):
 def test_no_section_for_a_command_that_does_not_exist():
     documented = set(re.findall(r"(?m)^## `trtlm ([\w-]+)`", CLI_MD.read_text()))
     assert documented <= set(COMMANDS), f"docs/cli.md documents removed commands: {documented - set(COMMANDS)}"
+
+
+def commands_by_name() -> dict[str, click.Command]:
+    """Every command and subcommand (``bench serve``) by the words that invoke it."""
+    ctx = click.Context(cli, info_name="trtlm")
+    found = {}
+    for name in cli.list_commands(ctx):
+        cmd = cli.get_command(ctx, name)
+        found[name] = cmd
+        if isinstance(cmd, click.Group):
+            for sub in cmd.list_commands(ctx):
+                found[f"{name} {sub}"] = cmd.get_command(ctx, sub)
+    return found
+
+
+def option_names(cmd: click.Command) -> set[str]:
+    return {"--help", *(o for p in cmd.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts))}
+
+
+def test_the_flags_the_docs_write_exist():
+    """Every ``--flag`` the README and docs/ write after ``trtlm COMMAND`` (on the same line or a line
+    it continues with a backslash, up to the end of that command: a backtick, ``&&``, ``|``, ``;``) is
+    an option of that command, so a renamed flag cannot live on in an example.  benchmarks.md is a
+    record of past runs and is left out."""
+    commands = commands_by_name()
+    wrong = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        if doc.name == "benchmarks.md":
+            continue
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())  # a shell line continued with a backslash: one line
+        for line in text.splitlines():
+            for segment in re.split(r"`|&&|\|\||\||;", line):
+                words = segment.split()
+                if len(words) < 2 or words[0] != "trtlm":
+                    continue
+                name = " ".join(words[1:3]) if " ".join(words[1:3]) in commands else words[1]
+                if name not in commands:
+                    continue
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", segment):
+                    if flag not in option_names(commands[name]):
+                        wrong.append(f"{doc.relative_to(REPO)}: trtlm {name} has no {flag}: {segment.strip()[:100]}")
+    assert not wrong, "\n".join(wrong)
