@@ -270,6 +270,11 @@ class CopyWriter:
         self._local = threading.local()
 
     def write(self, copy: TensorCopy) -> None:
+        for part in copy.parts:  # the header was laid out by whoever opened the files: it must agree
+            planned = tuple(self._writers[part.rank].planned(part.name)[0])
+            if planned != tuple(part.shape):
+                raise AssertionError(f"{part.name}: rank {part.rank}'s file has room for {planned}, "
+                                     f"the copy makes {part.shape}")
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = {}
