@@ -207,9 +207,13 @@ def all_finite(data: memoryview, dtype: dtypes.DType, scratch: dict[str, Any]) -
 
 
 class _Maps:
-    """The source files, each opened and memory-mapped (read-only, shared with the page cache) once."""
+    """The source files, each opened and memory-mapped (read-only, shared with the page cache) once.
 
-    def __init__(self) -> None:
+    ``populate``: map every page of a file up front (one system call instead of a fault per page:
+    the right choice when every byte of it is copied)."""
+
+    def __init__(self, populate: bool = True) -> None:
+        self._flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
         self._maps: dict[Path, tuple[int, mmap.mmap, memoryview]] = {}
         self._lock = threading.Lock()
 
@@ -221,8 +225,8 @@ class _Maps:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
                     raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-                try:  # populated: mapping every page up front is far cheaper than one fault per page
-                    mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | _POPULATE)
+                try:
+                    mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=self._flags)
                 except (OSError, ValueError) as exc:
                     os.close(fd)
                     raise UserError(f"{path}: cannot read ({exc})") from None
@@ -258,15 +262,18 @@ class CopyWriter:
     cache when it is written.  Thread-safe: worker threads each write their own tensors."""
 
     def __init__(self, writers: dict[int, RankFileWriter], origin: str, *, check_finite: bool = True,
-                 window: int = WINDOW, shown_as: Path | None = None) -> None:
+                 window: int = WINDOW, shown_as: Path | None = None, whole_files: bool = True) -> None:
         """:param origin: the model as messages name it; ``shown_as``: the output directory as
-            messages name it (the files are written in a temporary one, renamed at the end)."""
+            messages name it (the files are written in a temporary one, renamed at the end).
+        :param whole_files: every byte of the source files is copied, so each is mapped with all its
+            pages up front (measured far cheaper than a page fault each under virtualization); when
+            only some tensors are (the rest are built with torch), only their pages are touched."""
         self._writers = writers
         self._origin = origin
         self._check = check_finite
         self._window = max(window - window % 8, 8)  # whole elements of every dtype
         self._shown_as = shown_as
-        self._maps = _Maps()
+        self._maps = _Maps(populate=whole_files)
         self._local = threading.local()
 
     def write(self, copy: TensorCopy) -> None:

@@ -111,7 +111,7 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
     specs = [s for s in plan.tensors if s.name in targets]
     cache = _SourceCache(loaded, specs, check_finite)
     writers = open_rank_files(out, layouts, shown_as)
-    copier = CopyWriter(writers, loaded.origin, check_finite=check_finite, shown_as=shown_as)
+    copier = CopyWriter(writers, loaded.origin, check_finite=check_finite, shown_as=shown_as, whole_files=False)
 
     def convert_one(spec: TensorSpec) -> None:
         copy = tensor_copy(spec, targets[spec.name], loaded.source, mapping, entry) if copy_bytes else None
