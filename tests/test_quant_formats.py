@@ -231,6 +231,10 @@ def test_int4_pack_layout():
     experts = torch.randint(-8, 8, (3, 6, 4), dtype=torch.int8)
     assert torch.equal(qf.unpack_int4(qf.pack_int4(experts)), experts)
     assert torch.equal(qf.pack_int4(experts)[1], qf.pack_int4(experts[1]))
+    # every (low, high) pair of values, against the byte written out by hand
+    lo, hi = (g.flatten() for g in torch.meshgrid(torch.arange(-8, 8), torch.arange(-8, 8), indexing="ij"))
+    pairs = qf.pack_int4(torch.stack([lo, hi]).to(torch.int8))[0].view(torch.uint8).tolist()
+    assert pairs == [(a & 0xF) | ((b & 0xF) << 4) for a, b in zip(lo.tolist(), hi.tolist())]
 
 
 def test_awq_vocab_padding():
