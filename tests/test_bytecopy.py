@@ -22,6 +22,7 @@ from conftest import copy_model, edit_safetensors, run_cli
 from trtlm.convert import bytecopy
 from trtlm.convert.execute import write_checkpoint as torch_write_checkpoint
 from trtlm.convert.options import ConvertOptions
+from trtlm.convert.plan import by_spec
 from trtlm.convert.pipeline import load, resolve_model
 from trtlm.errors import UserError
 from trtlm.layout import ExpertSplit, QKVSplit, Replicate, Split
@@ -103,10 +104,7 @@ def test_the_torch_writer_copies_what_it_need_not_build(tiny_mistral_dir, tmp_pa
     from trtlm import dtypes
 
     loaded, plan, mapping, rank_plans = plans(tiny_mistral_dir, ConvertOptions(tp_size=2, quant=quant, awq_group_size=32))
-    targets: dict = {}
-    for rp in rank_plans:
-        for rt in rp.tensors:
-            targets.setdefault(rt.spec.name, []).append((rp, rt))
+    targets = by_spec(rank_plans)
     copied = {spec.name for spec in plan.tensors
               if bytecopy.tensor_copy(spec, targets[spec.name], loaded.source, mapping, dtypes.get("float32"))}
     assert {"transformer.vocab_embedding.weight", "transformer.ln_f.weight", "lm_head.weight"} <= copied

@@ -295,7 +295,7 @@ def test_unchanged_bytes_are_copied_as_file_ranges(tiny_mistral_dir):
     checks that the copy is planned where it should be."""
     from trtlm import dtypes
     from trtlm.convert.bytecopy import tensor_copy
-    from trtlm.convert.plan import default_shard
+    from trtlm.convert.plan import by_spec, default_shard
     from trtlm.llama import llama_plan
     from trtlm.mapping import Mapping
     from trtlm.sources import SafetensorsSource
@@ -303,10 +303,7 @@ def test_unchanged_bytes_are_copied_as_file_ranges(tiny_mistral_dir):
     hf_cfg = json.loads((tiny_mistral_dir / "config.json").read_text())
     plan = llama_plan(hf_cfg, ConvertOptions(tp_size=2), "MistralForCausalLM")
     mapping = Mapping(2, 1)
-    targets: dict = {}
-    for rp in default_shard(plan, mapping):
-        for rt in rp.tensors:
-            targets.setdefault(rt.spec.name, []).append((rp, rt))
+    targets = by_spec(default_shard(plan, mapping))
     source = SafetensorsSource.from_dir(tiny_mistral_dir)
 
     def pieces(name, dtype="float32"):

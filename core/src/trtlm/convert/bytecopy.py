@@ -37,7 +37,7 @@ from typing import Any
 
 from trtlm import dtypes
 from trtlm.convert.parallel import for_each_bounded
-from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, concat_rows, take_first
+from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, by_spec, concat_rows, take_first
 from trtlm.convert.writer import RankFileWriter, cannot_write, open_rank_files
 from trtlm.errors import UserError
 from trtlm.mapping import Mapping
@@ -167,10 +167,7 @@ def tensor_copy(spec: TensorSpec, targets: list[tuple[RankPlan, Any]], source: A
 def plan_copies(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: Mapping, source: Any,
                 dtype: str) -> list[TensorCopy] | None:
     """Every tensor of the rank plans as byte copies, or ``None`` when one of them needs torch."""
-    targets: dict[str, list[tuple[RankPlan, Any]]] = {}
-    for rp in rank_plans:
-        for rt in rp.tensors:
-            targets.setdefault(rt.spec.name, []).append((rp, rt))
+    targets = by_spec(rank_plans)
     entry = dtypes.get(dtype)
     copies = []
     for spec in plan.tensors:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from trtlm import dtypes
 from trtlm.convert.bytecopy import CopyWriter, tensor_copy
 from trtlm.convert.parallel import for_each_bounded
-from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, rank_part
+from trtlm.convert.plan import ConversionPlan, RankPlan, TensorSpec, build_full, by_spec, rank_part
 from trtlm.convert.writer import cannot_write, open_rank_files
 from trtlm.errors import UserError
 from trtlm.mapping import Mapping
@@ -94,7 +93,6 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
     messages (``out`` is the temporary one renamed into place at the end)."""
     tdtype = TORCH_DTYPES[dtype]
     entry = dtypes.get(dtype)
-    targets: dict[str, list[tuple[RankPlan, Any]]] = defaultdict(list)
     layouts: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
     meta_full: dict[str, torch.Tensor] = {}
     for spec in plan.tensors:
@@ -107,7 +105,7 @@ def write_checkpoint(plan: ConversionPlan, rank_plans: list[RankPlan], mapping: 
             part = rank_part(rt, meta_full[rt.spec.name], mapping, rp.tp_rank)
             layout[rt.name] = (tuple(part.shape), part.dtype)
             total += part.numel() * part.dtype.itemsize
-            targets[rt.spec.name].append((rp, rt))
+    targets = by_spec(rank_plans)
     specs = [s for s in plan.tensors if s.name in targets]
     cache = _SourceCache(loaded, specs, check_finite)
     writers = open_rank_files(out, layouts, shown_as)

@@ -115,6 +115,15 @@ class RankPlan:
     tensors: list[RankTensor] = field(default_factory=list)
 
 
+def by_spec(rank_plans: list[RankPlan]) -> dict[str, list[tuple[RankPlan, RankTensor]]]:
+    """Each spec's rank tensors, with the rank plan each belongs to, in rank-plan order."""
+    targets: dict[str, list[tuple[RankPlan, RankTensor]]] = {}
+    for rp in rank_plans:
+        for rt in rp.tensors:
+            targets.setdefault(rt.spec.name, []).append((rp, rt))
+    return targets
+
+
 _LAYER_PREFIX = re.compile(r"^transformer\.layers\.(\d+)\.")
 
 
