@@ -182,14 +182,14 @@ def open_rank_files(out: Path, layouts: dict[int, dict[str, tuple[tuple[int, ...
         except OSError as exc:
             for w in writers.values():
                 w.discard()
-            raise UserError(f"{(shown_as or out) / path.name}: cannot create ({exc.strerror or exc}); "
-                            f"free space on that filesystem or choose another --output-dir") from None
+            raise cannot_write(exc, path, shown_as, "create") from None
     return writers
 
 
-def cannot_write(exc: OSError, path: Path, shown_as: Path | None = None) -> UserError:
-    """The one-line error for a rank file ``path`` that a write failed on (named in ``shown_as``)."""
-    return UserError(f"{(shown_as or path.parent) / path.name}: cannot write ({exc.strerror or exc}); "
+def cannot_write(exc: OSError, path: Path, shown_as: Path | None = None, verb: str = "write") -> UserError:
+    """The one-line error for a rank file ``path`` that could not be created or written (named in
+    ``shown_as``, the directory the user gave)."""
+    return UserError(f"{(shown_as or path.parent) / path.name}: cannot {verb} ({exc.strerror or exc}); "
                      f"free space on that filesystem or choose another --output-dir")
 
 
